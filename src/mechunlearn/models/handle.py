@@ -1,0 +1,108 @@
+"""``HookedModel``: a plain HF causal LM with its tokenizer and architecture adapter.
+
+Nothing is wrapped or rewritten: ``.model`` stays a ``PreTrainedModel`` that saves, trains
+and shards as usual; hooks exist only inside ``with hm.hooks(...)`` blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mechunlearn.models.adapters import ArchitectureAdapter, Dimensions, adapter_for, dimensions
+from mechunlearn.models.components import ParamSlice, parameters_of
+from mechunlearn.models.hooks import ActivationCache, Handler, Intervention, hooked
+from mechunlearn.models.sites import Site, SiteFilter
+
+
+@dataclass
+class Batch:
+    """Left-padded token batch with explicit positions, so every row ends at index -1 and
+    absolute-position models (GPT-2) see the same positions as unpadded inputs."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    lengths: list[int] = field(default_factory=list)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device), self.lengths)
+
+
+def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int) -> Batch:
+    """Stack token lists with left padding and build matching position ids."""
+    if not token_lists:
+        raise ValueError("cannot build a batch from no sequences")
+    width = max(len(t) for t in token_lists)
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        if tokens:
+            ids[row, width - len(tokens) :] = torch.tensor(list(tokens), dtype=torch.long)
+            mask[row, width - len(tokens) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(ids, mask, positions, [len(t) for t in token_lists])
+
+
+@dataclass
+class HookedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None = None
+    name: str = ""
+    adapter: ArchitectureAdapter | None = None
+
+    def __post_init__(self) -> None:
+        if self.adapter is None:
+            self.adapter = adapter_for(self.model.config)
+
+    @property
+    def dims(self) -> Dimensions:
+        return dimensions(self.model.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        if tok is None:
+            return 0
+        for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def hooks(
+        self,
+        interventions: Iterable[Intervention] = (),
+        cache: SiteFilter | bool = False,
+        detach: bool = True,
+        handlers: Iterable[tuple[str | Site, Handler]] = (),
+    ) -> AbstractContextManager[ActivationCache]:
+        return hooked(self.model, self.adapter, interventions, cache, detach, handlers)
+
+    def run_with_cache(self, names: SiteFilter = None, detach: bool = True, **model_inputs):
+        """One forward pass returning ``(output, cache)``; ``names`` filters the sites."""
+        with self.hooks(cache=True if names is None else names, detach=detach) as cache:
+            output = self.model(**model_inputs)
+        return output, cache
+
+    def parameters_of(self, components: Iterable[str]) -> list[ParamSlice]:
+        return parameters_of(self.model, self.adapter, components)
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer")
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def batch(self, texts: Sequence[str]) -> Batch:
+        """Tokenize and left-pad texts onto the model's device."""
+        return left_pad([self.tokenize(t) for t in texts], self.pad_id).to(self.device)

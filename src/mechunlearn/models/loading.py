@@ -1,0 +1,87 @@
+"""``load_model(spec)``: one entry point for every way a researcher names a model.
+
+Accepted specs: an embedded name (``gemma3-270m``, ``smollm2-135m``), a local Hugging Face
+folder (with ``config.json``), a ``.gguf`` file, or a hub name (only when online). Weights are
+read only from safetensors or GGUF: ``use_safetensors=True`` refuses pickled checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from mechunlearn.errors import ModelNotFoundError
+from mechunlearn.models.embedded import EMBEDDED, ensure_cached
+from mechunlearn.models.handle import HookedModel
+from mechunlearn.runtime import configure_threads, resolve_device
+
+
+def _from_folder(folder: Path, dtype: torch.dtype, gguf_file: str | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kwargs)
+    if gguf_file:
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or "\\" in spec or spec.count("/") > 1
+
+
+def load_model(
+    spec: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    log: Callable[[str], None] = lambda _: None,
+) -> HookedModel:
+    """Load a causal LM and its tokenizer, in eval mode, on ``device`` (auto by default)."""
+    configure_threads()
+    target = resolve_device(device)
+    name = spec
+    if spec in EMBEDDED:
+        model, tokenizer = _from_folder(ensure_cached(spec, log), dtype)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            model, tokenizer = _from_folder(path.parent, dtype, gguf_file=path.name)
+        elif path.is_dir() and (path / "config.json").is_file():
+            model, tokenizer = _from_folder(path, dtype)
+        elif path.is_dir() and sorted(path.glob("*.gguf")):
+            gguf = sorted(path.glob("*.gguf"))[0]
+            model, tokenizer = _from_folder(path, dtype, gguf_file=gguf.name)
+        elif path.exists():
+            raise ModelNotFoundError(f"{spec!r} is neither a Hugging Face model folder (no config.json) nor a .gguf file")
+        elif _looks_like_path(spec):
+            raise ModelNotFoundError(f"model path {spec!r} does not exist")
+        else:
+            model, tokenizer = _from_hub(spec, dtype)
+    model.to(target)
+    model.eval()
+    if tokenizer is not None and tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return HookedModel(model=model, tokenizer=tokenizer, name=name)
+
+
+def _from_hub(spec: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    embedded = ", ".join(EMBEDDED)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"unknown model {spec!r}: not an embedded model ({embedded}), not a local path, and it could "
+            f"not be loaded from the Hugging Face hub (offline or no such repository): {str(exc).splitlines()[0]}"
+        ) from None
+    return model, tokenizer
