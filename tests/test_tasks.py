@@ -91,7 +91,7 @@ def many_sports() -> list[FactRecord]:
 def test_sports_record_fields(sports_record: FactRecord) -> None:
     r = sports_record
     assert r.id == "sports:LeBron James"
-    assert r.prompt() == "LeBron James plays the sport of"
+    assert r.prompt() == "Fact: LeBron James plays the sport of"
     assert r.options == SPORTS == ("baseball", "basketball", "football")
     assert r.answer == "basketball"
     assert r.relation == "sport"
@@ -270,7 +270,7 @@ def test_registered_formats() -> None:
 def test_completion_sports(sports_record: FactRecord) -> None:
     (item,) = items_of("completion", sports_record)
     assert (
-        item.prompt == "Fact: Tiger Woods plays the sport of golf\nLeBron James plays the sport of"
+        item.prompt == "Fact: Tiger Woods plays the sport of golf\nFact: LeBron James plays the sport of"
     )
     assert item.prompt == SPORTS_SHOT + sports_record.prompt()
     assert item.continuations == (" baseball", " basketball", " football")
@@ -288,7 +288,7 @@ def test_completion_counterfact_and_options(cf_record: FactRecord, sports_record
     (custom,) = items_of("completion", cf_record, shot="Fact: X\n")
     assert custom.prompt == "Fact: X\nThe mother tongue of Danielle Darrieux is"
     (bare,) = items_of("completion", sports_record, few_shot=False)
-    assert bare.prompt == "LeBron James plays the sport of"
+    assert bare.prompt == "Fact: LeBron James plays the sport of"
 
 
 def test_question_formats(sports_record: FactRecord, cf_record: FactRecord) -> None:

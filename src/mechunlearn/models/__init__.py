@@ -1,7 +1,17 @@
 """Loading, component addressing and hooks over plain Hugging Face causal LMs."""
 
-from mechunlearn.models.adapters import ArchitectureAdapter, adapter_for, dimensions, head_contributions
-from mechunlearn.models.components import GradientMask, ParamSlice, component_parameters, count_parameters
+from mechunlearn.models.adapters import (
+    ArchitectureAdapter,
+    adapter_for,
+    dimensions,
+    head_contributions,
+)
+from mechunlearn.models.components import (
+    GradientMask,
+    ParamSlice,
+    component_parameters,
+    count_parameters,
+)
 from mechunlearn.models.embedded import EMBEDDED, ensure_cached
 from mechunlearn.models.handle import Batch, HookedModel, left_pad
 from mechunlearn.models.hooks import (

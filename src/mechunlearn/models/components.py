@@ -110,7 +110,7 @@ def component_parameters(model: nn.Module, adapter: ArchitectureAdapter, compone
             f"malformed component {component!r}; expected 'embed', 'unembed', 'blocks.<L>.attn[.q|k|v|o|head<H>]' "
             "or 'blocks.<L>.mlp[.gate|up|down]'"
         )
-    layer, block, part, _, head = int(match.group(1)), match.group(2), match.group(3), match.group(4), match.group(5)
+    layer, block, part, head = int(match.group(1)), match.group(2), match.group(3), match.group(4)
     dims = dimensions(model.config)
     if layer >= dims.n_layers:
         raise SiteError(f"layer {layer} out of range: the model has {dims.n_layers} layers")

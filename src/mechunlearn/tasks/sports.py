@@ -18,7 +18,7 @@ from mechunlearn.tasks.records import FactRecord
 
 SPORTS = ("baseball", "basketball", "football")
 REQUIRED_COLUMNS = ("athlete", "sport")
-TEMPLATE = "{subject} plays the sport of"
+TEMPLATE = "Fact: {subject} plays the sport of"
 QUESTION = "What sport does {subject} play?"
 PARAPHRASE_TEMPLATES = (
     "{subject} is a professional athlete who plays",

