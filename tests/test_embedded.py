@@ -47,7 +47,9 @@ def test_smollm_hooks_on_real_model(smollm):
     layer = 5
     torch.testing.assert_close(
         cache[f"blocks.{layer}.resid_post"],
-        cache[f"blocks.{layer}.resid_pre"] + cache[f"blocks.{layer}.attn_out"] + cache[f"blocks.{layer}.mlp_out"],
+        cache[f"blocks.{layer}.resid_pre"]
+        + cache[f"blocks.{layer}.attn_out"]
+        + cache[f"blocks.{layer}.mlp_out"],
         atol=1e-4,
         rtol=1e-4,
     )
@@ -64,8 +66,20 @@ def test_load_from_gguf_file_path():
 
 
 def test_gemma_knows_famous_athletes(gemma):
-    famous = {"LeBron James", "Michael Jordan", "Kobe Bryant", "Stephen Curry", "Derek Jeter", "Babe Ruth",
-              "Tom Brady", "Peyton Manning", "Jerry Rice", "Shohei Ohtani", "Barry Bonds", "Patrick Mahomes"}
+    famous = {
+        "LeBron James",
+        "Michael Jordan",
+        "Kobe Bryant",
+        "Stephen Curry",
+        "Derek Jeter",
+        "Babe Ruth",
+        "Tom Brady",
+        "Peyton Manning",
+        "Jerry Rice",
+        "Shohei Ohtani",
+        "Barry Bonds",
+        "Patrick Mahomes",
+    }
     records = [r for r in load_sports() if r.subject in famous]
     assert len(records) >= 10
     result = evaluate(gemma, records, ["completion", "mcq"], progress=False)

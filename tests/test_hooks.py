@@ -36,7 +36,13 @@ def test_idle_hooks_bit_identical(tiny):
     plain = forward(tiny, inputs).logits
     with tiny.hooks(cache=True):
         hooked_logits = forward(tiny, inputs).logits
-    with tiny.hooks(handlers=[(s, lambda a: None) for s in all_sites(tiny.dims.n_layers) if s.kind != "resid_mid" or not tiny.adapter.parallel_residual]):
+    with tiny.hooks(
+        handlers=[
+            (s, lambda a: None)
+            for s in all_sites(tiny.dims.n_layers)
+            if s.kind != "resid_mid" or not tiny.adapter.parallel_residual
+        ]
+    ):
         idle = forward(tiny, inputs).logits
     assert torch.equal(plain, hooked_logits)
     assert torch.equal(plain, idle)
@@ -52,7 +58,9 @@ def test_resid_post_matches_hidden_states(tiny):
     for layer in range(n - 1):
         assert torch.equal(cache[f"blocks.{layer}.resid_post"], hidden[layer + 1])
     # HF replaces the last hidden state by the final-norm output in some families
-    assert torch.equal(cache[f"blocks.{n - 1}.resid_post"], hidden[n]) or torch.equal(cache["final_norm"], hidden[n])
+    assert torch.equal(cache[f"blocks.{n - 1}.resid_post"], hidden[n]) or torch.equal(
+        cache["final_norm"], hidden[n]
+    )
     assert torch.equal(cache["unembed"], out.logits)
 
 
@@ -117,7 +125,17 @@ def test_batched_patch_equals_one_forward_per_patch(tiny):
 
 def test_head_patch_only_changes_that_head(tiny):
     inputs = batch_of(tiny)
-    with tiny.hooks([ZeroAblate("blocks.0.head", mask=torch.tensor([[[False, True, False, False]]]).expand(2, -1, -1).repeat(1, inputs["input_ids"].shape[1], 1))], cache=["blocks.0.head"]) as cache:
+    with tiny.hooks(
+        [
+            ZeroAblate(
+                "blocks.0.head",
+                mask=torch.tensor([[[False, True, False, False]]])
+                .expand(2, -1, -1)
+                .repeat(1, inputs["input_ids"].shape[1], 1),
+            )
+        ],
+        cache=["blocks.0.head"],
+    ) as cache:
         forward(tiny, inputs)
     z = cache["blocks.0.head"]
     assert torch.all(z[:, :, 1] == 0)
@@ -134,7 +152,9 @@ def test_zero_and_mean_ablation_change_output(tiny):
     with tiny.hooks(cache=["blocks.0.mlp_out"]) as c:
         forward(tiny, inputs)
     means = compute_means([c], [inputs["attention_mask"]])
-    with tiny.hooks([MeanAblate("blocks.0.mlp_out", means["blocks.0.mlp_out"])], cache=["blocks.0.mlp_out"]) as cache:
+    with tiny.hooks(
+        [MeanAblate("blocks.0.mlp_out", means["blocks.0.mlp_out"])], cache=["blocks.0.mlp_out"]
+    ) as cache:
         forward(tiny, inputs)
     torch.testing.assert_close(cache["blocks.0.mlp_out"][0, 0], means["blocks.0.mlp_out"])
 
@@ -149,7 +169,12 @@ def test_resid_mid_write_sets_resid_mid(tiny):
     target = torch.randn(tiny.dims.d_model)
     with tiny.hooks([Patch("blocks.1.resid_mid", target)], cache=["blocks.1.resid_mid"]) as cache:
         forward(tiny, inputs)
-    torch.testing.assert_close(cache["blocks.1.resid_mid"], target.expand_as(cache["blocks.1.resid_mid"]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        cache["blocks.1.resid_mid"],
+        target.expand_as(cache["blocks.1.resid_mid"]),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_perturbation_is_differentiable(tiny):

@@ -270,7 +270,8 @@ def test_registered_formats() -> None:
 def test_completion_sports(sports_record: FactRecord) -> None:
     (item,) = items_of("completion", sports_record)
     assert (
-        item.prompt == "Fact: Tiger Woods plays the sport of golf\nFact: LeBron James plays the sport of"
+        item.prompt
+        == "Fact: Tiger Woods plays the sport of golf\nFact: LeBron James plays the sport of"
     )
     assert item.prompt == SPORTS_SHOT + sports_record.prompt()
     assert item.continuations == (" baseball", " basketball", " football")

@@ -18,7 +18,9 @@ from rich.table import Table
 
 from mechunlearn.errors import MechUnlearnError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Robust knowledge editing and unlearning.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Robust knowledge editing and unlearning."
+)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -46,7 +48,9 @@ def models() -> None:
         table.add_column(column)
     for entry in EMBEDDED.values():
         cached = entry.cached()
-        size = f"{cache_size_bytes(entry.cache_dir()) / 2**20:.0f} MiB" if cached else "not converted"
+        size = (
+            f"{cache_size_bytes(entry.cache_dir()) / 2**20:.0f} MiB" if cached else "not converted"
+        )
         table.add_row(
             entry.name,
             "yes" if entry.installed() else "[red]no[/]",
@@ -66,17 +70,37 @@ def _split_formats(value: str | None) -> list[str] | None:
 @app.command("eval")
 @_user_errors
 def eval_command(
-    model: Annotated[str | None, typer.Option(help="embedded name, HF folder, .gguf file or hub name")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="embedded name, HF folder, .gguf file or hub name")
+    ] = None,
     task: Annotated[str | None, typer.Option(help="fact set: sports | counterfact")] = None,
-    data: Annotated[str | None, typer.Option(help="data file (sports CSV or CounterFact JSON)")] = None,
-    formats: Annotated[str | None, typer.Option(help="comma-separated: completion,question,mcq,paraphrase")] = None,
-    out: Annotated[Path, typer.Option(help="run folder to write (replaced atomically)")] = Path("runs/eval"),
-    config: Annotated[Path | None, typer.Option(help="YAML config; command-line options override it")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="data file (sports CSV or CounterFact JSON)")
+    ] = None,
+    formats: Annotated[
+        str | None, typer.Option(help="comma-separated: completion,question,mcq,paraphrase")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="run folder to write (replaced atomically)")] = Path(
+        "runs/eval"
+    ),
+    config: Annotated[
+        Path | None, typer.Option(help="YAML config; command-line options override it")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="seed for option shuffling and subsets")] = None,
-    limit: Annotated[int | None, typer.Option(help="evaluate a seeded random subset of N facts")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="evaluate a seeded random subset of N facts")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="prompts per forward pass")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: best available)")] = None,
-    no_lm_loss: Annotated[bool, typer.Option("--no-lm-loss", help="skip LM loss on general text")] = False,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: best available)")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 (default), bfloat16, float16")] = None,
+    device_map: Annotated[
+        str | None, typer.Option(help="'auto' shards a large model over GPUs")
+    ] = None,
+    no_lm_loss: Annotated[
+        bool, typer.Option("--no-lm-loss", help="skip LM loss on general text")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
 ) -> None:
     """Evaluate a model on a fact set in several prompt formats; writes metrics.json."""
@@ -94,6 +118,8 @@ def eval_command(
         "limit": limit,
         "batch_size": batch_size,
         "device": device,
+        "dtype": dtype,
+        "device_map": device_map,
     }
     merged = base | {k: v for k, v in overrides.items() if v is not None}
     if no_lm_loss:
@@ -102,7 +128,9 @@ def eval_command(
     log = (lambda _: None) if quiet else (lambda msg: err_console.print(f"[dim]{msg}[/]"))
     result = run_eval(cfg, out, progress=not quiet and sys.stderr.isatty(), log=log)
     metrics = result.to_json()
-    console.print(eval_table(metrics, f"{cfg.model} on {cfg.task} ({metrics['run']['n_facts']} facts)"))
+    console.print(
+        eval_table(metrics, f"{cfg.model} on {cfg.task} ({metrics['run']['n_facts']} facts)")
+    )
     for line in summary_lines(metrics):
         console.print(line)
     console.print(f"results: {out}/metrics.json")

@@ -32,7 +32,9 @@ def choose_thread_count() -> int:
         try:
             value = int(requested)
         except ValueError:
-            raise ValueError(f"{THREADS_ENV} must be a positive integer, got {requested!r}") from None
+            raise ValueError(
+                f"{THREADS_ENV} must be a positive integer, got {requested!r}"
+            ) from None
         if value < 1:
             raise ValueError(f"{THREADS_ENV} must be a positive integer, got {requested!r}")
         return value

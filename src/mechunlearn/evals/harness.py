@@ -46,7 +46,12 @@ class EvalResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "formats": {
-                name: {"n_records": r.n_records, "n_items": r.n_items, "chance": r.chance, **r.metrics}
+                name: {
+                    "n_records": r.n_records,
+                    "n_items": r.n_items,
+                    "chance": r.chance,
+                    **r.metrics,
+                }
                 for name, r in self.formats.items()
             },
             "known": self.known,
@@ -71,7 +76,9 @@ class EvalResult:
         ]
 
 
-def summarise_format(name: str, scores: Sequence[ItemScore], metrics: Sequence[str]) -> FormatResult:
+def summarise_format(
+    name: str, scores: Sequence[ItemScore], metrics: Sequence[str]
+) -> FormatResult:
     records = {s.item.record_id for s in scores}
     summary = {}
     for metric in metrics:
@@ -86,7 +93,13 @@ def known_facts(scores: Sequence[ItemScore], threshold: float) -> dict[str, Any]
     options) is at least ``threshold``: the known-facts filter of Mechanistic Unlearning."""
     probs = per_record([s for s in scores if s.item.format == KNOWN_FORMAT], "prob_renorm")
     known = sorted(r for r, p in probs.items() if p >= threshold)
-    return {"threshold": threshold, "format": KNOWN_FORMAT, "n_known": len(known), "n_total": len(probs), "known_ids": known}
+    return {
+        "threshold": threshold,
+        "format": KNOWN_FORMAT,
+        "n_known": len(known),
+        "n_total": len(probs),
+        "known_ids": known,
+    }
 
 
 def evaluate(
@@ -107,22 +120,30 @@ def evaluate(
         raise DataError("no facts to evaluate: the record list is empty")
     items = format_records(records, formats, seed=seed, options=format_options)
     if not items:
-        raise DataError(f"formats {', '.join(formats)} produced no prompts for these {len(records)} facts")
+        raise DataError(
+            f"formats {', '.join(formats)} produced no prompts for these {len(records)} facts"
+        )
     with progress_bar(count_units(hm, items), f"scoring {len(items)} prompts", progress) as advance:
         scores = score_items(hm, items, batch_size=batch_size, advance=advance)
     by_format: dict[str, list[ItemScore]] = {}
     for s in scores:
         by_format.setdefault(s.item.format, []).append(s)
-    result = EvalResult({name: summarise_format(name, s, metrics) for name, s in by_format.items()}, scores)
+    result = EvalResult(
+        {name: summarise_format(name, s, metrics) for name, s in by_format.items()}, scores
+    )
     if known_threshold is not None and KNOWN_FORMAT in by_format:
         result.known = known_facts(scores, known_threshold)
     if any(r.new_answer is not None for r in records):
         result.counterfact = {
-            name: mean_and_sem(list(per_record(s, "true_beats_new").values()))[0] for name, s in by_format.items() if name != "mcq"
+            name: mean_and_sem(list(per_record(s, "true_beats_new").values()))[0]
+            for name, s in by_format.items()
+            if name != "mcq"
         }
     if general_text:
         with progress_bar(len(general_text), "LM loss on general text", progress) as advance:
-            result.lm = lm_loss(hm, general_text, batch_size=max(1, batch_size // 2), advance=advance)
+            result.lm = lm_loss(
+                hm, general_text, batch_size=max(1, batch_size // 2), advance=advance
+            )
     return result
 
 
@@ -138,7 +159,9 @@ def evaluate_split(
     general_text = kwargs.pop("general_text", None)
     overlap = {r.id for r in forget} & {r.id for r in retain}
     if overlap:
-        raise DataError(f"{len(overlap)} facts are in both the forget and the retain set, e.g. {sorted(overlap)[0]}")
+        raise DataError(
+            f"{len(overlap)} facts are in both the forget and the retain set, e.g. {sorted(overlap)[0]}"
+        )
     return {
         "forget": evaluate(hm, forget, formats, **kwargs),
         "retain": evaluate(hm, retain, formats, general_text=general_text, **kwargs),

@@ -68,7 +68,9 @@ def _continuation_tokens(hm: HookedModel, item: PromptItem) -> list[list[int]]:
     for text in item.continuations:
         tokens = hm.tokenize(text, add_special_tokens=False)
         if not tokens:
-            raise TokenizationError(f"continuation {text!r} of {item.record_id} ({item.format}) tokenizes to nothing")
+            raise TokenizationError(
+                f"continuation {text!r} of {item.record_id} ({item.format}) tokenizes to nothing"
+            )
         if item.single_token and len(tokens) != 1:
             pieces = [hm.tokenizer.decode([t]) for t in tokens]
             raise TokenizationError(
@@ -87,7 +89,9 @@ def _units(hm: HookedModel, items: Sequence[PromptItem]) -> list[_Unit]:
         if all(len(t) == 1 for t in options):
             units.append(_Unit(prompt, 1, [(index, o, t) for o, t in enumerate(options)]))
         else:
-            units.extend(_Unit(prompt + t[:-1], len(t), [(index, o, t)]) for o, t in enumerate(options))
+            units.extend(
+                _Unit(prompt + t[:-1], len(t), [(index, o, t)]) for o, t in enumerate(options)
+            )
     return units
 
 
@@ -115,12 +119,17 @@ def score_items(
         for row, unit in enumerate(chunk):
             for item_index, option, target in unit.targets:
                 positions = range(keep - unit.n_keep, keep - unit.n_keep + len(target))
-                total = sum(log_probs[row, p, t].item() for p, t in zip(positions, target, strict=True))
+                total = sum(
+                    log_probs[row, p, t].item() for p, t in zip(positions, target, strict=True)
+                )
                 logprobs[item_index][option] = total
                 n_tokens[item_index][option] = len(target)
         if advance is not None:
             advance(len(chunk))
-    return [ItemScore(item, tuple(lp), tuple(nt)) for item, lp, nt in zip(items, logprobs, n_tokens, strict=True)]
+    return [
+        ItemScore(item, tuple(lp), tuple(nt))
+        for item, lp, nt in zip(items, logprobs, n_tokens, strict=True)
+    ]
 
 
 def count_units(hm: HookedModel, items: Sequence[PromptItem]) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -20,16 +20,26 @@ class EvalConfig(BaseModel):
 
     model: str = "gemma3-270m"
     task: str = "sports"
-    data: str | None = Field(default=None, description="data file; default: the task's shipped data")
+    data: str | None = Field(
+        default=None, description="data file; default: the task's shipped data"
+    )
     formats: list[str] = Field(default_factory=lambda: ["completion", "mcq"])
     format_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seed: int = 0
-    limit: int | None = Field(default=None, ge=1, description="evaluate a seeded random subset of this size")
+    limit: int | None = Field(
+        default=None, ge=1, description="evaluate a seeded random subset of this size"
+    )
     batch_size: int = Field(default=16, ge=1)
     known_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     lm_loss: bool = True
-    lm_texts: int | None = Field(default=None, ge=1, description="use only the first N general sentences")
+    lm_texts: int | None = Field(
+        default=None, ge=1, description="use only the first N general sentences"
+    )
     device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device_map: str | None = Field(
+        default=None, description="e.g. 'auto' to shard a large model over GPUs"
+    )
 
     @field_validator("task")
     @classmethod
@@ -52,7 +62,9 @@ def validate_config(cls: type[BaseModel], data: dict[str, Any], source: str) -> 
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()
+        )
         raise ConfigError(f"invalid config {source}: {problems}") from None
 
 

@@ -30,18 +30,31 @@ from mechunlearn.tasks.records import FactRecord
 def select_records(config: EvalConfig) -> list[FactRecord]:
     records = load_task(config.task, config.data)
     if config.limit is not None and config.limit < len(records):
-        records = sorted(random.Random(config.seed).sample(records, config.limit), key=lambda r: r.id)
+        records = sorted(
+            random.Random(config.seed).sample(records, config.limit), key=lambda r: r.id
+        )
     return records
 
 
 def run_eval(
-    config: EvalConfig, out: str | Path, progress: bool = True, log: Callable[[str], None] = lambda _: None
+    config: EvalConfig,
+    out: str | Path,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda _: None,
 ) -> EvalResult:
     records = select_records(config)
     texts = load_general_text()[: config.lm_texts] if config.lm_loss else None
     started = time.time()
-    hm = load_model(config.model, device=config.device, log=log)
-    log(f"loaded {config.model} ({hm.model.config.model_type}, {hm.dims.n_layers} layers) on {hm.device}")
+    hm = load_model(
+        config.model,
+        device=config.device,
+        dtype=config.dtype,
+        device_map=config.device_map,
+        log=log,
+    )
+    log(
+        f"loaded {config.model} ({hm.model.config.model_type}, {hm.dims.n_layers} layers) on {hm.device}"
+    )
     result = evaluate(
         hm,
         records,
@@ -62,6 +75,7 @@ def run_eval(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "device": str(hm.device),
+        "dtype": config.dtype,
         "python": platform.python_version(),
     }
     write_run(out, config, result)
@@ -77,5 +91,7 @@ def write_run(out: str | Path, config: EvalConfig, result: EvalResult) -> Path:
             atomic_write_json(tmp / "known_facts.json", metrics["known"])
             metrics["known"] = {k: v for k, v in metrics["known"].items() if k != "known_ids"}
         atomic_write_json(tmp / "metrics.json", metrics)
-        atomic_write_text(tmp / "items.jsonl", "".join(json.dumps(row) + "\n" for row in result.item_rows()))
+        atomic_write_text(
+            tmp / "items.jsonl", "".join(json.dumps(row) + "\n" for row in result.item_rows())
+        )
     return Path(out)

@@ -79,8 +79,16 @@ class ArchitectureAdapter:
 
 
 def _llama() -> ArchitectureAdapter:
-    q = (ParamSpec("self_attn.q_proj"), ParamSpec("self_attn.q_proj", "bias"), ParamSpec("self_attn.q_norm"))
-    k = (ParamSpec("self_attn.k_proj"), ParamSpec("self_attn.k_proj", "bias"), ParamSpec("self_attn.k_norm"))
+    q = (
+        ParamSpec("self_attn.q_proj"),
+        ParamSpec("self_attn.q_proj", "bias"),
+        ParamSpec("self_attn.q_norm"),
+    )
+    k = (
+        ParamSpec("self_attn.k_proj"),
+        ParamSpec("self_attn.k_proj", "bias"),
+        ParamSpec("self_attn.k_norm"),
+    )
     v = (ParamSpec("self_attn.v_proj"), ParamSpec("self_attn.v_proj", "bias"))
     o = (ParamSpec("self_attn.o_proj"), ParamSpec("self_attn.o_proj", "bias"))
     return ArchitectureAdapter(
@@ -153,9 +161,18 @@ def _gpt2() -> ArchitectureAdapter:
             "resid_post": HookPoint("", "output"),
         },
         attn_parts={
-            "q": (ParamSpec("attn.c_attn", "weight", (1, "q")), ParamSpec("attn.c_attn", "bias", (0, "q"))),
-            "k": (ParamSpec("attn.c_attn", "weight", (1, "k")), ParamSpec("attn.c_attn", "bias", (0, "k"))),
-            "v": (ParamSpec("attn.c_attn", "weight", (1, "v")), ParamSpec("attn.c_attn", "bias", (0, "v"))),
+            "q": (
+                ParamSpec("attn.c_attn", "weight", (1, "q")),
+                ParamSpec("attn.c_attn", "bias", (0, "q")),
+            ),
+            "k": (
+                ParamSpec("attn.c_attn", "weight", (1, "k")),
+                ParamSpec("attn.c_attn", "bias", (0, "k")),
+            ),
+            "v": (
+                ParamSpec("attn.c_attn", "weight", (1, "v")),
+                ParamSpec("attn.c_attn", "bias", (0, "v")),
+            ),
             "o": (ParamSpec("attn.c_proj"), ParamSpec("attn.c_proj", "bias")),
         },
         mlp_parts={
@@ -186,7 +203,10 @@ def _neox(parallel: bool) -> ArchitectureAdapter:
             "resid_post": HookPoint("", "output"),
         },
         attn_parts={
-            part: (ParamSpec(fused, "weight", (0, f"neox_{part}")), ParamSpec(fused, "bias", (0, f"neox_{part}")))
+            part: (
+                ParamSpec(fused, "weight", (0, f"neox_{part}")),
+                ParamSpec(fused, "bias", (0, f"neox_{part}")),
+            )
             for part in ("q", "k", "v")
         }
         | {"o": (ParamSpec("attention.dense"), ParamSpec("attention.dense", "bias"))},
@@ -215,7 +235,9 @@ def adapter_for(config) -> ArchitectureAdapter:
     if model_type == "gpt_neox":
         return _neox(bool(getattr(config, "use_parallel_residual", True)))
     supported = ", ".join((*LLAMA_LIKE, *GEMMA_LIKE, "gpt2", "gpt_neox"))
-    raise SiteError(f"no architecture adapter for model_type {model_type!r}; supported: {supported}")
+    raise SiteError(
+        f"no architecture adapter for model_type {model_type!r}; supported: {supported}"
+    )
 
 
 @dataclass(frozen=True)
@@ -235,12 +257,18 @@ def dimensions(config) -> Dimensions:
     n_heads = getattr(config, "num_attention_heads", None) or config.n_head
     n_layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     d_head = getattr(config, "head_dim", None) or d_model // n_heads
-    d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model
+    d_mlp = (
+        getattr(config, "intermediate_size", None)
+        or getattr(config, "n_inner", None)
+        or 4 * d_model
+    )
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     return Dimensions(n_layers, n_heads, n_kv, d_head, d_model, d_mlp, config.vocab_size)
 
 
-def output_projection(model: nn.Module, adapter: ArchitectureAdapter, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def output_projection(
+    model: nn.Module, adapter: ArchitectureAdapter, layer: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The o_proj weight as ``[n_heads * d_head, d_model]`` (input-major) and its bias."""
     module = model.get_submodule(adapter.layer_path(layer, adapter.o_proj))
     weight = module.weight if adapter.o_proj_transposed else module.weight.T

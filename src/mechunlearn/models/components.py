@@ -56,11 +56,15 @@ def _fused_rows(kind: str, dims: Dimensions) -> list[int]:
     part = kind.removeprefix("neox_")  # NeoX: per head [q, k, v] blocks of d_head
     offset = {"q": 0, "k": 1, "v": 2}[part]
     return [
-        h * 3 * dims.d_head + offset * dims.d_head + i for h in range(dims.n_heads) for i in range(dims.d_head)
+        h * 3 * dims.d_head + offset * dims.d_head + i
+        for h in range(dims.n_heads)
+        for i in range(dims.d_head)
     ]
 
 
-def _resolve(model: nn.Module, adapter: ArchitectureAdapter, layer: int, spec: ParamSpec) -> ParamSlice | None:
+def _resolve(
+    model: nn.Module, adapter: ArchitectureAdapter, layer: int, spec: ParamSpec
+) -> ParamSlice | None:
     path = adapter.layer_path(layer, spec.module)
     try:
         module = model.get_submodule(path)
@@ -76,7 +80,9 @@ def _resolve(model: nn.Module, adapter: ArchitectureAdapter, layer: int, spec: P
     return ParamSlice(name, param, dim, tuple(_fused_rows(kind, dimensions(model.config))))
 
 
-def _head_slices(model: nn.Module, adapter: ArchitectureAdapter, layer: int, head: int) -> list[ParamSlice]:
+def _head_slices(
+    model: nn.Module, adapter: ArchitectureAdapter, layer: int, head: int
+) -> list[ParamSlice]:
     """Head ``head``'s rows of q/k/v and its input columns of o (unfused Llama/Gemma layout)."""
     dims = dimensions(model.config)
     if head >= dims.n_heads:
@@ -98,12 +104,16 @@ def _head_slices(model: nn.Module, adapter: ArchitectureAdapter, layer: int, hea
     return slices
 
 
-def component_parameters(model: nn.Module, adapter: ArchitectureAdapter, component: str) -> list[ParamSlice]:
+def component_parameters(
+    model: nn.Module, adapter: ArchitectureAdapter, component: str
+) -> list[ParamSlice]:
     """The parameter slices implementing one component (see module docstring for names)."""
     if component == "embed":
         return [ParamSlice(f"{adapter.embed}.weight", model.get_submodule(adapter.embed).weight)]
     if component == "unembed":
-        return [ParamSlice(f"{adapter.unembed}.weight", model.get_submodule(adapter.unembed).weight)]
+        return [
+            ParamSlice(f"{adapter.unembed}.weight", model.get_submodule(adapter.unembed).weight)
+        ]
     match = _COMPONENT_RE.match(component)
     if not match:
         raise SiteError(
@@ -143,13 +153,21 @@ def _merge(slices: Iterable[ParamSlice]) -> list[ParamSlice]:
             continue
         index = tuple(sorted(set(prev.index) | set(s.index)))
         whole = len(index) == prev.param.shape[prev.dim]
-        merged[key] = ParamSlice(prev.name, prev.param) if whole else ParamSlice(prev.name, prev.param, prev.dim, index)
+        merged[key] = (
+            ParamSlice(prev.name, prev.param)
+            if whole
+            else ParamSlice(prev.name, prev.param, prev.dim, index)
+        )
     return list(merged.values())
 
 
-def parameters_of(model: nn.Module, adapter: ArchitectureAdapter, components: Iterable[str]) -> list[ParamSlice]:
+def parameters_of(
+    model: nn.Module, adapter: ArchitectureAdapter, components: Iterable[str]
+) -> list[ParamSlice]:
     """All slices for several components, shared parameters merged (tied embeddings counted once)."""
-    return _merge(s for component in components for s in component_parameters(model, adapter, component))
+    return _merge(
+        s for component in components for s in component_parameters(model, adapter, component)
+    )
 
 
 def count_parameters(slices: Iterable[ParamSlice]) -> int:

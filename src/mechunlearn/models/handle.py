@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mechunlearn.errors import SiteError
 from mechunlearn.models.adapters import ArchitectureAdapter, Dimensions, adapter_for, dimensions
 from mechunlearn.models.components import ParamSlice, parameters_of
 from mechunlearn.models.hooks import ActivationCache, Handler, Intervention, hooked
@@ -30,10 +31,19 @@ class Batch:
     lengths: list[int] = field(default_factory=list)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "position_ids": self.position_ids,
+        }
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device), self.lengths)
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            self.lengths,
+        )
 
 
 def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int) -> Batch:
@@ -60,7 +70,17 @@ class HookedModel:
 
     def __post_init__(self) -> None:
         if self.adapter is None:
-            self.adapter = adapter_for(self.model.config)
+            try:
+                self.adapter = adapter_for(self.model.config)
+            except SiteError as exc:  # evaluation works without hooks; hooks will say why not
+                self._adapter_error: SiteError | None = exc
+            else:
+                self._adapter_error = None
+
+    def require_adapter(self) -> ArchitectureAdapter:
+        if self.adapter is None:
+            raise self._adapter_error or SiteError("this model has no architecture adapter")
+        return self.adapter
 
     @property
     def dims(self) -> Dimensions:
@@ -68,7 +88,8 @@ class HookedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embedding's device (models may be sharded)."""
+        return self.model.get_input_embeddings().weight.device
 
     @property
     def pad_id(self) -> int:
@@ -87,7 +108,7 @@ class HookedModel:
         detach: bool = True,
         handlers: Iterable[tuple[str | Site, Handler]] = (),
     ) -> AbstractContextManager[ActivationCache]:
-        return hooked(self.model, self.adapter, interventions, cache, detach, handlers)
+        return hooked(self.model, self.require_adapter(), interventions, cache, detach, handlers)
 
     def run_with_cache(self, names: SiteFilter = None, detach: bool = True, **model_inputs):
         """One forward pass returning ``(output, cache)``; ``names`` filters the sites."""
@@ -96,7 +117,7 @@ class HookedModel:
         return output, cache
 
     def parameters_of(self, components: Iterable[str]) -> list[ParamSlice]:
-        return parameters_of(self.model, self.adapter, components)
+        return parameters_of(self.model, self.require_adapter(), components)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.tokenizer is None:

@@ -30,7 +30,9 @@ from mechunlearn.models.sites import ALL_KINDS, Site, SiteFilter, all_sites, par
 ActivationFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _broadcast_mask(mask: torch.Tensor | None, activation: torch.Tensor, is_head: bool) -> torch.Tensor | None:
+def _broadcast_mask(
+    mask: torch.Tensor | None, activation: torch.Tensor, is_head: bool
+) -> torch.Tensor | None:
     """Reshape a ``[batch, seq]`` or ``[batch, seq, heads]`` mask to broadcast over features."""
     if mask is None:
         return None
@@ -42,7 +44,10 @@ def _broadcast_mask(mask: torch.Tensor | None, activation: torch.Tensor, is_head
 
 
 def position_mask(
-    batch: int, seq: int, positions: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor, device=None
+    batch: int,
+    seq: int,
+    positions: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
+    device=None,
 ) -> torch.Tensor:
     """Boolean ``[batch, seq]`` mask: the same positions for every row, or a list per row."""
     mask = torch.zeros(batch, seq, dtype=torch.bool, device=device)
@@ -99,7 +104,11 @@ class Patch(Intervention):
         if self.mode == "add":
             return activation + (value if mask is None else value * mask)
         if mask is None:
-            return value.expand_as(activation) if value.dim() else torch.full_like(activation, value.item())
+            return (
+                value.expand_as(activation)
+                if value.dim()
+                else torch.full_like(activation, value.item())
+            )
         return torch.where(mask, value, activation)
 
 
@@ -196,7 +205,9 @@ class HookSession:
 
     def check_site(self, site: Site) -> Site:
         if site.layer is not None and site.layer >= self.dims.n_layers:
-            raise SiteError(f"layer {site.layer} out of range: the model has {self.dims.n_layers} layers")
+            raise SiteError(
+                f"layer {site.layer} out of range: the model has {self.dims.n_layers} layers"
+            )
         self.adapter.hook_point(site)  # raises for unsupported kinds
         return site
 
@@ -241,7 +252,9 @@ class HookSession:
         for point, handlers in self._handlers.items():
             module = self.model.get_submodule(point.module) if point.module else self.model
             if point.where == "input":
-                self._handles.append(module.register_forward_pre_hook(_pre_hook(handlers), with_kwargs=True))
+                self._handles.append(
+                    module.register_forward_pre_hook(_pre_hook(handlers), with_kwargs=True)
+                )
             else:
                 self._handles.append(module.register_forward_hook(_post_hook(handlers)))
 
@@ -323,7 +336,9 @@ def hooked(
         session.remove()
 
 
-def compute_means(cache_batches: Iterable[ActivationCache], mask_batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+def compute_means(
+    cache_batches: Iterable[ActivationCache], mask_batches: Iterable[torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Mean activation per site over the real (unpadded) tokens of several cached batches."""
     sums: dict[str, torch.Tensor] = {}
     count = 0.0

@@ -9,77 +9,116 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from mechunlearn.errors import ModelNotFoundError
+from mechunlearn.errors import ConfigError, ModelNotFoundError
 from mechunlearn.models.embedded import EMBEDDED, ensure_cached
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.runtime import configure_threads, resolve_device
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-def _from_folder(folder: Path, dtype: torch.dtype, gguf_file: str | None = None):
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _from_folder(folder: Path, load: dict[str, Any], gguf_file: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # loading from a local folder takes seconds
     kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **load, **kwargs)
+    except OSError as exc:
+        what = f"GGUF file {gguf_file}" if gguf_file else "safetensors weights"
+        raise ModelNotFoundError(
+            f"could not load {what} from {folder} (pickled checkpoints are refused): "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
     if gguf_file:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), **({"gguf_file": gguf_file} if gguf_file else {}))
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(folder), **({"gguf_file": gguf_file} if gguf_file else {})
+        )
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return model, tokenizer
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or "\\" in spec or spec.count("/") > 1
+    return (
+        spec.startswith((".", "/", "~"))
+        or spec.endswith(".gguf")
+        or "\\" in spec
+        or spec.count("/") > 1
+    )
 
 
 def load_model(
     spec: str,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
     log: Callable[[str], None] = lambda _: None,
+    device_map: str | dict | None = None,
 ) -> HookedModel:
-    """Load a causal LM and its tokenizer, in eval mode, on ``device`` (auto by default)."""
+    """Load a causal LM and its tokenizer, in eval mode, on ``device`` (auto by default).
+
+    ``device_map`` (e.g. ``"auto"``) shards a large model over several devices with
+    accelerate instead of moving it to one ``device``.
+    """
     configure_threads()
-    target = resolve_device(device)
+    load: dict[str, Any] = {"dtype": parse_dtype(dtype)}
+    if device_map is not None:
+        load["device_map"] = device_map
     name = spec
     if spec in EMBEDDED:
-        model, tokenizer = _from_folder(ensure_cached(spec, log), dtype)
+        model, tokenizer = _from_folder(ensure_cached(spec, log), load)
     else:
         path = Path(spec).expanduser()
         if path.is_file() and path.suffix == ".gguf":
-            model, tokenizer = _from_folder(path.parent, dtype, gguf_file=path.name)
+            model, tokenizer = _from_folder(path.parent, load, gguf_file=path.name)
         elif path.is_dir() and (path / "config.json").is_file():
-            model, tokenizer = _from_folder(path, dtype)
+            model, tokenizer = _from_folder(path, load)
         elif path.is_dir() and sorted(path.glob("*.gguf")):
             gguf = sorted(path.glob("*.gguf"))[0]
-            model, tokenizer = _from_folder(path, dtype, gguf_file=gguf.name)
+            model, tokenizer = _from_folder(path, load, gguf_file=gguf.name)
         elif path.exists():
-            raise ModelNotFoundError(f"{spec!r} is neither a Hugging Face model folder (no config.json) nor a .gguf file")
+            raise ModelNotFoundError(
+                f"{spec!r} is neither a Hugging Face model folder (no config.json) nor a .gguf file"
+            )
         elif _looks_like_path(spec):
             raise ModelNotFoundError(f"model path {spec!r} does not exist")
         else:
-            model, tokenizer = _from_hub(spec, dtype)
-    model.to(target)
+            model, tokenizer = _from_hub(spec, load)
+    if device_map is None:
+        model.to(resolve_device(device))
     model.eval()
-    if tokenizer is not None and tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+    if (
+        tokenizer is not None
+        and tokenizer.pad_token_id is None
+        and tokenizer.eos_token_id is not None
+    ):
         tokenizer.pad_token = tokenizer.eos_token
     return HookedModel(model=model, tokenizer=tokenizer, name=name)
 
 
-def _from_hub(spec: str, dtype: torch.dtype):
+def _from_hub(spec: str, load: dict[str, Any]):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     embedded = ", ".join(EMBEDDED)
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(spec, use_safetensors=True, **load)
         tokenizer = AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(

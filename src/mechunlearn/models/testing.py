@@ -19,8 +19,14 @@ def _llama_config():
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
     )
 
 
@@ -28,9 +34,16 @@ def _gemma3_config():
     from transformers import Gemma3TextConfig
 
     return Gemma3TextConfig(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
-        sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+        sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
         query_pre_attn_scalar=16,
     )
 
@@ -39,25 +52,46 @@ def _gemma2_config():
     from transformers import Gemma2Config
 
     return Gemma2Config(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        sliding_window=8, query_pre_attn_scalar=16,
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        sliding_window=8,
+        query_pre_attn_scalar=16,
     )
 
 
 def _gpt2_config():
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=TINY_VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
+    return GPT2Config(
+        vocab_size=TINY_VOCAB,
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
 
 
 def _neox_config(parallel: bool):
     from transformers import GPTNeoXConfig
 
     return GPTNeoXConfig(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=128, use_parallel_residual=parallel,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        use_parallel_residual=parallel,
+        bos_token_id=1,
+        eos_token_id=2,
     )
 
 
@@ -93,13 +127,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     from mechunlearn.tasks.general_text import load_general_text
     from mechunlearn.tasks.sports import load_sports
 
-    corpus = load_general_text() + [f"Fact: {r.subject} plays the sport of {r.answer}" for r in load_sports()]
+    corpus = load_general_text() + [
+        f"Fact: {r.subject} plays the sport of {r.answer}" for r in load_sports()
+    ]
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB, special_tokens=["<pad>", "<bos>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=TINY_VOCAB,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer)
     from tokenizers.processors import TemplateProcessing

@@ -17,7 +17,9 @@ from rich.progress import (
 
 
 @contextmanager
-def progress_bar(total: int, description: str, enabled: bool = True, console: Console | None = None) -> Iterator[Callable[[int], None]]:
+def progress_bar(
+    total: int, description: str, enabled: bool = True, console: Console | None = None
+) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)``; shows a bar with count, elapsed and remaining time when enabled."""
     if not enabled:
         yield lambda n: None

@@ -18,7 +18,15 @@ def _pct(stat: dict[str, float]) -> str:
 def eval_table(metrics: dict[str, Any], title: str) -> Table:
     """Formats as rows: accuracy, renormalised and full-vocabulary P(correct), in percent."""
     table = Table(title=title)
-    for column in ("format", "facts", "prompts", "chance %", "accuracy %", "P(correct | options) %", "P(correct) full vocab %"):
+    for column in (
+        "format",
+        "facts",
+        "prompts",
+        "chance %",
+        "accuracy %",
+        "P(correct | options) %",
+        "P(correct) full vocab %",
+    ):
         table.add_column(column, justify="left" if column == "format" else "right")
     for name, row in metrics["formats"].items():
         table.add_row(
@@ -47,5 +55,7 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         lines.append(f"CounterFact P(true) > P(new) (mean per-token NLL, as ROME): {parts}")
     lm = metrics.get("lm_loss")
     if lm:
-        lines.append(f"LM loss on general text: {lm['loss']:.3f} nats/token (perplexity {lm['perplexity']:.1f}, {lm['tokens']} tokens)")
+        lines.append(
+            f"LM loss on general text: {lm['loss']:.3f} nats/token (perplexity {lm['perplexity']:.1f}, {lm['tokens']} tokens)"
+        )
     return lines

@@ -33,7 +33,8 @@ class FactRecord(BaseModel):
     new_answer: str | None = None
     relation: str = ""
     question: str | None = Field(
-        default=None, description="question form, with {subject}, e.g. 'What sport does {subject} play?'"
+        default=None,
+        description="question form, with {subject}, e.g. 'What sport does {subject} play?'",
     )
     paraphrases: tuple[str, ...] = ()
     neighborhood: tuple[str, ...] = ()

@@ -1,0 +1,86 @@
+"""Model loading from local folders, thread policy, and models without an adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechunlearn.errors import ConfigError, ModelNotFoundError, SiteError
+from mechunlearn.models import HookedModel, load_model
+from mechunlearn.models.loading import parse_dtype
+from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+from mechunlearn.runtime import choose_thread_count
+
+
+@pytest.fixture
+def saved_llama(tmp_path):
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_local_folder_loads_same_logits(saved_llama):
+    hm = load_model(str(saved_llama), device="cpu")
+    reference = tiny_model("llama")
+    inputs = hm.batch(["Fact: Tom Brady plays the sport of"]).model_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(hm.model(**inputs).logits, reference(**inputs).logits)
+    assert not hm.model.training
+    assert hm.adapter.family == "llama"
+
+
+def test_dtype_option(saved_llama):
+    hm = load_model(str(saved_llama), device="cpu", dtype="bfloat16")
+    assert next(hm.model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="unknown dtype"):
+        parse_dtype("float8")
+
+
+def test_folder_without_config_is_rejected(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        load_model(str(tmp_path / "empty"))
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    """Weights load only from safetensors: a folder with only pytorch_model.bin fails."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    tiny_model("llama").save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelNotFoundError, match="safetensors"):
+        load_model(str(folder))
+
+
+def test_unsupported_architecture_evaluates_but_cannot_hook():
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    config = OPTConfig(
+        vocab_size=512,
+        hidden_size=32,
+        num_hidden_layers=1,
+        ffn_dim=64,
+        num_attention_heads=2,
+        word_embed_proj_dim=32,
+    )
+    hm = HookedModel(AutoModelForCausalLM.from_config(config).eval(), tiny_tokenizer())
+    assert hm.adapter is None
+    assert hm.batch(["hello there"]).input_ids.shape[0] == 1
+    with pytest.raises(SiteError, match="no architecture adapter for model_type 'opt'"):
+        with hm.hooks(cache=True):
+            pass
+
+
+def test_thread_policy(monkeypatch):
+    monkeypatch.setenv("MECHUNLEARN_THREADS", "3")
+    assert choose_thread_count() == 3
+    monkeypatch.setenv("MECHUNLEARN_THREADS", "zero")
+    with pytest.raises(ValueError, match="MECHUNLEARN_THREADS"):
+        choose_thread_count()
+    monkeypatch.delenv("MECHUNLEARN_THREADS")
+    monkeypatch.setattr("mechunlearn.runtime.machine_is_idle", lambda threshold=0.5: False)
+    assert choose_thread_count() == 1
