@@ -21,7 +21,8 @@ from mechunlearn.errors import MechUnlearnError
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Robust knowledge editing and unlearning."
 )
-console = Console()
+# Piped output (logs, CI) gets a fixed width wide enough for the results tables.
+console = Console(width=None if sys.stdout.isatty() else 132)
 err_console = Console(stderr=True)
 
 
