@@ -8,6 +8,7 @@ method's validated options object (``LocalizeOptions``). Register a new one with
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,6 +30,10 @@ class LocalizeOptions(BaseModel):
     noise_scale: float = Field(default=3.0, gt=0, description="causal tracing: noise std in units of the embedding std")
     n_noise_samples: int = Field(default=1, ge=1)
     probe_split: float = Field(default=0.5, gt=0, lt=1, description="fact_lookup: fraction of facts to train probes")
+    restrict_to: Literal["all", "mlp", "attn"] = Field(
+        default="all", description="which component kinds selection may choose from"
+    )
+    window: int = Field(default=1, ge=1, description="causal tracing: restore this many consecutive layers")
     progress: bool = True
     task: str = ""
 
