@@ -92,3 +92,20 @@ def test_gemma_knows_famous_athletes(gemma):
 def test_gemma_sport_answers_are_single_tokens(gemma):
     for sport in (" basketball", " baseball", " football", " golf", " A", " B", " C"):
         assert len(gemma.tokenize(sport, add_special_tokens=False)) == 1, sport
+
+
+def test_conversion_cache_roundtrip(tmp_path, monkeypatch):
+    """Converting into an empty cache writes a complete folder that reloads identically."""
+    _require("smollm2-135m")
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
+    entry = EMBEDDED["smollm2-135m"]
+    assert not entry.cached()
+    first = load_model("smollm2-135m", device="cpu")
+    assert entry.cached()
+    assert (entry.cache_dir() / "model.safetensors").is_file()
+    leftovers = [p.name for p in entry.cache_dir().parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+    second = load_model("smollm2-135m", device="cpu")
+    inputs = first.batch(["Paris is the capital of"]).model_inputs()
+    with torch.no_grad():
+        assert torch.equal(first.model(**inputs).logits, second.model(**inputs).logits)

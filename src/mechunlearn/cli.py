@@ -137,6 +137,80 @@ def eval_command(
     console.print(f"results: {out}/metrics.json")
 
 
+@app.command()
+@_user_errors
+def localize(
+    model: Annotated[
+        str | None, typer.Option(help="embedded name, HF folder, .gguf file or hub name")
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="fact set: sports | counterfact")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="data file (sports CSV or CounterFact JSON)")
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option(help="fact_lookup, causal_tracing, activation_patching, ...")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="run folder to write (replaced atomically)")] = Path(
+        "runs/localize"
+    ),
+    config: Annotated[
+        Path | None, typer.Option(help="YAML config; command-line options override it")
+    ] = None,
+    n_facts: Annotated[int | None, typer.Option(help="facts to localize on")] = None,
+    budget: Annotated[
+        int | None, typer.Option(help="trainable-parameter budget for the selection")
+    ] = None,
+    budget_from: Annotated[
+        str | None,
+        typer.Option(help="use the parameter count of this localization.json as the budget"),
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="select at most this many components")] = None,
+    restrict_to: Annotated[str | None, typer.Option(help="all | mlp | attn")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    all_facts: Annotated[
+        bool, typer.Option("--all-facts", help="do not filter to facts the model knows")
+    ] = False,
+    device: Annotated[str | None, typer.Option()] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Localize the components behind a fact set with one method; writes localization.json + figures."""
+    from mechunlearn.experiments.config import load_yaml_config, validate_config
+    from mechunlearn.experiments.localize_job import LocalizeConfig, run_localize
+
+    base = load_yaml_config(LocalizeConfig, config).model_dump() if config else {}
+    top = {
+        "model": model,
+        "task": task,
+        "data": data,
+        "method": method,
+        "n_facts": n_facts,
+        "budget_from": budget_from,
+        "device": device,
+    }
+    merged = base | {k: v for k, v in top.items() if v is not None}
+    if all_facts:
+        merged["known_only"] = False
+    opts = {"budget": budget, "top_k": top_k, "restrict_to": restrict_to, "seed": seed}
+    merged["options"] = dict(merged.get("options") or {}) | {
+        k: v for k, v in opts.items() if v is not None
+    }
+    cfg = validate_config(LocalizeConfig, merged, "from the command line")
+    log = (lambda _: None) if quiet else (lambda msg: err_console.print(f"[dim]{msg}[/]"))
+    loc = run_localize(cfg, out, progress=not quiet and sys.stderr.isatty(), log=log)
+    ranked = sorted(loc.scores.items(), key=lambda kv: kv[1], reverse=True)[:10]
+    table = Table(title=f"{loc.method} on {loc.model} ({loc.n_facts} facts)")
+    table.add_column("component")
+    table.add_column("score", justify="right")
+    table.add_column("selected")
+    for name, score in ranked:
+        table.add_row(name, f"{score:.4g}", "yes" if name in loc.selected else "")
+    console.print(table)
+    console.print(
+        f"selected {len(loc.selected)} components, {loc.n_params:,} parameters: {', '.join(loc.selected)}"
+    )
+    console.print(f"results: {out}/localization.json, figures in {out}/figures")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -166,3 +166,19 @@ def evaluate_split(
         "forget": evaluate(hm, forget, formats, **kwargs),
         "retain": evaluate(hm, retain, formats, general_text=general_text, **kwargs),
     }
+
+
+def known_records(
+    hm: HookedModel,
+    records: Sequence[FactRecord],
+    threshold: float = 0.5,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[FactRecord]:
+    """The facts the model knows: completion-format P(true | options) >= ``threshold``."""
+    from mechunlearn.tasks.splits import filter_known
+
+    items = format_records(records, [KNOWN_FORMAT])
+    with progress_bar(count_units(hm, items), "finding known facts", progress) as advance:
+        scores = score_items(hm, items, batch_size=batch_size, advance=advance)
+    return filter_known(records, per_record(scores, "prob_renorm"), threshold)

@@ -79,7 +79,9 @@ def subject_token_span(hm: HookedModel, prompt: str, subject: str) -> tuple[list
     return tokens, list(range(n_before, n_through))
 
 
-def build_fact_prompts(hm: HookedModel, records: Sequence[FactRecord], fmt: str = "completion") -> FactPrompts:
+def build_fact_prompts(
+    hm: HookedModel, records: Sequence[FactRecord], fmt: str = "completion"
+) -> FactPrompts:
     """Prompts of ``records`` in format ``fmt`` (one item per record), ready for patching."""
     if not records:
         raise DataError("no facts to localize: the record list is empty")
@@ -88,7 +90,9 @@ def build_fact_prompts(hm: HookedModel, records: Sequence[FactRecord], fmt: str 
     for record in records:
         items = formatter.items(record, random.Random(0))
         if len(items) != 1:
-            raise DataError(f"format {fmt!r} gives {len(items)} prompts for {record.id}; localization needs exactly one")
+            raise DataError(
+                f"format {fmt!r} gives {len(items)} prompts for {record.id}; localization needs exactly one"
+            )
         item = items[0]
         tokens, span = subject_token_span(hm, item.prompt, record.subject)
         token_lists.append(tokens)
@@ -100,15 +104,23 @@ def build_fact_prompts(hm: HookedModel, records: Sequence[FactRecord], fmt: str 
         raise DataError("all facts must have the same number of options to be localized together")
     batch = left_pad(token_lists, hm.pad_id)
     width = batch.input_ids.shape[1]
-    positions = [[width - len(t) + p for p in span] for t, span in zip(token_lists, spans, strict=True)]
-    return FactPrompts(list(records), texts, batch, positions, torch.tensor(options), torch.tensor(correct))
+    positions = [
+        [width - len(t) + p for p in span] for t, span in zip(token_lists, spans, strict=True)
+    ]
+    return FactPrompts(
+        list(records), texts, batch, positions, torch.tensor(options), torch.tensor(correct)
+    )
 
 
 def check_same_layout(clean: FactPrompts, corrupt: FactPrompts) -> None:
     """Clean and corrupted prompts must align token by token for patching to mean anything."""
     if len(clean.records) != len(corrupt.records):
-        raise DataError(f"{len(clean.records)} clean prompts but {len(corrupt.records)} corrupted ones")
-    for row, (a, b) in enumerate(zip(clean.relative_layout(), corrupt.relative_layout(), strict=True)):
+        raise DataError(
+            f"{len(clean.records)} clean prompts but {len(corrupt.records)} corrupted ones"
+        )
+    for row, (a, b) in enumerate(
+        zip(clean.relative_layout(), corrupt.relative_layout(), strict=True)
+    ):
         if a != b or clean.width != corrupt.width:
             raise DataError(
                 f"clean prompt {clean.texts[row]!r} and corrupted prompt {corrupt.texts[row]!r} have different "
@@ -116,7 +128,9 @@ def check_same_layout(clean: FactPrompts, corrupt: FactPrompts) -> None:
             )
 
 
-def pair_corruptions(hm: HookedModel, records: Sequence[FactRecord], seed: int = 0) -> list[FactRecord]:
+def pair_corruptions(
+    hm: HookedModel, records: Sequence[FactRecord], seed: int = 0
+) -> list[FactRecord]:
     """For each fact, another fact with a different answer and the same token layout.
 
     Subject-corrupted inputs (Mechanistic Unlearning): swapping in a subject of the same token
@@ -128,7 +142,9 @@ def pair_corruptions(hm: HookedModel, records: Sequence[FactRecord], seed: int =
     partners = []
     for row, record in enumerate(records):
         candidates = [
-            other for j, other in enumerate(records) if layouts[j] == layouts[row] and other.answer != record.answer
+            other
+            for j, other in enumerate(records)
+            if layouts[j] == layouts[row] and other.answer != record.answer
         ]
         if not candidates:
             raise DataError(
@@ -151,3 +167,43 @@ def answer_logit_diff(logits: torch.Tensor, prompts: FactPrompts) -> torch.Tenso
     k = option_logits.shape[1]
     others = (option_logits.sum(1) - true_logit) / (k - 1)
     return true_logit - others
+
+
+def choose_pairable_facts(
+    hm: HookedModel, pool: Sequence[FactRecord], n: int, seed: int = 0
+) -> list[FactRecord]:
+    """About ``n`` facts from ``pool`` such that each has a corrupting partner among them.
+
+    Patching needs, for every fact, another fact with the same token layout and a different
+    answer; a plain random sample rarely has that, so facts are drawn in partner pairs.
+    """
+    prompts = build_fact_prompts(hm, pool)
+    groups: dict[tuple[int, ...], list[FactRecord]] = {}
+    for record, layout in zip(pool, prompts.relative_layout(), strict=True):
+        groups.setdefault(layout[1:], []).append(record)
+    pairs_available = [g for g in groups.values() if len({r.answer for r in g}) > 1]
+    if not pairs_available:
+        raise DataError(
+            "no two facts share a token layout with different answers; patching needs such pairs"
+        )
+    rng = random.Random(seed)
+    anchors = [r for g in pairs_available for r in g]
+    rng.shuffle(anchors)
+    chosen: dict[str, FactRecord] = {}
+    layout_of = {r.id: key for key, g in groups.items() for r in g}
+    for anchor in anchors:
+        if len(chosen) >= n:
+            break
+        if anchor.id in chosen:
+            continue
+        partners = [
+            r
+            for r in groups[layout_of[anchor.id]]
+            if r.answer != anchor.answer and r.id not in chosen
+        ]
+        if not partners:
+            continue
+        chosen[anchor.id] = anchor
+        partner = rng.choice(partners)
+        chosen[partner.id] = partner
+    return sorted(chosen.values(), key=lambda r: r.id)

@@ -24,16 +24,24 @@ class LocalizeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
-    budget: int | None = Field(default=None, ge=1, description="trainable-parameter budget for selection")
+    budget: int | None = Field(
+        default=None, ge=1, description="trainable-parameter budget for selection"
+    )
     top_k: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=16, ge=1)
-    noise_scale: float = Field(default=3.0, gt=0, description="causal tracing: noise std in units of the embedding std")
+    noise_scale: float = Field(
+        default=3.0, gt=0, description="causal tracing: noise std in units of the embedding std"
+    )
     n_noise_samples: int = Field(default=1, ge=1)
-    probe_split: float = Field(default=0.5, gt=0, lt=1, description="fact_lookup: fraction of facts to train probes")
+    probe_split: float = Field(
+        default=0.5, gt=0, lt=1, description="fact_lookup: fraction of facts to train probes"
+    )
     restrict_to: Literal["all", "mlp", "attn"] = Field(
         default="all", description="which component kinds selection may choose from"
     )
-    window: int = Field(default=1, ge=1, description="causal tracing: restore this many consecutive layers")
+    window: int = Field(
+        default=1, ge=1, description="causal tracing: restore this many consecutive layers"
+    )
     progress: bool = True
     task: str = ""
 

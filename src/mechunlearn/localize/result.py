@@ -31,9 +31,12 @@ class Localization(BaseModel):
     model_type: str
     n_layers: int
     task: str = ""
-    scores: dict[str, float] = Field(description="component -> importance (higher = more important)")
+    scores: dict[str, float] = Field(
+        description="component -> importance (higher = more important)"
+    )
     position_scores: dict[str, list[list[float]]] = Field(
-        default_factory=dict, description="site kind -> [layer][position] scores (e.g. causal tracing)"
+        default_factory=dict,
+        description="site kind -> [layer][position] scores (e.g. causal tracing)",
     )
     position_labels: list[str] = Field(default_factory=list)
     selected: list[str]
@@ -54,7 +57,9 @@ class Localization(BaseModel):
         try:
             return cls.model_validate(json.loads(path.read_text()))
         except (json.JSONDecodeError, ValidationError) as exc:
-            raise DataError(f"{path} is not a valid localization: {str(exc).splitlines()[0]}") from None
+            raise DataError(
+                f"{path} is not a valid localization: {str(exc).splitlines()[0]}"
+            ) from None
 
     def check_model(self, hm: HookedModel) -> None:
         """A localization is only meaningful for the model it was computed on."""

@@ -1,0 +1,112 @@
+"""Baseline localizations of Mechanistic Unlearning (Guo et al. 2024, Sec. 4):
+
+- ``random``: random weight matrices (any q/k/v/o or MLP matrix of any layer) up to the budget;
+- ``random_mlps``: random whole MLP layers up to the budget;
+- ``all_mlps``: every MLP layer;
+- ``nonlocalized``: every attention and MLP matrix (full fine-tuning of the blocks).
+
+They need no facts; the facts argument is accepted for a uniform interface.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from mechunlearn.errors import ConfigError
+from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
+from mechunlearn.localize.result import Localization, make_localization
+from mechunlearn.models.handle import HookedModel
+from mechunlearn.tasks.records import FactRecord
+
+
+def _matrices(hm: HookedModel) -> list[str]:
+    adapter = hm.require_adapter()
+    parts = [f"attn.{p}" for p in adapter.attn_parts] + [f"mlp.{p}" for p in adapter.mlp_parts]
+    return [f"blocks.{layer}.{part}" for layer in range(hm.dims.n_layers) for part in parts]
+
+
+def _mlps(hm: HookedModel) -> list[str]:
+    return [f"blocks.{layer}.mlp" for layer in range(hm.dims.n_layers)]
+
+
+def _random_scores(components: list[str], seed: int) -> dict[str, float]:
+    rng = random.Random(seed)
+    return {c: rng.random() for c in components}
+
+
+def _need_size(method: str, options: LocalizeOptions) -> None:
+    if options.budget is None and options.top_k is None:
+        raise ConfigError(
+            f"{method} needs a parameter budget (or top_k) to know how much to select"
+        )
+
+
+@LOCALIZERS.register("random")
+def random_matrices(
+    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
+) -> Localization:
+    """Random weight matrices under the budget (seeded)."""
+    _need_size("random", options)
+    scores = _random_scores(_matrices(hm), options.seed)
+    return make_localization(
+        hm,
+        "random",
+        scores,
+        budget=options.budget,
+        top_k=options.top_k,
+        seed=options.seed,
+        task=options.task,
+    )
+
+
+@LOCALIZERS.register("random_mlps")
+def random_mlps(
+    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
+) -> Localization:
+    """Random whole MLP layers under the budget (seeded)."""
+    _need_size("random_mlps", options)
+    scores = _random_scores(_mlps(hm), options.seed)
+    return make_localization(
+        hm,
+        "random_mlps",
+        scores,
+        budget=options.budget,
+        top_k=options.top_k,
+        seed=options.seed,
+        task=options.task,
+    )
+
+
+@LOCALIZERS.register("all_mlps")
+def all_mlps(
+    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
+) -> Localization:
+    """Every MLP layer (ignores the budget: this baseline is defined by its scope)."""
+    components = _mlps(hm)
+    return make_localization(
+        hm,
+        "all_mlps",
+        dict.fromkeys(components, 1.0),
+        selected=components,
+        seed=options.seed,
+        task=options.task,
+    )
+
+
+@LOCALIZERS.register("nonlocalized")
+def nonlocalized(
+    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
+) -> Localization:
+    """Every attention and MLP matrix of every layer."""
+    components = [
+        f"blocks.{layer}.{kind}" for layer in range(hm.dims.n_layers) for kind in ("attn", "mlp")
+    ]
+    return make_localization(
+        hm,
+        "nonlocalized",
+        dict.fromkeys(components, 1.0),
+        selected=components,
+        seed=options.seed,
+        task=options.task,
+    )
