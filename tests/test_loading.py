@@ -12,14 +12,6 @@ from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 from mechunlearn.runtime import choose_thread_count
 
 
-@pytest.fixture
-def saved_llama(tmp_path):
-    folder = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def test_local_folder_loads_same_logits(saved_llama):
     hm = load_model(str(saved_llama), device="cpu")
     reference = tiny_model("llama")

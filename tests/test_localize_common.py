@@ -150,14 +150,6 @@ def test_localization_roundtrip_and_model_check(tiny_llama, tmp_path):
     assert all(p.is_file() and p.stat().st_size > 1000 for p in figures)
 
 
-@pytest.fixture
-def saved_llama(tmp_path):
-    folder = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def test_localize_cli_with_baseline(saved_llama, tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(

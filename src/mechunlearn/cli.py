@@ -62,39 +62,71 @@ def models() -> None:
     console.print(table)
 
 
+# Options shared by several commands.
+ModelOpt = Annotated[
+    str | None, typer.Option(help="embedded name, HF folder, .gguf file or hub name")
+]
+TaskOpt = Annotated[str | None, typer.Option(help="fact set: sports | counterfact")]
+DataOpt = Annotated[str | None, typer.Option(help="data file (sports CSV or CounterFact JSON)")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option(help="YAML config; command-line options override it")
+]
+SeedOpt = Annotated[int | None, typer.Option(help="seed for sampling facts, shuffling and noise")]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: best available)")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars or log lines")]
+
+
 def _split_formats(value: str | None) -> list[str] | None:
     if value is None:
         return None
     return [f.strip() for f in value.split(",") if f.strip()]
 
 
+def _build_config(
+    cls,
+    config_path: Path | None,
+    values: dict[str, Any],
+    nested: dict[str, dict[str, Any]] | None = None,
+):
+    """YAML config (if any) overridden by the command-line values that were given."""
+    from mechunlearn.experiments.config import load_yaml_config, validate_config
+
+    merged = load_yaml_config(cls, config_path).model_dump() if config_path else {}
+    merged |= {k: v for k, v in values.items() if v is not None}
+    for key, sub in (nested or {}).items():
+        merged[key] = dict(merged.get(key) or {}) | {k: v for k, v in sub.items() if v is not None}
+    return validate_config(cls, merged, "from the command line")
+
+
+def _log(quiet: bool) -> Callable[[str], None]:
+    return (lambda _: None) if quiet else (lambda msg: err_console.print(f"[dim]{msg}[/]"))
+
+
+def _show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
 @app.command("eval")
 @_user_errors
 def eval_command(
-    model: Annotated[
-        str | None, typer.Option(help="embedded name, HF folder, .gguf file or hub name")
-    ] = None,
-    task: Annotated[str | None, typer.Option(help="fact set: sports | counterfact")] = None,
-    data: Annotated[
-        str | None, typer.Option(help="data file (sports CSV or CounterFact JSON)")
-    ] = None,
+    model: ModelOpt = None,
+    task: TaskOpt = None,
+    data: DataOpt = None,
     formats: Annotated[
         str | None, typer.Option(help="comma-separated: completion,question,mcq,paraphrase")
     ] = None,
     out: Annotated[Path, typer.Option(help="run folder to write (replaced atomically)")] = Path(
         "runs/eval"
     ),
-    config: Annotated[
-        Path | None, typer.Option(help="YAML config; command-line options override it")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="seed for option shuffling and subsets")] = None,
+    config: ConfigOpt = None,
+    seed: SeedOpt = None,
     limit: Annotated[
         int | None, typer.Option(help="evaluate a seeded random subset of N facts")
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="prompts per forward pass")] = None,
-    device: Annotated[
-        str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: best available)")
-    ] = None,
+    device: DeviceOpt = None,
     dtype: Annotated[str | None, typer.Option(help="float32 (default), bfloat16, float16")] = None,
     device_map: Annotated[
         str | None, typer.Option(help="'auto' shards a large model over GPUs")
@@ -102,15 +134,14 @@ def eval_command(
     no_lm_loss: Annotated[
         bool, typer.Option("--no-lm-loss", help="skip LM loss on general text")
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a model on a fact set in several prompt formats; writes metrics.json."""
-    from mechunlearn.experiments.config import EvalConfig, load_yaml_config, validate_config
+    from mechunlearn.experiments.config import EvalConfig
     from mechunlearn.experiments.eval_job import run_eval
     from mechunlearn.report.tables import eval_table, summary_lines
 
-    base = load_yaml_config(EvalConfig, config).model_dump() if config else {}
-    overrides = {
+    values = {
         "model": model,
         "task": task,
         "data": data,
@@ -121,13 +152,10 @@ def eval_command(
         "device": device,
         "dtype": dtype,
         "device_map": device_map,
+        "lm_loss": False if no_lm_loss else None,
     }
-    merged = base | {k: v for k, v in overrides.items() if v is not None}
-    if no_lm_loss:
-        merged["lm_loss"] = False
-    cfg = validate_config(EvalConfig, merged, "from the command line")
-    log = (lambda _: None) if quiet else (lambda msg: err_console.print(f"[dim]{msg}[/]"))
-    result = run_eval(cfg, out, progress=not quiet and sys.stderr.isatty(), log=log)
+    cfg = _build_config(EvalConfig, config, values)
+    result = run_eval(cfg, out, progress=_show_progress(quiet), log=_log(quiet))
     metrics = result.to_json()
     console.print(
         eval_table(metrics, f"{cfg.model} on {cfg.task} ({metrics['run']['n_facts']} facts)")
@@ -140,22 +168,16 @@ def eval_command(
 @app.command()
 @_user_errors
 def localize(
-    model: Annotated[
-        str | None, typer.Option(help="embedded name, HF folder, .gguf file or hub name")
-    ] = None,
-    task: Annotated[str | None, typer.Option(help="fact set: sports | counterfact")] = None,
-    data: Annotated[
-        str | None, typer.Option(help="data file (sports CSV or CounterFact JSON)")
-    ] = None,
+    model: ModelOpt = None,
+    task: TaskOpt = None,
+    data: DataOpt = None,
     method: Annotated[
         str | None, typer.Option(help="fact_lookup, causal_tracing, activation_patching, ...")
     ] = None,
     out: Annotated[Path, typer.Option(help="run folder to write (replaced atomically)")] = Path(
         "runs/localize"
     ),
-    config: Annotated[
-        Path | None, typer.Option(help="YAML config; command-line options override it")
-    ] = None,
+    config: ConfigOpt = None,
     n_facts: Annotated[int | None, typer.Option(help="facts to localize on")] = None,
     budget: Annotated[
         int | None, typer.Option(help="trainable-parameter budget for the selection")
@@ -166,19 +188,17 @@ def localize(
     ] = None,
     top_k: Annotated[int | None, typer.Option(help="select at most this many components")] = None,
     restrict_to: Annotated[str | None, typer.Option(help="all | mlp | attn")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
+    seed: SeedOpt = None,
     all_facts: Annotated[
         bool, typer.Option("--all-facts", help="do not filter to facts the model knows")
     ] = False,
-    device: Annotated[str | None, typer.Option()] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Localize the components behind a fact set with one method; writes localization.json + figures."""
-    from mechunlearn.experiments.config import load_yaml_config, validate_config
     from mechunlearn.experiments.localize_job import LocalizeConfig, run_localize
 
-    base = load_yaml_config(LocalizeConfig, config).model_dump() if config else {}
-    top = {
+    values = {
         "model": model,
         "task": task,
         "data": data,
@@ -186,19 +206,13 @@ def localize(
         "n_facts": n_facts,
         "budget_from": budget_from,
         "device": device,
+        "known_only": False if all_facts else None,
     }
-    merged = base | {k: v for k, v in top.items() if v is not None}
-    if all_facts:
-        merged["known_only"] = False
-    opts = {"budget": budget, "top_k": top_k, "restrict_to": restrict_to, "seed": seed}
-    merged["options"] = dict(merged.get("options") or {}) | {
-        k: v for k, v in opts.items() if v is not None
-    }
-    cfg = validate_config(LocalizeConfig, merged, "from the command line")
-    log = (lambda _: None) if quiet else (lambda msg: err_console.print(f"[dim]{msg}[/]"))
-    loc = run_localize(cfg, out, progress=not quiet and sys.stderr.isatty(), log=log)
+    options = {"budget": budget, "top_k": top_k, "restrict_to": restrict_to, "seed": seed}
+    cfg = _build_config(LocalizeConfig, config, values, {"options": options})
+    loc = run_localize(cfg, out, progress=_show_progress(quiet), log=_log(quiet))
     ranked = sorted(loc.scores.items(), key=lambda kv: kv[1], reverse=True)[:10]
-    table = Table(title=f"{loc.method} on {loc.model} ({loc.n_facts} facts)")
+    table = Table(title=f"{loc.method} on {loc.model} ({loc.n_facts} facts): top components")
     table.add_column("component")
     table.add_column("score", justify="right")
     table.add_column("selected")

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mechunlearn.errors import ConfigError
 from mechunlearn.tasks.datasets import TASKS
 from mechunlearn.tasks.formats import FORMATS
+
+
+def registered_name(registry):
+    """A pydantic validator accepting only names registered in ``registry``."""
+
+    def check(value: str) -> str:
+        registry.get(value)  # raises ConfigError listing the known names
+        return value
+
+    return AfterValidator(check)
+
+
+TaskName = Annotated[str, registered_name(TASKS)]
 
 
 class EvalConfig(BaseModel):
@@ -19,7 +32,7 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = "gemma3-270m"
-    task: str = "sports"
+    task: TaskName = "sports"
     data: str | None = Field(
         default=None, description="data file; default: the task's shipped data"
     )
@@ -40,12 +53,6 @@ class EvalConfig(BaseModel):
     device_map: str | None = Field(
         default=None, description="e.g. 'auto' to shard a large model over GPUs"
     )
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, value: str) -> str:
-        TASKS.get(value)
-        return value
 
     @field_validator("formats")
     @classmethod

@@ -10,18 +10,19 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from mechunlearn.errors import DataError
 from mechunlearn.evals.harness import known_records
+from mechunlearn.experiments.config import TaskName, registered_name
 from mechunlearn.io import atomic_directory, atomic_write_json, atomic_write_yaml
 from mechunlearn.localize import LOCALIZERS, Localization, LocalizeOptions
 from mechunlearn.localize.prompts import choose_pairable_facts
 from mechunlearn.models.loading import load_model
 from mechunlearn.report.figures import localization_figures
-from mechunlearn.tasks.datasets import TASKS, load_task
+from mechunlearn.tasks.datasets import load_task
 from mechunlearn.tasks.records import FactRecord
 
 # methods that patch between subject-corrupted pairs of facts with equal token layouts
@@ -37,9 +38,9 @@ class LocalizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = "gemma3-270m"
-    task: str = "sports"
+    task: TaskName = "sports"
     data: str | None = None
-    method: str = "fact_lookup"
+    method: Annotated[str, registered_name(LOCALIZERS)] = "fact_lookup"
     n_facts: int = Field(default=32, ge=2, description="facts to localize on (seeded sample)")
     known_only: bool = Field(
         default=True, description="keep only facts the model knows (P >= known_threshold)"
@@ -51,18 +52,6 @@ class LocalizeConfig(BaseModel):
     device: str | None = None
     dtype: str = "float32"
     options: LocalizeOptions = Field(default_factory=LocalizeOptions)
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
-        LOCALIZERS.get(value)
-        return value
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, value: str) -> str:
-        TASKS.get(value)
-        return value
 
 
 def choose_facts(records: list[FactRecord], n: int, seed: int) -> list[FactRecord]:

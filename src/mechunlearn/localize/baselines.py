@@ -30,16 +30,24 @@ def _mlps(hm: HookedModel) -> list[str]:
     return [f"blocks.{layer}.mlp" for layer in range(hm.dims.n_layers)]
 
 
-def _random_scores(components: list[str], seed: int) -> dict[str, float]:
-    rng = random.Random(seed)
-    return {c: rng.random() for c in components}
-
-
-def _need_size(method: str, options: LocalizeOptions) -> None:
+def _random_selection(
+    hm: HookedModel, method: str, components: list[str], options: LocalizeOptions
+) -> Localization:
     if options.budget is None and options.top_k is None:
         raise ConfigError(
             f"{method} needs a parameter budget (or top_k) to know how much to select"
         )
+    rng = random.Random(options.seed)
+    scores = {c: rng.random() for c in components}
+    return make_localization(
+        hm,
+        method,
+        scores,
+        budget=options.budget,
+        top_k=options.top_k,
+        seed=options.seed,
+        task=options.task,
+    )
 
 
 @LOCALIZERS.register("random")
@@ -47,17 +55,7 @@ def random_matrices(
     hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
 ) -> Localization:
     """Random weight matrices under the budget (seeded)."""
-    _need_size("random", options)
-    scores = _random_scores(_matrices(hm), options.seed)
-    return make_localization(
-        hm,
-        "random",
-        scores,
-        budget=options.budget,
-        top_k=options.top_k,
-        seed=options.seed,
-        task=options.task,
-    )
+    return _random_selection(hm, "random", _matrices(hm), options)
 
 
 @LOCALIZERS.register("random_mlps")
@@ -65,17 +63,7 @@ def random_mlps(
     hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
 ) -> Localization:
     """Random whole MLP layers under the budget (seeded)."""
-    _need_size("random_mlps", options)
-    scores = _random_scores(_mlps(hm), options.seed)
-    return make_localization(
-        hm,
-        "random_mlps",
-        scores,
-        budget=options.budget,
-        top_k=options.top_k,
-        seed=options.seed,
-        task=options.task,
-    )
+    return _random_selection(hm, "random_mlps", _mlps(hm), options)
 
 
 @LOCALIZERS.register("all_mlps")
