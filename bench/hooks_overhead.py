@@ -36,7 +36,9 @@ def main() -> None:
     texts = load_general_text()[: args.batch]
     inputs = hm.batch(texts).model_inputs()
     n_tokens = int(inputs["attention_mask"].sum())
-    print(f"model {args.model} on {hm.device}, {torch.get_num_threads()} thread(s); batch {args.batch}, {inputs['input_ids'].shape[1]} positions, {n_tokens} tokens")
+    print(
+        f"model {args.model} on {hm.device}, {torch.get_num_threads()} thread(s); batch {args.batch}, {inputs['input_ids'].shape[1]} positions, {n_tokens} tokens"
+    )
 
     for label, extra in (("full logits", {}), ("logits_to_keep=1", {"logits_to_keep": 1})):
         plain_times, hooked_times = [], []

@@ -23,9 +23,9 @@ Components and the activation each is read at:
 
 - ``blocks.L.attn``: ``attn_out`` (the attention sub-block's residual contribution);
 - ``blocks.L.attn.head{H}``: the ``head`` site ``z`` (input of o_proj, ``[b, s, H, d_head]``),
-  summed over head H's features. o_proj is linear, so for families without a post-attention
-  norm the heads' estimates sum exactly to the layer's (plus nothing: a bias does not change);
-  Gemma's post-norm makes the two differ slightly;
+  summed over head H's features. o_proj is linear and its bias is the same in both runs, so
+  for families without a post-attention norm the heads' estimates sum exactly to the layer's;
+  Gemma's post-attention norm makes the two differ slightly;
 - ``blocks.L.mlp``: ``mlp_out``.
 
 Per-position scores (``position_scores["attn"|"mlp"]``, ``[layer][role]``) sum ``A`` over the
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mechunlearn.errors import SiteError
+from mechunlearn.errors import DataError, SiteError
 from mechunlearn.localize.prompts import (
     FactPrompts,
     answer_logit_diff,
@@ -83,12 +83,34 @@ def final_logits(hm: HookedModel, prompts: FactPrompts) -> torch.Tensor:
     return hm.model(**kwargs, use_cache=False).logits[:, -1]
 
 
+def facts_with_partners(
+    hm: HookedModel, records: Sequence[FactRecord]
+) -> tuple[list[FactRecord], list[str]]:
+    """The facts that have a corrupting partner (same token layout, different answer), and
+    the ids of those that have none: patching cannot score a fact without one."""
+    prompts = build_fact_prompts(hm, records)
+    layouts = [(lay[1], lay[2], lay[3]) for lay in prompts.relative_layout()]
+    answers: dict[tuple[int, ...], set[str]] = {}
+    for layout, record in zip(layouts, records, strict=True):
+        answers.setdefault(layout, set()).add(record.answer)
+    kept, dropped = [], []
+    for layout, record in zip(layouts, records, strict=True):
+        (kept if len(answers[layout]) > 1 else dropped).append(record)
+    if not kept:
+        raise DataError(
+            f"none of the {len(records)} facts has a corrupting partner (another fact with a "
+            "different answer and the same token layout); add more facts"
+        )
+    return kept, [r.id for r in dropped]
+
+
 def fact_batches(
     hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
 ) -> tuple[list[tuple[FactPrompts, FactPrompts]], dict[str, str]]:
     """Clean and corrupted prompts per batch of ``options.batch_size`` facts, layouts checked.
 
-    Also returns record id -> corrupting partner's id, for the evidence.
+    ``records`` must all have partners (see ``facts_with_partners``). Also returns record id
+    -> corrupting partner's id, for the evidence.
     """
     partners = pair_corruptions(hm, records, seed=options.seed)
     batches = []
@@ -117,7 +139,9 @@ def component_kind(component: str) -> str:
 
 def restrict(scores: Mapping[str, float], restrict_to: str) -> dict[str, float]:
     """Only the components ``options.restrict_to`` allows selection from."""
-    return {c: s for c, s in scores.items() if restrict_to == "all" or component_kind(c) == restrict_to}
+    return {
+        c: s for c, s in scores.items() if restrict_to == "all" or component_kind(c) == restrict_to
+    }
 
 
 def position_roles(prompts: FactPrompts) -> torch.Tensor:
@@ -169,7 +193,9 @@ def attribution_batch(
 
     def keep(name: str):
         def handler(activation: torch.Tensor) -> torch.Tensor:
-            fresh = activation.clone()  # the tensor the model reads from here on: its grad is defined
+            fresh = (
+                activation.clone()
+            )  # the tensor the model reads from here on: its grad is defined
             stash[name] = fresh
             return fresh
 
@@ -191,7 +217,9 @@ def attribution_batch(
             estimates[name] = (grad.float() * delta).sum(-1)  # heads: [b, s, H]
     return AttributionBatch(
         head=torch.stack([estimates[f"blocks.{layer}.head"] for layer in range(n_layers)]).cpu(),
-        attn=torch.stack([estimates[f"blocks.{layer}.attn_out"] for layer in range(n_layers)]).cpu(),
+        attn=torch.stack(
+            [estimates[f"blocks.{layer}.attn_out"] for layer in range(n_layers)]
+        ).cpu(),
         mlp=torch.stack([estimates[f"blocks.{layer}.mlp_out"] for layer in range(n_layers)]).cpu(),
         metric_clean=metric.detach().float().cpu(),
         metric_corrupt=metric_corrupt.cpu(),
@@ -229,12 +257,16 @@ def attribution_patching(
 
     Selection honours ``restrict_to``, ``budget`` and ``top_k``. Heads and whole attention
     layers overlap, so selection picks among heads + MLPs where heads have their own parameters
-    (Llama, Gemma) and among attention layers + MLPs otherwise; all are scored.
+    (Llama, Gemma) and among attention layers + MLPs otherwise; all are scored. Facts without
+    a same-layout partner are skipped and listed in ``evidence["skipped_without_partner"]``.
     """
+    records, unpaired = facts_with_partners(hm, records)
     batches, partners = fact_batches(hm, records, options)
     n_layers, n_roles, n_facts = hm.dims.n_layers, len(POSITION_ROLES), len(records)
     signed: dict[str, float] = {}
-    role_sums = {kind: torch.zeros(n_layers, n_roles, dtype=torch.float64) for kind in ("attn", "mlp")}
+    role_sums = {
+        kind: torch.zeros(n_layers, n_roles, dtype=torch.float64) for kind in ("attn", "mlp")
+    }
     metric_clean = metric_corrupt = 0.0
     with progress_bar(n_facts, "attribution patching", enabled=options.progress) as advance:
         for clean, corrupt in batches:
@@ -280,6 +312,7 @@ def attribution_patching(
         "metric_corrupt": metric_corrupt / n_facts,
         "corruption": f"pair_corruptions(seed={options.seed})",
         "partners": partners,
+        "skipped_without_partner": unpaired,
         "selection_granularity": "heads" if per_head else "attention layers",
     }
     return make_localization(

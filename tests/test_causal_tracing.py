@@ -1,0 +1,165 @@
+"""Causal tracing (ROME): batched == naive reference, and exact sanity identities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mechunlearn.errors import DataError
+from mechunlearn.localize.causal_tracing import (
+    ROLES,
+    SUBJECT_ROLES,
+    TRACE_KINDS,
+    causal_trace,
+    causal_trace_naive,
+    embedding_std,
+    role_offsets,
+    window_layers,
+)
+from mechunlearn.localize.prompts import build_fact_prompts
+from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
+from mechunlearn.models.handle import HookedModel
+from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+from mechunlearn.tasks.sports import load_sports
+
+FAMILIES = ["llama", "gemma3", "gpt2"]
+
+
+def model(family: str) -> HookedModel:
+    return HookedModel(tiny_model(family), tiny_tokenizer(), name=f"tiny-{family}")
+
+
+def assert_close(actual, expected) -> None:
+    """Within 1e-4 absolute and 0.1% of the largest value (random tiny models give small
+    probabilities, so an absolute tolerance alone would be vacuous)."""
+    actual, expected = np.asarray(actual, dtype=float), np.asarray(expected, dtype=float)
+    scale = np.abs(expected).max()
+    assert scale > 1e-7, "comparison would be vacuous"
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=min(1e-4, 1e-3 * scale))
+
+
+@pytest.fixture(scope="module")
+def facts():
+    """Four facts of different token lengths (the batch is left-padded)."""
+    records = load_sports()
+    return [records[0], records[1], records[5], records[9]]
+
+
+def options(**kw) -> LocalizeOptions:
+    return LocalizeOptions(progress=False, **kw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_matches_naive(family, facts):
+    hm = model(family)
+    opts = options(n_noise_samples=2, window=3, batch_size=24)
+    fast, slow = causal_trace(hm, facts, opts), causal_trace_naive(hm, facts, opts)
+    assert len({len(p) for p in build_fact_prompts(hm, facts).subject_positions}) > 1
+    assert fast.position_labels == slow.position_labels == list(ROLES)
+    for kind in TRACE_KINDS:
+        assert_close(fast.position_scores[kind], slow.position_scores[kind])
+    assert fast.scores.keys() == slow.scores.keys()
+    assert_close(list(fast.scores.values()), list(slow.scores.values()))
+    assert_close(fast.evidence["p_clean"], slow.evidence["p_clean"])
+    assert_close(fast.evidence["p_corrupt"], slow.evidence["p_corrupt"])
+    assert fast.evidence["n_forwards"] * 10 < slow.evidence["n_forwards"]
+
+
+def test_tiny_noise_has_no_effect(facts):
+    hm = model("llama")
+    normal = causal_trace(hm, facts, options())
+    tiny = causal_trace(hm, facts, options(noise_scale=1e-6))
+    for kind in TRACE_KINDS:
+        effect = np.abs(normal.position_scores[kind]).max()
+        assert np.abs(tiny.position_scores[kind]).max() < 1e-3 * effect
+    np.testing.assert_allclose(tiny.evidence["p_corrupt"], tiny.evidence["p_clean"], atol=1e-8)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_restoring_final_residual(family, facts):
+    """The last layer's output at the last token fixes the logits (IE = P_clean - P_corr);
+    at a subject token it cannot reach the final position (IE = 0)."""
+    hm = model(family)
+    result = causal_trace(hm, facts, options(n_noise_samples=2))
+    last_layer = result.position_scores["resid"][-1]
+    labels = result.position_labels
+    expected = result.evidence["mean_p_clean"] - result.evidence["mean_p_corrupt"]
+    assert abs(expected) > 1e-6
+    assert last_layer[labels.index("last token")] == pytest.approx(expected, abs=1e-8)
+    for role in SUBJECT_ROLES:
+        assert abs(last_layer[labels.index(role)]) < 1e-9
+
+
+def test_seed_reproducible(facts):
+    hm = model("llama")
+    a, b = causal_trace(hm, facts, options(seed=3)), causal_trace(hm, facts, options(seed=3))
+    c = causal_trace(hm, facts, options(seed=4))
+    assert a.position_scores == b.position_scores and a.scores == b.scores
+    assert a.position_scores["resid"] != c.position_scores["resid"]
+    assert a.evidence["embedding_std"] == c.evidence["embedding_std"]
+
+
+def test_embedding_std_is_subject_token_std(tiny_llama, facts):
+    prompts = build_fact_prompts(tiny_llama, facts)
+    ids = prompts.batch.input_ids[prompts.subject_mask()]
+    expected = tiny_llama.model.get_input_embeddings().weight[ids].std()
+    with torch.no_grad():
+        assert embedding_std(tiny_llama, prompts) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_window_restores_more_layers(facts):
+    hm = model("llama")
+    narrow, wide = causal_trace(hm, facts, options()), causal_trace(hm, facts, options(window=3))
+    assert narrow.position_scores["resid"] == wide.position_scores["resid"]
+    assert narrow.position_scores["mlp"] != wide.position_scores["mlp"]
+    assert wide.evidence["window"] == 3
+
+
+def test_role_offsets_and_windows():
+    assert role_offsets(3, 7) == {
+        "first subject": [0],
+        "middle subject": [1],
+        "last subject": [2],
+        "first after": [3],
+        "further tokens": [4, 5],
+        "last token": [6],
+    }
+    one = role_offsets(1, 2)  # one-token subject followed directly by the last token
+    assert one["first subject"] == one["last subject"] == [0]
+    assert one["first after"] == one["last token"] == [1] and one["middle subject"] == []
+    assert window_layers(5, 10, 48) == range(0, 10)
+    assert window_layers(0, 10, 3) == range(0, 3)
+    assert window_layers(2, 1, 3) == range(2, 3)
+    assert window_layers(1, 2, 3) == range(0, 2)
+
+
+def test_selection_respects_budget_and_restrict_to(facts):
+    hm = model("llama")
+    mlp = causal_trace(hm, facts, options(restrict_to="mlp"))
+    assert mlp.selected and all(c.endswith(".mlp") for c in mlp.selected)
+    assert any(c.endswith(".attn") for c in mlp.scores)  # every score is still reported
+    attn = causal_trace(hm, facts, options(restrict_to="attn", top_k=2))
+    assert len(attn.selected) == 2 and all(c.endswith(".attn") for c in attn.selected)
+    best = max(attn.scores, key=lambda c: attn.scores[c] if c.endswith(".attn") else -1)
+    assert attn.selected[0] == best
+    size = hm.parameters_of(["blocks.0.mlp"])
+    budget = 2 * sum(p.numel for p in size) + 10
+    limited = causal_trace(hm, facts, options(budget=budget))
+    assert 0 < limited.n_params <= budget and limited.budget == budget
+
+
+def test_registered_and_bad_input(tiny_llama):
+    assert LOCALIZERS.get("causal_tracing") is causal_trace
+    with pytest.raises(DataError):
+        causal_trace(tiny_llama, [], options())
+
+
+def test_batch_size_does_not_change_results(facts):
+    """Two rows per forward (one clean, one corrupted) up to many facts per forward."""
+    hm = model("llama")
+    small = causal_trace(hm, facts, options(batch_size=1))  # raised to the minimum of 2
+    large = causal_trace(hm, facts, options(batch_size=64))
+    for kind in TRACE_KINDS:
+        assert_close(small.position_scores[kind], large.position_scores[kind])
+    assert small.evidence["n_rows"] == 2 * small.evidence["n_forwards"]
