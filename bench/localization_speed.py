@@ -56,14 +56,20 @@ def main() -> None:
     hm = load_model(args.model)
     sample = random.Random(0).sample(load_sports(), min(len(load_sports()), 8 * args.facts))
     facts = choose_pairable_facts(hm, known_records(hm, sample), args.facts, seed=0)
-    print(f"model {args.model} on {hm.device}, {torch.get_num_threads()} thread(s); {len(facts)} known facts")
+    print(
+        f"model {args.model} on {hm.device}, {torch.get_num_threads()} thread(s); {len(facts)} known facts"
+    )
     options = LocalizeOptions(batch_size=args.batch_size, progress=False)
 
     batched_s, loc = timed(lambda: causal_trace(hm, facts, options))
     naive_facts = facts if args.full else facts[: args.naive_facts]
     naive_s, _ = timed(lambda: causal_trace_naive(hm, naive_facts, options))
     naive_all = naive_s * len(facts) / len(naive_facts)
-    label = "measured" if args.full else f"measured on {len(naive_facts)} facts, scaled x{len(facts) / len(naive_facts):g}"
+    label = (
+        "measured"
+        if args.full
+        else f"measured on {len(naive_facts)} facts, scaled x{len(facts) / len(naive_facts):g}"
+    )
     print(
         f"causal tracing, full sweep on {len(facts)} facts: batched {batched_s:.1f} s "
         f"({loc.evidence.get('forwards', '?')} forwards); naive {naive_all:.1f} s ({label}); "

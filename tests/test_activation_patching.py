@@ -11,9 +11,9 @@ from mechunlearn.errors import DataError
 from mechunlearn.localize.activation_patching import (
     activation_patching,
     activation_patching_naive,
-    heads_addressable,
 )
 from mechunlearn.localize.causal_tracing import ROLES
+from mechunlearn.localize.common import heads_have_parameters
 from mechunlearn.localize.prompts import build_fact_prompts
 from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
 from mechunlearn.models.handle import HookedModel
@@ -130,7 +130,7 @@ def test_seed_reproducible(tiny_llama, facts):
 
 def test_selection_respects_budget_and_restrict_to(facts):
     hm = model("llama")
-    assert heads_addressable(hm)
+    assert heads_have_parameters(hm)
     default = activation_patching(hm, facts, options(top_k=4))
     assert len(default.selected) == 4
     assert not any(c.endswith(".attn") for c in default.selected)  # heads, not whole layers
@@ -147,7 +147,7 @@ def test_selection_respects_budget_and_restrict_to(facts):
 
 def test_no_head_parameters_selects_layers(facts):
     hm = model("gpt2")
-    assert not heads_addressable(hm)
+    assert not heads_have_parameters(hm)
     result = activation_patching(hm, facts, options(restrict_to="attn", top_k=2))
     assert len(result.selected) == 2 and all(c.endswith(".attn") for c in result.selected)
 

@@ -14,9 +14,8 @@ from mechunlearn.localize.attribution import (
     attribution_patching,
     attribution_scores,
     component_estimates,
-    facts_with_partners,
-    final_logits,
 )
+from mechunlearn.localize.common import facts_with_partners, final_logits
 from mechunlearn.localize.prompts import (
     answer_logit_diff,
     build_fact_prompts,

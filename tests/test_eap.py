@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechunlearn.localize.attribution import facts_with_partners, final_logits
+from mechunlearn.localize.common import facts_with_partners, final_logits
 from mechunlearn.localize.eap import (
     DEFAULT_TOP_EDGES,
     edge_attribution_batch,

@@ -37,13 +37,9 @@ from collections.abc import Sequence
 
 import torch
 
-from mechunlearn.errors import DataError, SiteError
-from mechunlearn.localize.causal_tracing import (
-    chunk_rows,
-    final_logits,
-    pool_by_role,
-    select_restricted,
-)
+from mechunlearn.errors import DataError
+from mechunlearn.localize.causal_tracing import chunk_rows, pool_by_role
+from mechunlearn.localize.common import final_logits, heads_have_parameters, select_restricted
 from mechunlearn.localize.prompts import (
     FactPrompts,
     answer_logit_diff,
@@ -93,15 +89,6 @@ class _Patched:
     ld_positions: list[torch.Tensor]  # per fact [layers, T_i] (MLP at one position)
     n_forwards: int
     n_rows: int
-
-
-def heads_addressable(hm: HookedModel) -> bool:
-    """Whether heads have their own parameters here (a trainer can update one head)."""
-    try:
-        hm.parameters_of(["blocks.0.attn.head0"])
-    except SiteError:
-        return False
-    return True
 
 
 def _prepare(
@@ -314,7 +301,7 @@ def _summarise(
         for cell, ld in patched.ld_components.items()
     }
     scores = {name: abs(value) for name, value in recovery.items()}
-    if heads_addressable(hm):
+    if heads_have_parameters(hm):
         candidates = {name: s for name, s in scores.items() if not name.endswith(".attn")}
         selection = "heads and MLPs by |recovery|; blocks.L.attn scored but not selected"
     else:
@@ -392,5 +379,4 @@ __all__ = [
     "activation_patching_naive",
     "component_cells",
     "component_name",
-    "heads_addressable",
 ]

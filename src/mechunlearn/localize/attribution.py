@@ -35,19 +35,23 @@ facts, magnitudes; signed values in ``evidence["position_scores_signed"]``.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from mechunlearn.errors import DataError, SiteError
+from mechunlearn.localize.common import (
+    component_kind,
+    fact_batches,
+    facts_with_partners,
+    final_logits,
+    heads_have_parameters,
+    restrict,
+)
 from mechunlearn.localize.prompts import (
     FactPrompts,
     answer_logit_diff,
-    build_fact_prompts,
     check_same_layout,
-    pair_corruptions,
 )
 from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
 from mechunlearn.localize.result import Localization, make_localization, select_under_budget
@@ -75,73 +79,6 @@ SIGN_CONVENTION = (
 
 
 # ---- shared helpers (also used by edge attribution patching) -----------------------------
-def final_logits(hm: HookedModel, prompts: FactPrompts) -> torch.Tensor:
-    """Final-position logits ``[n, vocab]`` of the prompts (only the last position unembedded)."""
-    kwargs = prompts.batch.to(hm.device).model_inputs()
-    if "logits_to_keep" in inspect.signature(hm.model.forward).parameters:
-        kwargs["logits_to_keep"] = 1
-    return hm.model(**kwargs, use_cache=False).logits[:, -1]
-
-
-def facts_with_partners(
-    hm: HookedModel, records: Sequence[FactRecord]
-) -> tuple[list[FactRecord], list[str]]:
-    """The facts that have a corrupting partner (same token layout, different answer), and
-    the ids of those that have none: patching cannot score a fact without one."""
-    prompts = build_fact_prompts(hm, records)
-    layouts = [(lay[1], lay[2], lay[3]) for lay in prompts.relative_layout()]
-    answers: dict[tuple[int, ...], set[str]] = {}
-    for layout, record in zip(layouts, records, strict=True):
-        answers.setdefault(layout, set()).add(record.answer)
-    kept, dropped = [], []
-    for layout, record in zip(layouts, records, strict=True):
-        (kept if len(answers[layout]) > 1 else dropped).append(record)
-    if not kept:
-        raise DataError(
-            f"none of the {len(records)} facts has a corrupting partner (another fact with a "
-            "different answer and the same token layout); add more facts"
-        )
-    return kept, [r.id for r in dropped]
-
-
-def fact_batches(
-    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
-) -> tuple[list[tuple[FactPrompts, FactPrompts]], dict[str, str]]:
-    """Clean and corrupted prompts per batch of ``options.batch_size`` facts, layouts checked.
-
-    ``records`` must all have partners (see ``facts_with_partners``). Also returns record id
-    -> corrupting partner's id, for the evidence.
-    """
-    partners = pair_corruptions(hm, records, seed=options.seed)
-    batches = []
-    for start in range(0, len(records), options.batch_size):
-        chunk = list(records[start : start + options.batch_size])
-        clean = build_fact_prompts(hm, chunk)
-        corrupt = build_fact_prompts(hm, partners[start : start + options.batch_size])
-        check_same_layout(clean, corrupt)
-        batches.append((clean, corrupt))
-    return batches, {r.id: p.id for r, p in zip(records, partners, strict=True)}
-
-
-def heads_have_parameters(hm: HookedModel) -> bool:
-    """Whether per-head components resolve to parameters (not for fused-qkv families)."""
-    try:
-        hm.parameters_of(["blocks.0.attn.head0"])
-    except SiteError:
-        return False
-    return True
-
-
-def component_kind(component: str) -> str:
-    """``"mlp"`` or ``"attn"`` for a component name."""
-    return "mlp" if component.endswith(".mlp") else "attn"
-
-
-def restrict(scores: Mapping[str, float], restrict_to: str) -> dict[str, float]:
-    """Only the components ``options.restrict_to`` allows selection from."""
-    return {
-        c: s for c, s in scores.items() if restrict_to == "all" or component_kind(c) == restrict_to
-    }
 
 
 def position_roles(prompts: FactPrompts) -> torch.Tensor:

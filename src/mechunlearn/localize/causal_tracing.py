@@ -28,16 +28,16 @@ different (kind, layer, position) cell by copying the clean row's activation of 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from mechunlearn.errors import ConfigError, DataError
+from mechunlearn.errors import DataError
+from mechunlearn.localize.common import final_logits, select_restricted
 from mechunlearn.localize.prompts import FactPrompts, build_fact_prompts
 from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
-from mechunlearn.localize.result import Localization, make_localization, select_under_budget
+from mechunlearn.localize.result import Localization, make_localization
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.hooks import Handler, Patch, Perturb, position_mask
 from mechunlearn.models.sites import Site
@@ -97,30 +97,6 @@ def pool_by_role(
             labels.append(role)
             columns.append(torch.cat(parts, dim=-1).mean(dim=-1))
     return labels, torch.stack(columns, dim=-1)
-
-
-def component_kind(component: str) -> str:
-    """``blocks.3.mlp`` -> ``mlp``; ``blocks.3.attn`` / ``blocks.3.attn.head2`` -> ``attn``."""
-    return component.split(".")[2]
-
-
-def select_restricted(
-    hm: HookedModel, scores: dict[str, float], options: LocalizeOptions
-) -> list[str]:
-    """Select under budget among the components ``options.restrict_to`` allows."""
-    allowed = {"all": ("mlp", "attn"), "mlp": ("mlp",), "attn": ("attn",)}[options.restrict_to]
-    candidates = {c: s for c, s in scores.items() if component_kind(c) in allowed}
-    if not candidates:
-        raise ConfigError(f"no {options.restrict_to} components to select from")
-    return select_under_budget(hm, candidates, options.budget, options.top_k)
-
-
-def final_logits(hm: HookedModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits at the last position ``[batch, vocab]``, unembedding only that position when the
-    model supports it (a 256k vocabulary over every position would dominate the cost)."""
-    if "logits_to_keep" in inspect.signature(hm.model.forward).parameters:
-        return hm.model(**inputs, logits_to_keep=1).logits[:, -1]
-    return hm.model(**inputs).logits[:, -1]
 
 
 def chunk_rows(jobs: Sequence[tuple], capacity: int, extra_per_fact: int = 0) -> list[list[tuple]]:
@@ -414,9 +390,6 @@ __all__ = [
     "causal_trace",
     "causal_trace_naive",
     "chunk_rows",
-    "component_kind",
-    "final_logits",
-    "select_restricted",
     "embedding_std",
     "noise_draws",
     "pool_by_role",

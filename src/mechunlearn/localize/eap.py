@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from mechunlearn.errors import SiteError
-from mechunlearn.localize.attribution import (
+from mechunlearn.localize.common import (
     fact_batches,
     facts_with_partners,
     final_logits,

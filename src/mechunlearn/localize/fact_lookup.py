@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from mechunlearn.errors import ConfigError
-from mechunlearn.localize.attribution import fact_batches, facts_with_partners
+from mechunlearn.localize.common import fact_batches, facts_with_partners
 from mechunlearn.localize.probes import (
     DEFAULT_L2,
     Probe,
