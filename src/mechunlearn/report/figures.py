@@ -38,11 +38,13 @@ def position_heatmap(loc: Localization, kind: str, path: Path) -> Path:
     )
     image = ax.imshow(data, aspect="auto", cmap="viridis", origin="lower")
     ax.set_ylabel("layer")
-    labels = (
-        loc.position_labels
-        if len(loc.position_labels) == data.shape[1]
-        else [str(i) for i in range(data.shape[1])]
-    )
+    columns = loc.evidence.get("position_score_columns", {}).get(kind)
+    if columns and len(columns) == data.shape[1]:
+        labels = columns
+    elif len(loc.position_labels) == data.shape[1]:
+        labels = loc.position_labels
+    else:
+        labels = [str(i) for i in range(data.shape[1])]
     ax.set_xticks(range(data.shape[1]), labels, rotation=45, ha="right")
     ax.set_title(f"{loc.method}: {kind} ({loc.model})")
     fig.colorbar(image, ax=ax)
@@ -102,9 +104,35 @@ def component_map(loc: Localization, path: Path) -> Path:
     return _save(fig, path)
 
 
+def probe_accuracy_plot(loc: Localization, path: Path) -> Path | None:
+    """Held-out linear-probe accuracy by layer at each probed position, with chance."""
+    probe = loc.evidence.get("probe")
+    if not isinstance(probe, dict) or "rows" not in probe:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = range(len(probe["rows"]))
+    for position in ("last_subject", "final"):
+        if position in probe:
+            ax.plot(
+                x, probe[position]["test_accuracy"], marker="o", label=position.replace("_", " ")
+            )
+    ax.axhline(probe.get("chance", 0), color="grey", linestyle="--", label="chance")
+    ax.set_xticks(list(x), probe["rows"], rotation=45)
+    ax.set_xlabel("residual stream after layer")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{loc.method}: where the attribute becomes decodable ({loc.model})")
+    ax.legend()
+    return _save(fig, path)
+
+
 def localization_figures(loc: Localization, folder: Path) -> list[Path]:
     """Every figure for one localization, written into ``folder``."""
     paths = [component_map(loc, folder / f"{loc.method}_components.png")]
+    if (
+        probe_plot := probe_accuracy_plot(loc, folder / f"{loc.method}_probe_accuracy.png")
+    ) is not None:
+        paths.append(probe_plot)
     for kind in loc.position_scores:
         paths.append(position_heatmap(loc, kind, folder / f"{loc.method}_{kind}.png"))
     return paths
