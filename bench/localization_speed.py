@@ -3,8 +3,9 @@
     .venv/bin/python bench/localization_speed.py [--model gemma3-270m] [--facts 32] [--naive-facts 4 | --full]
 
 1. Causal tracing, full sweep (residual, MLP and attention x every layer x every traced
-   position): batched (clean row + many restored cells per forward) versus the naive loop (one
-   forward per cell). The naive loop costs the same per fact, so by default it runs on
+   position): ``causal_trace`` (every restored cell of a position as a batch row, running only
+   the suffix from that position over the corrupted run's KV cache) versus the naive loop (one
+   full forward per cell). The naive loop costs the same per fact, so by default it runs on
    ``--naive-facts`` of the facts and is scaled to all of them (printed as such); ``--full``
    runs it on every fact.
 2. Attribution patching over every head, attention layer and MLP, as a multiple of one plain
@@ -71,8 +72,9 @@ def main() -> None:
         else f"measured on {len(naive_facts)} facts, scaled x{len(facts) / len(naive_facts):g}"
     )
     print(
-        f"causal tracing, full sweep on {len(facts)} facts: batched {batched_s:.1f} s "
-        f"({loc.evidence.get('forwards', '?')} forwards); naive {naive_all:.1f} s ({label}); "
+        f"causal tracing, full sweep on {len(facts)} facts: {loc.evidence['implementation']} "
+        f"{batched_s:.1f} s ({loc.evidence['n_forwards']} forwards, "
+        f"{loc.evidence['n_rows']} rows); naive {naive_all:.1f} s ({label}); "
         f"speed-up {naive_all / batched_s:.1f}x; peak memory {peak_memory_mib(hm.device):.0f} MiB"
     )
 

@@ -1,4 +1,4 @@
-"""Causal tracing (ROME): batched == naive reference, and exact sanity identities."""
+"""Causal tracing (ROME): cached/batched == naive reference, and exact sanity identities."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from mechunlearn.localize.prompts import build_fact_prompts
 from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+from mechunlearn.tasks.records import FactRecord
 from mechunlearn.tasks.sports import load_sports
 
 FAMILIES = ["llama", "gemma3", "gpt2"]
@@ -63,7 +64,51 @@ def test_batched_matches_naive(family, facts):
     assert_close(list(fast.scores.values()), list(slow.scores.values()))
     assert_close(fast.evidence["p_clean"], slow.evidence["p_clean"])
     assert_close(fast.evidence["p_corrupt"], slow.evidence["p_corrupt"])
-    assert fast.evidence["n_forwards"] * 10 < slow.evidence["n_forwards"]
+    assert fast.evidence["implementation"] == "cached"
+    assert fast.evidence["n_forwards"] * 5 < slow.evidence["n_forwards"]
+
+
+class NoBosModel(HookedModel):
+    """Tokenizes without BOS (like GPT-2), so a prompt can start with its subject."""
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return super().tokenize(text, add_special_tokens=False)
+
+
+def offset_facts() -> list[FactRecord]:
+    """Facts whose subjects start at different offsets, one prompt past Gemma's tiny window."""
+    templates = [
+        "{subject} plays the sport of",
+        "Fact: {subject} plays the sport of",
+        "In a long and famous professional career, the athlete {subject} plays the sport of",
+    ]
+    return [
+        FactRecord(
+            id=f"offset-{i}",
+            subject=record.subject,
+            template=template,
+            answer=record.answer,
+            options=record.options,
+        )
+        for i, (template, record) in enumerate(zip(templates, load_sports()[:3], strict=True))
+    ]
+
+
+@pytest.mark.parametrize(("family", "bos"), [("llama", True), ("gemma3", True), ("gpt2", False)])
+def test_subject_offsets_and_even_window_match_naive(family, bos):
+    """Subjects at different offsets (at index 0 without BOS: no shared prefix), an even window
+    and forwards that split one position's cells across noise draws."""
+    hm = (HookedModel if bos else NoBosModel)(tiny_model(family), tiny_tokenizer(), name=family)
+    facts = offset_facts()
+    prompts = build_fact_prompts(hm, facts)
+    starts = [layout[1] for layout in prompts.relative_layout()]
+    assert len(set(starts)) == 3 and (min(starts) == 0) == (not bos)
+    assert max(prompts.batch.lengths) > 2 * (getattr(hm.model.config, "sliding_window", 0) or 0)
+    opts = options(n_noise_samples=2, window=2, batch_size=5)
+    fast, slow = causal_trace(hm, facts, opts), causal_trace_naive(hm, facts, opts)
+    for kind in TRACE_KINDS:
+        assert_close(fast.position_scores[kind], slow.position_scores[kind])
+    assert_close(fast.evidence["p_corrupt"], slow.evidence["p_corrupt"])
 
 
 def test_tiny_noise_has_no_effect(facts):
@@ -79,16 +124,19 @@ def test_tiny_noise_has_no_effect(facts):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_restoring_final_residual(family, facts):
     """The last layer's output at the last token fixes the logits (IE = P_clean - P_corr);
-    at a subject token it cannot reach the final position (IE = 0)."""
+    at a subject token no state of the last layer can reach the final position (IE = 0, so the
+    last MLP is not selected: each restored row is compared with P_corr of its own forward)."""
     hm = model(family)
-    result = causal_trace(hm, facts, options(n_noise_samples=2))
-    last_layer = result.position_scores["resid"][-1]
-    labels = result.position_labels
+    result = causal_trace(hm, facts, options(n_noise_samples=2, batch_size=7))
+    labels, last = result.position_labels, hm.dims.n_layers - 1
     expected = result.evidence["mean_p_clean"] - result.evidence["mean_p_corrupt"]
     assert abs(expected) > 1e-6
-    assert last_layer[labels.index("last token")] == pytest.approx(expected, abs=1e-8)
-    for role in SUBJECT_ROLES:
-        assert abs(last_layer[labels.index(role)]) < 1e-9
+    resid = result.position_scores["resid"][last][labels.index("last token")]
+    assert resid == pytest.approx(expected, abs=1e-8)
+    for kind in TRACE_KINDS:
+        for role in SUBJECT_ROLES:
+            assert abs(result.position_scores[kind][last][labels.index(role)]) < 1e-9
+    assert f"blocks.{last}.mlp" not in result.selected
 
 
 def test_seed_reproducible(facts):
@@ -156,10 +204,12 @@ def test_registered_and_bad_input(tiny_llama):
 
 
 def test_batch_size_does_not_change_results(facts):
-    """Two rows per forward (one clean, one corrupted) up to many facts per forward."""
+    """Two rows per restoring forward (one corrupted, one restored) up to every cell of a
+    position in one forward."""
     hm = model("llama")
     small = causal_trace(hm, facts, options(batch_size=1))  # raised to the minimum of 2
     large = causal_trace(hm, facts, options(batch_size=64))
     for kind in TRACE_KINDS:
         assert_close(small.position_scores[kind], large.position_scores[kind])
-    assert small.evidence["n_rows"] == 2 * small.evidence["n_forwards"]
+    assert small.evidence["n_rows"] < 2 * small.evidence["n_forwards"]  # one noise draw
+    assert large.evidence["n_forwards"] < small.evidence["n_forwards"]

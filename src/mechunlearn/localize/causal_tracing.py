@@ -21,17 +21,32 @@ Semantics follow kmeng01/rome ``experiments/causal_trace.py``:
 Only positions from the first subject token on are traced: earlier positions see no noise
 (causal attention), so restoring them is a no-op with an indirect effect of exactly zero.
 
-Efficiency: one forward holds a clean row per fact plus many corrupted rows, each restored at a
-different (kind, layer, position) cell by copying the clean row's activation of the same forward;
-``causal_trace_naive`` runs one forward per cell from a cached clean run and is the reference.
+Efficiency (KV-cache reuse, plain HF forwards with a ``DynamicCache``): with causal attention a
+restoration at position ``t`` changes nothing before ``t``, so every restored run shares the
+corrupted run's keys and values of positions ``< t`` (and positions before the first subject
+token carry no noise). Per fact, the prompt up to the first subject token is run once into a
+cache (one row per noise draw), which is then extended one corrupted token at a time (the last
+step gives ``P_corr``); at each traced position ``t`` only the suffix
+``t..end`` is run, for every (kind, layer, noise draw) cell as a batch row over a copy of the
+``t``-token cache, with the noise added to the suffix's subject embeddings and the clean
+activation (from one cached clean forward) restored at the suffix's first token. Each row
+costs ``end - t`` tokens instead of the whole prompt. Every such forward also holds an
+unrestored row per noise draw, and each restored row's effect is taken against it, so a
+restoration that cannot reach the final position has an effect of exactly zero rather than
+float noise between differently shaped forwards. Sliding-window layers (Gemma 2/3) are handled
+by the cache itself. ``causal_trace_naive`` runs one full single-row forward per cell from a
+cached clean run and is the reference.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from mechunlearn.errors import DataError
 from mechunlearn.localize.common import final_logits, select_restricted
@@ -39,7 +54,7 @@ from mechunlearn.localize.prompts import FactPrompts, build_fact_prompts
 from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
 from mechunlearn.localize.result import Localization, make_localization
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.models.hooks import Handler, Patch, Perturb, position_mask
+from mechunlearn.models.hooks import Intervention, Patch, Perturb, position_mask
 from mechunlearn.models.sites import Site
 from mechunlearn.report.progress import progress_bar
 from mechunlearn.tasks.records import FactRecord
@@ -151,26 +166,9 @@ class _Trace:
 
     p_clean: torch.Tensor  # [n]
     p_corrupt: torch.Tensor  # [n, samples]
-    p_restored: list[torch.Tensor]  # per fact [samples, kinds, layers, T_i]
+    effects: list[torch.Tensor]  # per fact [samples, kinds, layers, T_i]: P_restored - P_corr
     n_forwards: int
     n_rows: int
-
-
-def _restore_handler(mask: torch.Tensor, source: torch.Tensor) -> Handler:
-    """Copy each row's source row (its fact's clean row) where ``mask`` is true."""
-
-    def restore(activation: torch.Tensor) -> torch.Tensor:
-        device = activation.device  # sharded models: later layers may live elsewhere
-        return torch.where(mask.to(device).unsqueeze(-1), activation[source.to(device)], activation)
-
-    return restore
-
-
-def _add_handler(delta: torch.Tensor) -> Handler:
-    def add(activation: torch.Tensor) -> torch.Tensor:
-        return activation + delta.to(device=activation.device, dtype=activation.dtype)
-
-    return add
 
 
 def _restored_layers(site_kind: str, layer: int, window: int, n_layers: int) -> Sequence[int]:
@@ -178,77 +176,124 @@ def _restored_layers(site_kind: str, layer: int, window: int, n_layers: int) -> 
     return [layer] if site_kind == "resid_post" else window_layers(layer, window, n_layers)
 
 
-def _trace_batched(
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The forward's name for the KV cache (transformers 5.x renamed ``past_key_values``)."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _last_logits(
+    hm: HookedModel,
+    input_ids: torch.Tensor,
+    start: int,
+    cache: DynamicCache,
+    interventions: Sequence[Intervention] = (),
+) -> torch.Tensor:
+    """Final-position logits ``[rows, vocab]`` of unpadded ``input_ids`` that continue the
+    ``start`` tokens held in ``cache`` (which the forward extends)."""
+    end = start + input_ids.shape[1]
+    kwargs = {
+        "input_ids": input_ids,
+        "position_ids": torch.arange(start, end, device=input_ids.device).expand_as(input_ids),
+        _cache_argument(hm.model): cache,
+        "use_cache": True,
+    }
+    if "logits_to_keep" in inspect.signature(hm.model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    with hm.hooks(interventions):
+        return hm.model(**kwargs).logits[:, -1]
+
+
+def _rows_of(cache: DynamicCache, rows: torch.Tensor) -> DynamicCache:
+    """A copy of ``cache`` holding its batch rows ``rows`` (repeats allowed)."""
+    copied = copy.deepcopy(cache)
+    copied.batch_select_indices(rows)
+    return copied
+
+
+def _restore_masks(
+    cells: Sequence[tuple[str, int]], skip: int, width: int, window: int, n_layers: int
+) -> dict[str, torch.Tensor]:
+    """Site name -> ``[skip + len(cells), width]`` mask restoring each (site kind, layer) cell
+    at the first position of its row (rows after the ``skip`` unrestored ones)."""
+    masks: dict[str, torch.Tensor] = {}
+    for row, (kind, layer) in enumerate(cells, start=skip):
+        for lay in _restored_layers(kind, layer, window, n_layers):
+            mask = masks.setdefault(
+                Site(kind, lay).name, torch.zeros(skip + len(cells), width, dtype=torch.bool)
+            )
+            mask[row, 0] = True
+    return masks
+
+
+def _trace_cached(
     hm: HookedModel, prompts: FactPrompts, noise: list[list[torch.Tensor]], options: LocalizeOptions
 ) -> _Trace:
     n, n_layers, n_samples = len(prompts.records), hm.dims.n_layers, options.n_noise_samples
     kinds = list(TRACE_KINDS.values())
-    starts = [positions[0] for positions in prompts.subject_positions]
-    n_traced = [prompts.width - start for start in starts]
-    answers = prompts.answer_ids
-    p_clean = torch.full((n,), float("nan"))
-    p_corrupt = torch.zeros(n, n_samples)
-    p_restored = [torch.zeros(n_samples, len(kinds), n_layers, t) for t in n_traced]
     jobs = [
-        (fact, sample, kind, layer, offset)
-        for fact in range(n)
+        (sample, kind, layer)
         for sample in range(n_samples)
-        for kind, layer, offset in [(-1, 0, 0)]
-        + [
-            (k, lay, t)
-            for k in range(len(kinds))
-            for lay in range(n_layers)
-            for t in range(n_traced[fact])
-        ]
+        for kind in range(len(kinds))
+        for layer in range(n_layers)
     ]
+    # Each forward also holds an unrestored row per noise draw it serves: its P_corr.
     chunks = chunk_rows(jobs, max(2, options.batch_size), extra_per_fact=1)
-    device, n_rows = hm.device, 0
-    with torch.no_grad(), progress_bar(len(chunks), "causal tracing", options.progress) as advance:
-        for chunk in chunks:
-            facts = list(dict.fromkeys(job[0] for job in chunk))
-            row_fact = facts + [job[0] for job in chunk]
-            keep = max(prompts.batch.lengths[f] for f in facts)
-            off = prompts.width - keep
-            batch = prompts.batch
-            inputs = {
-                "input_ids": batch.input_ids[row_fact, off:],
-                "attention_mask": batch.attention_mask[row_fact, off:],
-                "position_ids": batch.position_ids[row_fact, off:],
-            }
-            d_model = noise[0][0].shape[-1]
-            delta = torch.zeros(len(row_fact), keep, d_model)
-            source = list(range(len(row_fact)))
-            masks: dict[str, torch.Tensor] = {}
-            for row, (fact, sample, kind, layer, offset) in enumerate(chunk, start=len(facts)):
-                delta[row, [p - off for p in prompts.subject_positions[fact]]] = noise[fact][sample]
-                source[row] = facts.index(fact)
-                if kind < 0:
-                    continue
-                restored = _restored_layers(kinds[kind], layer, options.window, n_layers)
-                for lay in restored:
-                    name = Site(kinds[kind], lay).name
-                    mask = masks.setdefault(
-                        name, torch.zeros(len(row_fact), keep, dtype=torch.bool)
-                    )
-                    mask[row, starts[fact] + offset - off] = True
-            src = torch.tensor(source, device=device)
-            handlers: list[tuple[str, Handler]] = [("embed", _add_handler(delta.to(device)))]
-            handlers += [(name, _restore_handler(m.to(device), src)) for name, m in masks.items()]
-            with hm.hooks(handlers=handlers):
-                logits = final_logits(hm, {k: v.to(device) for k, v in inputs.items()})
-            probs = logits.float().softmax(-1)
-            probs = probs.gather(1, answers[row_fact].to(device)[:, None]).squeeze(1).cpu()
-            for row, fact in enumerate(facts):
-                if torch.isnan(p_clean[fact]):
-                    p_clean[fact] = probs[row]
-            for row, (fact, sample, kind, layer, offset) in enumerate(chunk, start=len(facts)):
-                if kind < 0:
-                    p_corrupt[fact, sample] = probs[row]
-                else:
-                    p_restored[fact][sample, kind, layer, offset] = probs[row]
-            n_rows += len(row_fact)
+    p_clean, p_corrupt, effects = torch.zeros(n), torch.zeros(n, n_samples), []
+    device, n_forwards, n_rows = hm.device, 0, 0
+
+    def probability(logits: torch.Tensor, answer: int) -> torch.Tensor:
+        return logits.float().softmax(-1)[:, answer].cpu()
+
+    with torch.no_grad(), progress_bar(n, "causal tracing", options.progress) as advance:
+        for fact in range(n):
+            length = prompts.batch.lengths[fact]
+            off = prompts.width - length
+            ids = prompts.batch.input_ids[fact : fact + 1, off:].to(device)  # unpadded
+            subject = [p - off for p in prompts.subject_positions[fact]]
+            answer, first = int(prompts.answer_ids[fact]), subject[0]
+            with hm.hooks(cache=list(kinds)) as clean:
+                logits = _last_logits(hm, ids, 0, DynamicCache(config=hm.model.config))
+            p_clean[fact] = probability(logits, answer)[0]
+            delta = torch.zeros(n_samples, length, noise[fact][0].shape[-1])
+            delta[:, subject] = torch.stack(noise[fact])
+            delta = delta.to(device)
+            # The corrupted run's cache (a row per noise draw) up to the first subject token,
+            # where the noise starts; extended by one corrupted token per traced position.
+            prefix = DynamicCache(config=hm.model.config)
+            if first > 0:
+                _last_logits(hm, ids[:, :first].expand(n_samples, -1), 0, prefix)
+            n_forwards, n_rows = n_forwards + 1 + (first > 0), n_rows + 1 + n_samples * (first > 0)
+            effect = torch.zeros(n_samples, len(kinds), n_layers, length - first)
+            for t in range(first, length):
+                width = length - t
+                for chunk in chunks:
+                    draws = list(dict.fromkeys(sample for sample, _, _ in chunk))
+                    # Row -> noise draw (on the CPU: it indexes caches on any shard).
+                    rows = torch.tensor(draws + [sample for sample, _, _ in chunk])
+                    cells = [(kinds[kind], layer) for _, kind, layer in chunk]
+                    masks = _restore_masks(cells, len(draws), width, options.window, n_layers)
+                    interventions: list[Intervention] = [Perturb("embed", delta[rows, t:])]
+                    interventions += [
+                        Patch(name, clean[name][:, t : t + 1], mask.to(device))
+                        for name, mask in masks.items()
+                    ]
+                    cache = _rows_of(prefix, rows)
+                    suffix = ids[:, t:].expand(len(rows), -1)
+                    probs = probability(_last_logits(hm, suffix, t, cache, interventions), answer)
+                    for row, (sample, kind, layer) in enumerate(chunk, start=len(draws)):
+                        corrupt = probs[draws.index(sample)]
+                        effect[sample, kind, layer, t - first] = probs[row] - corrupt
+                    if t == length - 1:
+                        p_corrupt[fact, draws] = probs[: len(draws)]
+                    n_forwards, n_rows = n_forwards + 1, n_rows + len(rows)
+                if t < length - 1:
+                    step = [Perturb("embed", delta[:, t : t + 1])]
+                    _last_logits(hm, ids[:, t : t + 1].expand(n_samples, -1), t, prefix, step)
+                    n_forwards, n_rows = n_forwards + 1, n_rows + n_samples
+            effects.append(effect)
             advance(1)
-    return _Trace(p_clean, p_corrupt, p_restored, len(chunks), n_rows)
+    return _Trace(p_clean, p_corrupt, effects, n_forwards, n_rows)
 
 
 def _answer_probability(
@@ -265,7 +310,7 @@ def _trace_naive(
 ) -> _Trace:
     n, n_layers, n_samples = len(prompts.records), hm.dims.n_layers, options.n_noise_samples
     kinds = list(TRACE_KINDS.values())
-    p_clean, p_corrupt, p_restored = torch.zeros(n), torch.zeros(n, n_samples), []
+    p_clean, p_corrupt, effects = torch.zeros(n), torch.zeros(n, n_samples), []
     n_forwards, device = 0, hm.device
     with torch.no_grad(), progress_bar(n, "causal tracing (naive)", options.progress) as advance:
         for fact in range(n):
@@ -296,10 +341,10 @@ def _trace_naive(
                             restored[sample, k, layer, offset] = _answer_probability(
                                 hm, inputs, answer, [corrupt, *patches]
                             )
-            p_restored.append(restored)
+            effects.append(restored - p_corrupt[fact][:, None, None, None])
             n_forwards += n_samples * (1 + restored[0].numel())
             advance(1)
-    return _Trace(p_clean, p_corrupt, p_restored, n_forwards, n_forwards)
+    return _Trace(p_clean, p_corrupt, effects, n_forwards, n_forwards)
 
 
 def _causal_trace(
@@ -318,8 +363,7 @@ def _causal_trace(
     trace = tracer(hm, prompts, noise, options)
 
     effects = [
-        (restored - trace.p_corrupt[fact][:, None, None, None]).permute(1, 2, 0, 3)
-        for fact, restored in enumerate(trace.p_restored)
+        e.permute(1, 2, 0, 3) for e in trace.effects
     ]  # per fact [kinds, layers, samples, T_i]
     n_subject = [len(p) for p in prompts.subject_positions]
     labels, pooled = pool_by_role(effects, n_subject, keep_dims=2)  # [kinds, layers, roles]
@@ -366,13 +410,15 @@ def _causal_trace(
 def causal_trace(
     hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
 ) -> Localization:
-    """ROME causal tracing, batched: many restored cells and a clean row per fact per forward.
+    """ROME causal tracing, batched over cells and reusing the corrupted run's KV cache (see the
+    module docstring); ``options.batch_size`` bounds the rows of one restoring forward (the
+    restored cells plus an unrestored row per noise draw among them).
 
     ``position_scores``: ``resid`` / ``mlp`` / ``attn`` -> ``[layer][role]`` average indirect
     effects; ``scores``: ``blocks.L.mlp`` = max over subject roles of the MLP effect (ROME's
     site of factual recall), ``blocks.L.attn`` = max over all roles of the attention effect.
     """
-    return _causal_trace(hm, records, options, _trace_batched, "batched")
+    return _causal_trace(hm, records, options, _trace_cached, "cached")
 
 
 def causal_trace_naive(
