@@ -232,3 +232,23 @@ def test_localize_cli_bad_input(saved_llama, tmp_path, args, message):
 
 def test_records_fixture_types():
     assert isinstance(load_sports()[0], FactRecord)
+
+
+def test_default_budget_is_fact_lookups(saved_llama, tmp_path):
+    """Without a budget, a method gets fact_lookup's parameter count on the same facts."""
+    out = tmp_path / "run"
+    args = ["localize", "--model", str(saved_llama), "--method", "random", "--all-facts"]
+    result = CliRunner().invoke(
+        app, [*args, "--n-facts", "32", "--seed", "0", "--out", str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    loc = Localization.load(out / "localization.json")
+    assert loc.evidence["budget_source"].startswith("fact_lookup on the same facts")
+    assert loc.budget == 3 * 64 * 128  # fact_lookup selects one tiny MLP here
+    assert 0 < loc.n_params <= loc.budget
+    # opting out leaves random without a size, which is an error naming the problem
+    result = CliRunner().invoke(
+        app,
+        [*args, "--no-default-budget", "--n-facts", "8", "--out", str(tmp_path / "x"), "--quiet"],
+    )
+    assert result.exit_code == 2 and "needs a parameter budget" in result.output

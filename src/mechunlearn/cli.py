@@ -189,6 +189,9 @@ def localize(
     top_k: Annotated[int | None, typer.Option(help="select at most this many components")] = None,
     restrict_to: Annotated[str | None, typer.Option(help="all | mlp | attn")] = None,
     seed: SeedOpt = None,
+    no_default_budget: Annotated[
+        bool, typer.Option("--no-default-budget", help="without a budget, do not use fact_lookup's")
+    ] = False,
     all_facts: Annotated[
         bool, typer.Option("--all-facts", help="do not filter to facts the model knows")
     ] = False,
@@ -207,6 +210,7 @@ def localize(
         "budget_from": budget_from,
         "device": device,
         "known_only": False if all_facts else None,
+        "default_budget": "none" if no_default_budget else None,
     }
     options = {"budget": budget, "top_k": top_k, "restrict_to": restrict_to, "seed": seed}
     cfg = _build_config(LocalizeConfig, config, values, {"options": options})

@@ -10,7 +10,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,6 +34,10 @@ NEEDS_PAIRS = {
 }
 
 
+# methods whose size is part of their definition (no budget applies)
+SCOPED = {"fact_lookup", "all_mlps", "nonlocalized"}
+
+
 class LocalizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -48,6 +52,11 @@ class LocalizeConfig(BaseModel):
     known_threshold: float = Field(default=0.5, ge=0, le=1)
     budget_from: str | None = Field(
         default=None, description="take the parameter budget from this localization.json"
+    )
+    default_budget: Literal["fact_lookup", "none"] = Field(
+        default="fact_lookup",
+        description="without budget, budget_from or top_k: give the method fact_lookup's parameter "
+        "count on the same facts (Mechanistic Unlearning's equal-budget comparison), or no budget",
     )
     device: str | None = None
     dtype: str = "float32"
@@ -85,13 +94,30 @@ def run_localize(
         log(f"{len(pool)} known facts in a pool of {min(len(records), 4 * config.n_facts)}")
     else:
         pool = records
-    if config.method in NEEDS_PAIRS:
+    budget_source = f"budget_from {config.budget_from}" if config.budget_from else "options"
+    flu_budget = (
+        config.default_budget == "fact_lookup"
+        and config.method not in SCOPED
+        and options.budget is None
+        and options.top_k is None
+    )
+    if config.method in NEEDS_PAIRS or flu_budget:
         facts = choose_pairable_facts(hm, pool, config.n_facts, options.seed)
     else:
         facts = choose_facts(pool, config.n_facts, options.seed)
     if len(facts) < 2:
         raise DataError(f"only {len(facts)} usable facts; localization needs at least 2")
+    if flu_budget:
+        log("no budget given: using fact_lookup's parameter count on the same facts")
+        reference_flu = LOCALIZERS.get("fact_lookup")(hm, facts, options)
+        if reference_flu.n_params == 0:
+            raise DataError(
+                "fact_lookup selected nothing on these facts, so it gives no budget; pass --budget"
+            )
+        options = options.model_copy(update={"budget": reference_flu.n_params})
+        budget_source = f"fact_lookup on the same facts ({', '.join(reference_flu.selected)})"
     localization = LOCALIZERS.get(config.method)(hm, facts, options)
+    localization.evidence.setdefault("budget_source", budget_source)
     localization = localization.model_copy(
         update={
             "model": config.model,
