@@ -198,10 +198,8 @@ def _last_logits(
         _cache_argument(hm.model): cache,
         "use_cache": True,
     }
-    if "logits_to_keep" in inspect.signature(hm.model.forward).parameters:
-        kwargs["logits_to_keep"] = 1
     with hm.hooks(interventions):
-        return hm.model(**kwargs).logits[:, -1]
+        return final_logits(hm, kwargs)
 
 
 def _rows_of(cache: DynamicCache, rows: torch.Tensor) -> DynamicCache:

@@ -20,15 +20,19 @@ from mechunlearn.models.handle import HookedModel
 from mechunlearn.tasks.records import FactRecord
 
 
-def final_logits(hm: HookedModel, inputs: FactPrompts | Mapping[str, torch.Tensor]) -> torch.Tensor:
+def final_logits(hm: HookedModel, inputs: FactPrompts | Mapping[str, object]) -> torch.Tensor:
     """Logits at the last position ``[batch, vocab]``, unembedding only that position when the
-    model supports it (a 256k vocabulary over every position would dominate the cost)."""
+    model supports it (a 256k vocabulary over every position would dominate the cost).
+
+    ``inputs`` are prompts or forward keyword arguments (which may carry a KV cache and
+    ``use_cache=True``; by default no cache is built).
+    """
     if isinstance(inputs, FactPrompts):
         inputs = inputs.batch.to(hm.device).model_inputs()
-    kwargs = dict(inputs)
+    kwargs = {"use_cache": False, **inputs}
     if "logits_to_keep" in inspect.signature(hm.model.forward).parameters:
         kwargs["logits_to_keep"] = 1
-    return hm.model(**kwargs, use_cache=False).logits[:, -1]
+    return hm.model(**kwargs).logits[:, -1]
 
 
 def component_kind(component: str) -> str:

@@ -16,6 +16,7 @@ reads it), so writing to it is done on the attention output: the new contributio
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -63,13 +64,14 @@ def position_mask(
 
 
 @dataclass
-class Intervention:
+class Intervention(ABC):
     """Base class: something that rewrites the activation at ``site`` during a forward."""
 
     site: str | Site
 
-    def apply(self, activation: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def apply(self, activation: torch.Tensor) -> torch.Tensor:
+        """The activation to use from here on (a function of the one computed)."""
 
     @property
     def parsed(self) -> Site:
@@ -289,7 +291,7 @@ def _post_hook(handlers: list[Handler]):
     return hook
 
 
-def _cache_handler(cache: ActivationCache, name: str, detach: bool, is_head: bool) -> Handler:
+def _cache_handler(cache: ActivationCache, name: str, detach: bool) -> Handler:
     def record(activation: torch.Tensor) -> None:
         cache[name] = activation.detach() if detach else activation
 
@@ -328,7 +330,7 @@ def hooked(
             if site.kind == "resid_mid" and adapter.parallel_residual:
                 if cache is True:
                     continue
-            session.add(site, _cache_handler(result, site.name, detach, site.kind == "head"))
+            session.add(site, _cache_handler(result, site.name, detach))
     session.install()
     try:
         yield result
