@@ -76,3 +76,13 @@ def test_thread_policy(monkeypatch):
     monkeypatch.delenv("MECHUNLEARN_THREADS")
     monkeypatch.setattr("mechunlearn.runtime.machine_is_idle", lambda threshold=0.5: False)
     assert choose_thread_count() == 1
+
+
+def test_unknown_hub_name_offline_fails_fast(monkeypatch, tmp_path):
+    from mechunlearn.models.loading import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert not hub_reachable()
+    with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache"):
+        load_model("some-org/no-such-model")

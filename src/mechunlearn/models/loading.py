@@ -7,9 +7,12 @@ read only from safetensors or GGUF: ``use_safetensors=True`` refuses pickled che
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -113,16 +116,53 @@ def load_model(
     return HookedModel(model=model, tokenizer=tokenizer, name=name)
 
 
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub can be asked at all (fast: a DNS lookup, no request).
+
+    Without this check an unknown name on an offline machine costs a minute of retries.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _in_hub_cache(spec: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except ValueError:  # not a valid repository id
+        return False
+
+
 def _from_hub(spec: str, load: dict[str, Any]):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     embedded = ", ".join(EMBEDDED)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(spec, use_safetensors=True, **load)
-        tokenizer = AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError) as exc:
+    online = hub_reachable()
+    # offline, only the local Hugging Face cache can still hold the model
+    where = {} if online else {"local_files_only": True}
+    if not online and not _in_hub_cache(spec):
         raise ModelNotFoundError(
-            f"unknown model {spec!r}: not an embedded model ({embedded}), not a local path, and it could "
-            f"not be loaded from the Hugging Face hub (offline or no such repository): {str(exc).splitlines()[0]}"
+            f"unknown model {spec!r}: not an embedded model ({embedded}), not a local path, and not in "
+            "the local Hugging Face cache (the hub is unreachable from this machine)"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, use_safetensors=True, **where, **load)
+        tokenizer = AutoTokenizer.from_pretrained(spec, **where)
+    except (OSError, ValueError) as exc:
+        reason = (
+            "no such repository"
+            if online
+            else "the hub is unreachable and it is not in the local cache"
+        )
+        raise ModelNotFoundError(
+            f"unknown model {spec!r}: not an embedded model ({embedded}), not a local path, and it "
+            f"could not be loaded from the Hugging Face hub ({reason}): {str(exc).splitlines()[0]}"
         ) from None
     return model, tokenizer
