@@ -1,4 +1,4 @@
-"""Command-line interface: ``mechunlearn models``, ``mechunlearn eval``.
+"""Command-line interface: ``models``, ``eval``, ``localize``, ``run`` (experiments), ``report``.
 
 Errors the user can fix print one red line and exit with status 2; no traceback, no partial
 results.
@@ -227,6 +227,86 @@ def localize(
         f"selected {len(loc.selected)} components, {loc.n_params:,} parameters: {', '.join(loc.selected)}"
     )
     console.print(f"results: {out}/localization.json, figures in {out}/figures")
+
+
+@app.command("run")
+@_user_errors
+def run_command(
+    config: Annotated[
+        str,
+        typer.Argument(
+            help="experiment YAML, or a shipped config name (sports-athlete-edit-16, ...)"
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="run folder (built in OUT.partial, moved when complete)")
+    ] = Path("runs/experiment"),
+    seeds: Annotated[
+        int | None, typer.Option(help="use only the first N seeds of the config (quick: 1)")
+    ] = None,
+    full: Annotated[bool, typer.Option("--full", help="every seed in the config")] = False,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    device: DeviceOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue OUT.partial from an interrupted run")
+    ] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="recompute localizations even if cached")
+    ] = False,
+    save_models: Annotated[
+        bool,
+        typer.Option(
+            "--save-models", help="save each edited model (first seed) with save_pretrained"
+        ),
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run an editing/unlearning experiment: localize, edit, attack, report."""
+    from mechunlearn.experiments.config import load_yaml_config, validate_config
+    from mechunlearn.experiments.edit_config import ExperimentConfig, resolve_config
+    from mechunlearn.experiments.edit_job import run_experiment
+
+    config = resolve_config(config)
+    cfg = load_yaml_config(ExperimentConfig, config)
+    if seeds is not None and full:
+        raise typer.BadParameter("give --seeds N or --full, not both")
+    updates: dict[str, Any] = {
+        k: v for k, v in {"model": model, "data": data, "device": device}.items() if v is not None
+    }
+    if save_models:
+        updates["save_models"] = True
+    if seeds is not None:
+        if seeds < 1:
+            raise typer.BadParameter("--seeds must be at least 1")
+        updates["seeds"] = cfg.seeds[:seeds]
+    cfg = validate_config(ExperimentConfig, cfg.model_dump() | updates, str(config))
+    folder = run_experiment(
+        cfg,
+        out,
+        resume=resume,
+        use_cache=not no_cache,
+        progress=_show_progress(quiet),
+        log=_log(quiet),
+    )
+    console.print((folder / "results.md").read_text(), markup=False, highlight=False)
+    console.print(f"results: {folder}/results.md, summary.json, figures/")
+
+
+@app.command("report")
+@_user_errors
+def report_command(
+    run: Annotated[Path, typer.Argument(help="a finished (or partial) experiment folder")],
+) -> None:
+    """Re-render results.md, summary.json and figures/ from an experiment's saved results."""
+    from mechunlearn.report.experiment import write_report
+
+    if not run.is_dir():
+        from mechunlearn.errors import DataError
+
+        raise DataError(f"run folder {run} does not exist")
+    write_report(run)
+    console.print((run / "results.md").read_text(), markup=False, highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console entry point

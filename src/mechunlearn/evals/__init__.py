@@ -1,5 +1,7 @@
-"""Evaluation harness: batched option scoring, registered metrics, side effects."""
+"""Evaluation harness: batched option scoring, registered metrics, side effects, ROME's
+CounterFact metrics and latent-knowledge probes."""
 
+from mechunlearn.evals.counterfact_metrics import rome_metrics
 from mechunlearn.evals.harness import (
     EvalResult,
     FormatResult,
@@ -7,6 +9,7 @@ from mechunlearn.evals.harness import (
     evaluate_split,
     known_facts,
 )
+from mechunlearn.evals.latent_probes import LatentProbeResult, latent_probe_accuracy
 from mechunlearn.evals.lm_loss import lm_loss
 from mechunlearn.evals.metrics import METRICS, mean_and_sem, per_record
 from mechunlearn.evals.scoring import ItemScore, score_items
@@ -16,11 +19,14 @@ __all__ = [
     "EvalResult",
     "FormatResult",
     "ItemScore",
+    "LatentProbeResult",
     "evaluate",
     "evaluate_split",
     "known_facts",
+    "latent_probe_accuracy",
     "lm_loss",
     "mean_and_sem",
     "per_record",
+    "rome_metrics",
     "score_items",
 ]

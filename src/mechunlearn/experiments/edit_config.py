@@ -1,0 +1,246 @@
+"""The config of an editing/unlearning experiment (``mechunlearn run CONFIG``), validated by pydantic.
+
+One experiment = one fact set, one kind of edit, several localizations compared at equal
+parameter budget, several seeds, hyper-parameters chosen per localization on a validation
+split, and the robustness battery. Unknown keys anywhere are errors.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mechunlearn.attacks.relearn import RelearnConfig
+from mechunlearn.attacks.soft_prompt import SoftPromptConfig
+from mechunlearn.edit.objectives import OBJECTIVES
+from mechunlearn.edit.trainer import TrainConfig
+from mechunlearn.experiments.config import TaskName, registered_name
+from mechunlearn.localize import LOCALIZERS, LocalizeOptions
+from mechunlearn.tasks.formats import FORMATS
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LocalizationSpec(Strict):
+    """One row of the comparison: a localization method and how its weights are trained."""
+
+    name: str = Field(description="label in tables and file names")
+    method: Annotated[str, registered_name(LOCALIZERS)]
+    restrict_to: Literal["all", "mlp", "attn"] = "all"
+    from_file: str | None = Field(
+        default=None, description="reuse this localization.json instead of computing it"
+    )
+    trainer: Literal["localized", "lora"] = "localized"
+
+    @field_validator("name")
+    @classmethod
+    def _file_safe(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c in "-_" for c in value):
+            raise ValueError(f"name {value!r} must be letters, digits, '-' or '_'")
+        return value
+
+
+def default_localizations() -> list[LocalizationSpec]:
+    """Mechanistic Unlearning's comparison (Guo et al. 2024, Table 1 rows)."""
+    return [
+        LocalizationSpec(name="fact_lookup", method="fact_lookup"),
+        LocalizationSpec(name="causal_tracing", method="causal_tracing"),
+        LocalizationSpec(name="attribution_patching", method="attribution_patching"),
+        LocalizationSpec(name="causal_tracing_mlps", method="causal_tracing", restrict_to="mlp"),
+        LocalizationSpec(name="random", method="random"),
+        LocalizationSpec(name="all_mlps", method="all_mlps"),
+        LocalizationSpec(name="nonlocalized", method="nonlocalized"),
+    ]
+
+
+class FactSelection(Strict):
+    """Which known facts are edited, retained, held out for validation and localized on.
+
+    Validation facts are carved out first (the same for every seed); each seed then draws its
+    own forget and retain sets from the rest, so seeds vary the facts as well as the training.
+    """
+
+    n_forget: int | None = Field(default=16, ge=1, description="random known facts to edit")
+    forget_group: str | None = Field(
+        default=None, description="edit every known fact with this answer (e.g. a sport)"
+    )
+    max_forget: int | None = Field(default=None, ge=1, description="cap on a group's size")
+    n_validation: int = Field(default=16, ge=1, description="forget facts for the sweep")
+    n_validation_retain: int = Field(default=32, ge=1)
+    n_retain_train: int = Field(default=64, ge=1, description="facts in the maintain term")
+    n_retain_eval: int = Field(default=64, ge=1, description="held-out facts for side effects")
+    n_localize: int = Field(default=32, ge=2, description="known facts to localize on")
+    known_threshold: float = Field(default=0.5, ge=0, le=1)
+    known_only: bool = True
+
+    @model_validator(mode="after")
+    def _one_forget_rule(self) -> FactSelection:
+        if self.forget_group is not None:
+            self.n_forget = None
+        if self.n_forget is None and self.forget_group is None:
+            raise ValueError("give n_forget (random facts) or forget_group (e.g. a sport)")
+        return self
+
+
+class EditTarget(Strict):
+    """The new answer of each edited fact (ignored when unlearning)."""
+
+    kind: Literal["other_option", "fixed", "dataset"] = Field(
+        default="other_option",
+        description="other_option: a different option drawn per fact; fixed: `value` for every "
+        "fact (added to every fact's options); dataset: the record's new_answer (CounterFact)",
+    )
+    value: str | None = None
+
+    @model_validator(mode="after")
+    def _value_when_fixed(self) -> EditTarget:
+        if self.kind == "fixed" and not (self.value and self.value.strip()):
+            raise ValueError("target.kind 'fixed' needs a non-empty target.value")
+        return self
+
+
+class SweepConfig(Strict):
+    """Per-localization grid over learning rate and forget coefficient, on the validation split."""
+
+    lr: list[float] = Field(default_factory=lambda: [1e-4, 3e-4])
+    forget_coef: list[float] = Field(default_factory=lambda: [1.0])
+    steps: int | None = Field(default=None, ge=1, description="default: train.steps")
+    seed: int = 0
+
+    @field_validator("lr", "forget_coef")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if not value or any(v <= 0 for v in value):
+            raise ValueError("needs at least one value, all > 0")
+        return value
+
+
+class Hyperparameters(Strict):
+    lr: float = Field(gt=0)
+    forget_coef: float = Field(gt=0)
+
+
+class BatteryConfig(Strict):
+    """The robustness battery run after every edit."""
+
+    formats: list[str] = Field(
+        default_factory=lambda: ["completion", "question", "mcq", "paraphrase"]
+    )
+    format_options: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"mcq": {"option_order": "shuffle"}}
+    )
+    batch_size: int = Field(default=16, ge=1)
+    relearn: RelearnConfig | None = Field(default_factory=RelearnConfig)
+    soft_prompt: SoftPromptConfig | None = Field(default_factory=SoftPromptConfig)
+    probes: bool = True
+    probe_position: Literal["last_subject", "final"] = "last_subject"
+    lm_texts: int = Field(default=64, ge=1, description="general sentences for the LM loss")
+    counterfact_side_effects: str | None = Field(
+        default=None,
+        description="CounterFact JSON: P(true) > P(new) on its facts before/after (unrelated knowledge)",
+    )
+    n_counterfact_side_effects: int = Field(default=64, ge=1)
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, value: list[str]) -> list[str]:
+        if "completion" not in value:
+            raise ValueError("the battery needs the completion format (the training format)")
+        for name in value:
+            FORMATS.get(name)
+        return value
+
+
+class ExperimentConfig(Strict):
+    """``mechunlearn run``: see the module docstring."""
+
+    name: str = "experiment"
+    description: str = ""
+    model: str = "gemma3-270m"
+    task: TaskName = "sports"
+    data: str | None = None
+    mode: Literal["edit", "unlearn"] = "edit"
+    target: EditTarget = Field(default_factory=EditTarget)
+    facts: FactSelection = Field(default_factory=FactSelection)
+    localizations: list[LocalizationSpec] = Field(default_factory=default_localizations)
+    localize_options: LocalizeOptions = Field(default_factory=LocalizeOptions)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    train_prompt: Literal["template", "completion"] = Field(
+        default="template",
+        description="prompts trained on: the bare template or the one-shot prompt",
+    )
+    sweep: SweepConfig | None = Field(default_factory=SweepConfig)
+    hyperparameters: dict[str, Hyperparameters] = Field(
+        default_factory=dict,
+        description="fixed lr/forget_coef per localization name (used when sweep is null)",
+    )
+    evaluation: BatteryConfig = Field(default_factory=BatteryConfig)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    save_models: bool = Field(default=False, description="save each edited model (first seed)")
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int]) -> list[int]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("seeds must be a non-empty list without repeats")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        names = [spec.name for spec in self.localizations]
+        if not names:
+            raise ValueError("at least one localization is needed")
+        if len(set(names)) != len(names):
+            raise ValueError(f"localization names repeat: {names}")
+        OBJECTIVES.get(self.train.objective)
+        if self.mode == "edit" and self.train.objective != "edit":
+            raise ValueError(
+                f"mode 'edit' trains with objective 'edit', not {self.train.objective!r}"
+            )
+        if self.mode == "unlearn" and self.train.objective == "edit":
+            raise ValueError(
+                "mode 'unlearn' needs an unlearning objective (unlearn, gradient_ascent, npo, ...)"
+            )
+        if self.sweep is None:
+            missing = [n for n in names if n not in self.hyperparameters]
+            if missing:
+                raise ValueError(
+                    f"without a sweep, give hyperparameters for every localization; missing: {missing}"
+                )
+        unknown = set(self.hyperparameters) - set(names)
+        if unknown:
+            raise ValueError(f"hyperparameters for unknown localizations: {sorted(unknown)}")
+        if self.mode == "edit" and self.target.kind == "dataset" and self.task != "counterfact":
+            raise ValueError("target.kind 'dataset' needs a task with new answers (counterfact)")
+        return self
+
+
+def shipped_configs() -> dict[str, str]:
+    """Experiment configs shipped in the package: name -> path."""
+    from importlib import resources
+
+    folder = resources.files("mechunlearn.experiments").joinpath("configs")
+    return {
+        p.name.removesuffix(".yaml"): str(p) for p in folder.iterdir() if p.name.endswith(".yaml")
+    }
+
+
+def resolve_config(name_or_path: str) -> str:
+    """A YAML path, or the name of a shipped config (e.g. ``sports-athlete-edit-16``)."""
+    from pathlib import Path
+
+    from mechunlearn.errors import ConfigError
+
+    if Path(name_or_path).is_file():
+        return name_or_path
+    shipped = shipped_configs()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    raise ConfigError(
+        f"config {name_or_path!r} is neither a file nor a shipped config; shipped: {', '.join(sorted(shipped))}"
+    )

@@ -1,0 +1,312 @@
+"""The report of an editing experiment, rendered from its saved per-(localization, seed) results.
+
+``write_report(run_folder)`` reads ``results/<localization>/seed<k>.json`` and writes:
+
+- ``summary.json``: every metric per localization as mean, std (over seeds, n - 1) and n;
+- ``results.md``: the headline table (method x metric, mean ± std) and the full table;
+- ``figures/``: bar charts of the headline metrics, relearning curves, probe accuracy by layer.
+
+The ``report`` command calls it again on a finished run, so tables and plots can be
+regenerated (or restyled) without retraining anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mechunlearn.errors import DataError  # noqa: E402
+from mechunlearn.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+BASE = "base"
+
+# (metric key, column title, lower is better?) in table order; missing keys are left out.
+EDIT_COLUMNS = [
+    ("forget.completion.edit_success", "edit success: completion", False),
+    ("forget.question.edit_success", "edit success: question", False),
+    ("forget.paraphrase.edit_success", "edit success: paraphrase", False),
+    ("forget.mcq.edit_success", "edit success: MCQ", False),
+    ("forget.completion.p_original", "P(original): completion", True),
+    ("forget.mcq.p_original", "P(original): MCQ", True),
+]
+UNLEARN_COLUMNS = [
+    ("forget.completion.original_accuracy", "forget acc: completion", True),
+    ("forget.question.original_accuracy", "forget acc: question", True),
+    ("forget.paraphrase.original_accuracy", "forget acc: paraphrase", True),
+    ("forget.mcq.original_accuracy", "forget acc: MCQ", True),
+    ("forget.completion.p_original", "P(original): completion", True),
+    ("forget.mcq.p_original", "P(original): MCQ", True),
+]
+ROBUSTNESS_COLUMNS = [
+    ("relearn.completion.accuracy", "after relearning: completion acc (held-out)", True),
+    ("relearn.mcq.accuracy", "after relearning: MCQ acc (held-out)", True),
+    ("soft_prompt.accuracy_after", "after soft prompt: acc (held-out)", True),
+    ("probe.forget_accuracy", "latent probe acc on forget", True),
+    ("retain.completion.accuracy", "retain acc: completion", False),
+    ("retain.question.accuracy", "retain acc: question", False),
+    ("retain.paraphrase.accuracy", "retain acc: paraphrase", False),
+    ("retain.mcq.accuracy", "retain acc: MCQ", False),
+    ("lm_loss_delta", "LM loss change (nats)", True),
+    ("counterfact.score", "CounterFact score S", False),
+    ("side_effects.counterfact_true_beats_new", "unrelated CounterFact P(true)>P(new)", False),
+]
+
+
+def load_results(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """``localization -> [result per seed]`` (seed order), base model first."""
+    root = folder / "results"
+    if not root.is_dir():
+        raise DataError(f"{folder} has no results/ folder: not an experiment run")
+    results: dict[str, list[dict[str, Any]]] = {}
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    for name in [BASE] + [n for n in names if n != BASE]:
+        files = sorted((root / name).glob("seed*.json"), key=lambda p: int(p.stem[4:]))
+        if files:
+            results[name] = [json.loads(p.read_text()) for p in files]
+    if not results:
+        raise DataError(f"{root} holds no result files")
+    _add_deltas(results)
+    return results
+
+
+def _order(folder: Path, results: dict[str, Any]) -> list[str]:
+    """Base first, then the config's localization order."""
+    order = [BASE] if BASE in results else []
+    config = folder / "config.yaml"
+    if config.is_file():
+        import yaml
+
+        names = [
+            spec["name"] for spec in yaml.safe_load(config.read_text()).get("localizations", [])
+        ]
+        order += [n for n in names if n in results]
+    return order + [n for n in results if n not in order]
+
+
+def _add_deltas(results: dict[str, list[dict[str, Any]]]) -> None:
+    """LM-loss change relative to the base model of the same seed."""
+    base = {r["seed"]: r["metrics"] for r in results.get(BASE, [])}
+    for runs in results.values():
+        for run in runs:
+            ref = base.get(run["seed"], {})
+            if "lm_loss" in run["metrics"] and "lm_loss" in ref:
+                run["metrics"]["lm_loss_delta"] = run["metrics"]["lm_loss"] - ref["lm_loss"]
+
+
+def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """``localization -> metric -> {mean, std, n}`` over seeds."""
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for name, runs in results.items():
+        keys = sorted({k for run in runs for k in run["metrics"]})
+        summary[name] = {}
+        for key in keys:
+            values = [run["metrics"][key] for run in runs if key in run["metrics"]]
+            std = statistics.stdev(values) if len(values) > 1 else math.nan
+            summary[name][key] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+    return summary
+
+
+def _cell(stat: dict[str, float] | None, key: str) -> str:
+    if stat is None:
+        return "-"
+    scale, digits = (1, 3) if key.startswith("lm_loss") else (100, 1)
+    text = f"{scale * stat['mean']:.{digits}f}"
+    if not math.isnan(stat["std"]):
+        text += f" ± {scale * stat['std']:.{digits}f}"
+    return text
+
+
+def _table(summary, order: list[str], columns: list[tuple[str, str, bool]]) -> str:
+    present = [c for c in columns if any(c[0] in summary[n] for n in order)]
+    if not present:
+        return ""
+    head = (
+        "| localization | "
+        + " | ".join(f"{title} {'↓' if low else '↑'}" for _, title, low in present)
+        + " |"
+    )
+    rule = "|---|" + "---|" * len(present)
+    rows = [
+        "| "
+        + name
+        + " | "
+        + " | ".join(_cell(summary[name].get(key), key) for key, _, _ in present)
+        + " |"
+        for name in order
+    ]
+    return "\n".join([head, rule, *rows])
+
+
+def headline_columns(summary) -> list[tuple[str, str, bool]]:
+    edit = any(k.endswith("edit_success") for s in summary.values() for k in s)
+    return (EDIT_COLUMNS if edit else UNLEARN_COLUMNS) + ROBUSTNESS_COLUMNS
+
+
+def _markdown(folder: Path, summary, order: list[str], results) -> str:
+    run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    seeds = sorted({r["seed"] for runs in results.values() for r in runs})
+    lines = [
+        f"# {run.get('name', folder.name)}",
+        "",
+        f"Model {run.get('model', '?')}; seeds {seeds}; percentages are mean ± std over seeds "
+        "(std omitted with one seed). ↑/↓: higher/lower is the desired direction after an edit. "
+        "`base` is the unedited model on the same facts.",
+        "",
+        _table(summary, order, headline_columns(summary)),
+        "",
+        "## Hyper-parameters and trainable parameters",
+        "",
+        "| localization | lr | forget coef | trainable parameters | components |",
+        "|---|---|---|---|---|",
+    ]
+    for name in order:
+        if name == BASE:
+            continue
+        first = results[name][0]
+        hp = first.get("hyperparameters", {})
+        lines.append(
+            f"| {name} | {hp.get('lr', '-')} | {hp.get('forget_coef', '-')} | "
+            f"{first.get('n_params', 0):,} | {', '.join(first.get('components', []))[:120]} |"
+        )
+    all_keys = sorted({k for s in summary.values() for k in s})
+    lines += ["", "## Every metric", "", _table(summary, order, [(k, k, False) for k in all_keys])]
+    notes = sorted({n for runs in results.values() for r in runs for n in r.get("notes", [])})
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    if run.get("seconds") is not None:
+        lines += [
+            "",
+            f"Wall time: {run['seconds'] / 60:.1f} min ({run.get('device', '?')}, {run.get('threads', '?')} threads).",
+        ]
+    return "\n".join(lines).replace("↑ |", "↑ |").strip() + "\n"
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def metric_bars(summary, order: list[str], path: Path) -> Path | None:
+    """One panel per headline metric: a bar per localization with its std over seeds."""
+    columns = [c for c in headline_columns(summary) if any(c[0] in summary[n] for n in order)]
+    if not columns:
+        return None
+    ncols = 4
+    nrows = math.ceil(len(columns) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    colors = plt.cm.tab10(np.arange(len(order)) % 10)
+    for ax, (key, title, low) in zip(axes.flat, columns, strict=False):
+        means = [summary[n].get(key, {}).get("mean", np.nan) for n in order]
+        stds = [summary[n].get(key, {}).get("std", np.nan) for n in order]
+        ax.bar(range(len(order)), means, yerr=np.nan_to_num(stds), color=colors, capsize=3)
+        ax.set_title(f"{title} {'↓' if low else '↑'}", fontsize=9)
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels(order, rotation=60, ha="right", fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(columns) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _curve_key(points: list[dict[str, Any]]) -> str | None:
+    keys = [k for k in points[0] if k != "step" and isinstance(points[0][k], int | float)]
+    preferred = [k for k in keys if "completion" in k and "accuracy" in k]
+    return (preferred or [k for k in keys if "accuracy" in k] or keys or [None])[0]
+
+
+def relearn_curves(results, order: list[str], path: Path) -> Path | None:
+    """Held-out forget accuracy during the relearning attack, mean over seeds per localization."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn, label = 0, ""
+    for name in order:
+        curves = [
+            r["curves"]["relearn"]["curve"]
+            for r in results[name]
+            if "relearn" in r.get("curves", {})
+        ]
+        if not curves or not curves[0]:
+            continue
+        key = _curve_key(curves[0])
+        if key is None:
+            continue
+        steps = [p["step"] for p in curves[0]]
+        values = np.array(
+            [[p.get(key, np.nan) for p in c[: len(steps)]] for c in curves if len(c) >= len(steps)]
+        )
+        ax.plot(steps, np.nanmean(values, 0), marker="o", label=name)
+        drawn, label = drawn + 1, key
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("relearning step (LoRA, true answers, train half)")
+    ax.set_ylabel(f"held-out forget facts: {label}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def probe_curves(results, order: list[str], path: Path) -> Path | None:
+    """Latent-probe accuracy for the original answer on forget facts, by layer."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = 0
+    chance = None
+    for name in order:
+        probes = [r["curves"]["probes"] for r in results[name] if "probes" in r.get("curves", {})]
+        if not probes:
+            continue
+        values = np.array([p["forget_accuracy"] for p in probes], dtype=float)
+        ax.plot(
+            range(values.shape[1]),
+            np.nanmean(values, 0),
+            marker=".",
+            label=name,
+            linestyle="--" if name == BASE else "-",
+        )
+        labels = probes[0].get("layers", [])
+        chance = probes[0].get("chance", chance)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    if labels:
+        step = max(1, len(labels) // 10)
+        ax.set_xticks(range(0, len(labels), step))
+        ax.set_xticklabels(labels[::step])
+    if chance is not None:
+        ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":", label="chance")
+    ax.set_xlabel("residual stream after layer")
+    ax.set_ylabel("probe accuracy (original answer) on forget facts")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def write_report(folder: str | Path) -> dict[str, Any]:
+    """Render summary.json, results.md and figures/ for the run in ``folder``."""
+    folder = Path(folder)
+    results = load_results(folder)
+    order = _order(folder, results)
+    summary = summarise(results)
+    atomic_write_json(folder / "summary.json", {"order": order, "summary": summary})
+    atomic_write_text(folder / "results.md", _markdown(folder, summary, order, results))
+    figures = folder / "figures"
+    metric_bars(summary, order, figures / "metrics.png")
+    relearn_curves(results, order, figures / "relearning.png")
+    probe_curves(results, order, figures / "probes.png")
+    return summary

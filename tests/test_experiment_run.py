@@ -1,0 +1,208 @@
+"""``mechunlearn run`` end to end on a tiny checkpoint: files, resume, report, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mechunlearn.cli import app
+from mechunlearn.experiments import edit_job
+from mechunlearn.experiments.config import validate_config
+from mechunlearn.experiments.edit_config import ExperimentConfig
+from mechunlearn.experiments.edit_job import run_experiment
+
+MLP_PARAMS = 3 * 64 * 128  # one tiny-llama MLP
+
+
+def tiny_config(model_dir, **overrides) -> ExperimentConfig:
+    data = {
+        "name": "tiny",
+        "model": str(model_dir),
+        "task": "sports",
+        "mode": "edit",
+        "facts": {
+            "known_only": False,
+            "n_forget": 6,
+            "n_validation": 4,
+            "n_validation_retain": 6,
+            "n_retain_train": 8,
+            "n_retain_eval": 6,
+            "n_localize": 8,
+        },
+        "localize_options": {"budget": MLP_PARAMS, "batch_size": 8},
+        "localizations": [
+            {"name": "random", "method": "random"},
+            {"name": "ct_mlps", "method": "causal_tracing", "restrict_to": "mlp"},
+            {"name": "all_mlps_lora", "method": "all_mlps", "trainer": "lora"},
+        ],
+        "train": {"steps": 2, "batch_size": 4, "retain_batch_size": 4, "lm_batch_size": 2},
+        "sweep": {"lr": [1e-3], "forget_coef": [1.0]},
+        "evaluation": {
+            "formats": ["completion", "mcq"],
+            "batch_size": 8,
+            "lm_texts": 4,
+            "relearn": {"steps": 2, "eval_every": 1, "batch_size": 2},
+            "soft_prompt": {"steps": 2, "batch_size": 4},
+        },
+        "seeds": [0, 1],
+    }
+    for key, value in overrides.items():
+        data[key] = value
+    return validate_config(ExperimentConfig, data, "test")
+
+
+def test_run_writes_a_complete_report(saved_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    run_experiment(tiny_config(saved_llama), out, progress=False)
+    assert not (tmp_path / "run.partial").exists()
+    for name in ("base", "random", "ct_mlps", "all_mlps_lora"):
+        for seed in (0, 1):
+            result = json.loads((out / "results" / name / f"seed{seed}.json").read_text())
+            assert "forget.completion.edit_success" in result["metrics"]
+            assert "retain.mcq.accuracy" in result["metrics"]
+    edited = json.loads((out / "results" / "random" / "seed0.json").read_text())
+    assert "relearn.completion.accuracy" in edited["metrics"]
+    assert "soft_prompt.accuracy_after" in edited["metrics"]
+    assert "probe.forget_accuracy" in edited["metrics"]
+    assert len(edited["curves"]["relearn"]["curve"]) == 3  # steps 0, 1, 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["order"] == ["base", "random", "ct_mlps", "all_mlps_lora"]
+    assert summary["summary"]["random"]["lm_loss_delta"]["n"] == 2
+    ct = json.loads((out / "localizations" / "ct_mlps.json").read_text())
+    assert all(c.endswith(".mlp") for c in ct["selected"])
+    sweep = json.loads((out / "sweep" / "random.json").read_text())
+    assert sweep["chosen"] == {"lr": 1e-3, "forget_coef": 1.0}
+    for figure in ("metrics.png", "relearning.png", "probes.png"):
+        assert (out / "figures" / figure).stat().st_size > 1000
+    table = (out / "results.md").read_text()
+    assert "| random |" in table and "edit success: completion" in table
+    # seeds 0 and 1 edit different facts
+    f0 = json.loads((out / "facts" / "seed0.json").read_text())["forget"]
+    f1 = json.loads((out / "facts" / "seed1.json").read_text())["forget"]
+    assert f0 != f1
+    # the report command re-renders from saved results
+    (out / "results.md").unlink()
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "results.md").is_file()
+
+
+def test_weights_are_restored_between_runs(saved_llama, tmp_path, monkeypatch):
+    """Every (localization, seed) starts from the original model."""
+    from mechunlearn.models.loading import load_model
+
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
+    reference = {k: v.clone() for k, v in load_model(str(saved_llama)).model.state_dict().items()}
+    seen = []
+    original = edit_job.run_battery
+
+    def plain_state(model):
+        """State without LoRA tensors, base-layer names mapped back to the plain names."""
+        return {
+            k.replace(".base_layer", ""): v
+            for k, v in model.state_dict().items()
+            if "lora_" not in k
+        }
+
+    def spy(hm, *args, **kwargs):
+        if kwargs.get("attacks"):
+            state = plain_state(hm.model)
+            seen.append(sum(not state[k].equal(reference[k]) for k in reference))
+        return original(hm, *args, **kwargs)
+
+    real_train = edit_job.train
+
+    def check_start(hm, *args, **kwargs):
+        state = plain_state(hm.model)
+        assert all(state[k].equal(reference[k]) for k in reference), (
+            "training started from edited weights"
+        )
+        return real_train(hm, *args, **kwargs)
+
+    monkeypatch.setattr(edit_job, "run_battery", spy)
+    monkeypatch.setattr(edit_job, "train", check_start)
+    cfg = tiny_config(saved_llama, seeds=[0])
+    run_experiment(cfg, tmp_path / "run", progress=False)
+    assert len(seen) == 3 and all(n > 0 for n in seen)  # the battery saw edited weights
+
+
+def test_interrupted_run_resumes_without_redoing_finished_work(saved_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_config(saved_llama, seeds=[0])
+    calls = []
+    original = edit_job._edit_and_measure
+
+    def crash_on_second(hm, spec, *args, **kwargs):
+        calls.append(spec.name)
+        if len(calls) == 2:
+            raise RuntimeError("power cut")
+        return original(hm, spec, *args, **kwargs)
+
+    monkeypatch.setattr(edit_job, "_edit_and_measure", crash_on_second)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_experiment(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    partial = tmp_path / "run.partial"
+    assert (partial / "results" / "random" / "seed0.json").is_file()
+    calls.clear()
+    monkeypatch.setattr(
+        edit_job,
+        "_edit_and_measure",
+        lambda hm, spec, *a, **k: (calls.append(spec.name), original(hm, spec, *a, **k))[1],
+    )
+    run_experiment(cfg, tmp_path / "run", resume=True, progress=False)
+    assert calls == ["ct_mlps", "all_mlps_lora"]
+    assert (tmp_path / "run" / "results.md").is_file() and not partial.exists()
+
+
+def test_bad_inputs_fail_before_writing(saved_llama, tmp_path, monkeypatch):
+    from mechunlearn.localize import Localization
+
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
+    other = Localization(
+        method="fact_lookup",
+        model="gemma3-270m",
+        model_type="gemma3_text",
+        n_layers=18,
+        scores={},
+        selected=["blocks.0.mlp"],
+        n_params=1,
+    )
+    other.save(tmp_path / "other.json")
+    config_path = tmp_path / "config.yaml"
+    runner = CliRunner()
+    bad = {
+        "localization from another model": (
+            {
+                "localizations": [
+                    {
+                        "name": "flu",
+                        "method": "fact_lookup",
+                        "from_file": str(tmp_path / "other.json"),
+                    }
+                ]
+            },
+            "computed on gemma3-270m",
+        ),
+        "empty forget group": (
+            {"facts": {"known_only": False, "forget_group": "golf"}},
+            "no known fact has the answer 'golf'",
+        ),
+        "unknown key": (
+            {"evaluation": {"formats": ["completion"], "relearn_steps": 3}},
+            "relearn_steps",
+        ),
+    }
+    base = tiny_config(saved_llama).model_dump(mode="json")
+    for case, (override, message) in bad.items():
+        config_path.write_text(yaml.safe_dump(base | override))
+        result = runner.invoke(
+            app, ["run", str(config_path), "--out", str(tmp_path / "out"), "--quiet"]
+        )
+        assert result.exit_code == 2, (case, result.output)
+        assert message in " ".join(result.output.split()), (case, result.output)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists(), case
