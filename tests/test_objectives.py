@@ -49,7 +49,7 @@ def _loss(hm, name, batch):
 
 
 def test_registered_names():
-    assert OBJECTIVES.names() == ["edit", "grad_diff", "gradient_ascent", "npo", "unlearn"]
+    assert OBJECTIVES.names() == ["edit", "grad_diff", "gradient_ascent", "npo", "rmu", "unlearn"]
 
 
 def test_unknown_objective_lists_names():

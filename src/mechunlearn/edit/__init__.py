@@ -1,29 +1,63 @@
-"""Editing and unlearning: loss objectives (registered by name in ``OBJECTIVES``) over
-``TargetBatch``es of (prompt, continuation) pairs, for fact editing (``edit``) and unlearning
-(``unlearn``, ``gradient_ascent``, ``grad_diff``, ``npo``)."""
+"""Editing and unlearning.
 
+- ``objectives``: losses registered by name in ``OBJECTIVES`` (``edit``, ``unlearn``,
+  ``gradient_ascent``, ``grad_diff``, ``npo``, ``rmu``) over ``TargetBatch``es of
+  (prompt, continuation) pairs, bound to data and references with ``bind_objective``;
+- ``data``: ``fact_pairs`` and ``TrainData`` (forget / retain / general text);
+- ``parametrization``: what is trained (localized weights, LoRA on them, or everything);
+- ``trainer``: ``train`` (accelerate-based, checkpoint/resume); ``export``: ``save_edited``.
+"""
+
+from mechunlearn.edit import rmu as _rmu  # noqa: F401 - registers the "rmu" objective
+from mechunlearn.edit.data import TrainData, fact_pairs
+from mechunlearn.edit.export import save_edited
 from mechunlearn.edit.objectives import (
     OBJECTIVES,
+    BoundObjective,
+    ObjectiveStep,
     TargetBatch,
+    bind_objective,
     edit_loss,
     grad_diff_loss,
     gradient_ascent_loss,
     npo_loss,
+    reference_logprobs,
     sequence_logprobs,
     token_logprobs,
     unlearn_loss,
     unlearn_loss_from_logprobs,
+    with_setup,
 )
+from mechunlearn.edit.parametrization import LoraOptions, Trainable, WeightSnapshot, make_trainable
+from mechunlearn.edit.rmu import rmu_loss
+from mechunlearn.edit.trainer import TrainConfig, TrainResult, lr_factor, train
 
 __all__ = [
     "OBJECTIVES",
+    "BoundObjective",
+    "LoraOptions",
+    "ObjectiveStep",
     "TargetBatch",
+    "TrainConfig",
+    "TrainData",
+    "TrainResult",
+    "Trainable",
+    "WeightSnapshot",
+    "bind_objective",
     "edit_loss",
+    "fact_pairs",
     "grad_diff_loss",
     "gradient_ascent_loss",
+    "lr_factor",
+    "make_trainable",
     "npo_loss",
+    "reference_logprobs",
+    "rmu_loss",
+    "save_edited",
     "sequence_logprobs",
     "token_logprobs",
+    "train",
     "unlearn_loss",
     "unlearn_loss_from_logprobs",
+    "with_setup",
 ]

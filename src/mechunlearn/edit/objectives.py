@@ -7,17 +7,26 @@ the continuation tokens; the loss is about the model's prediction of each of the
 tokens before it. Because continuations sit at the end of each row, ``token_logprobs`` asks the
 model only for the last ``max_continuation + 1`` logit rows (``logits_to_keep``), so the
 unembedding is not computed over the prompt.
+
+Objectives that need more than the forget batch (GradDiff's retain batch, NPO's reference
+log-probs, RMU's frozen activations) carry a *setup* (``with_setup``): called once before
+training, under the still-frozen model, it returns a function giving each step's extra keyword
+arguments. ``bind_objective`` hides the difference, so a trainer calls every objective the same
+way: ``bound(hm, ObjectiveStep(...))``. Forward passes go through ``hm.forward`` so a
+distributed wrapper (DDP) set on the ``HookedModel`` sees them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from mechunlearn.errors import TokenizationError
+from mechunlearn.errors import ConfigError, DataError, TokenizationError
 from mechunlearn.models.handle import HookedModel, left_pad
 from mechunlearn.registry import Registry
 
@@ -112,7 +121,7 @@ def token_logprobs(hm: HookedModel, batch: TargetBatch) -> torch.Tensor:
     width = batch.input_ids.shape[1]
     if keep >= width:
         raise ValueError("every row needs at least one prompt token before its continuation")
-    logits = hm.model(**batch.model_inputs(), logits_to_keep=keep + 1).logits[:, :-1]
+    logits = hm.forward(**batch.model_inputs(), logits_to_keep=keep + 1).logits[:, :-1]
     log_probs = logits.float().log_softmax(-1)  # predictions for positions width-keep .. width-1
     targets = batch.input_ids[:, width - keep :]
     picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -191,7 +200,122 @@ def gradient_ascent_loss(hm: HookedModel, batch: TargetBatch) -> torch.Tensor:
     return -_mean_nll(hm, batch)
 
 
+@dataclass
+class ObjectiveStep:
+    """One training step's data as an objective sees it (this process's shard of the batch).
+
+    ``forget_index`` / ``retain_index`` are the rows' positions in the pair lists given to
+    ``bind_objective``, so per-example references computed by a setup can be looked up.
+    """
+
+    forget: TargetBatch
+    forget_index: list[int]
+    retain: TargetBatch | None = None
+    retain_index: list[int] | None = None
+
+
+StepArgs = Callable[[ObjectiveStep], dict[str, Any]]
+Pairs = Sequence[tuple[str, str]]
+
+
+def with_setup(setup: Callable[..., StepArgs]) -> Callable[[Objective], Objective]:
+    """Attach ``setup(hm, forget, retain, batch_size, **options) -> step_args`` to an objective.
+
+    The setup runs once before training (references must come from the unedited model) and
+    validates the options: its keyword parameters are the objective's options.
+    """
+
+    def decorator(objective: Objective) -> Objective:
+        objective.setup = setup  # type: ignore[attr-defined]
+        return objective
+
+    return decorator
+
+
+@dataclass
+class BoundObjective:
+    """An objective with its options and references: ``bound(hm, step) -> loss``."""
+
+    name: str
+    objective: Objective
+    step_args: StepArgs
+    info: dict[str, Any] = field(default_factory=dict)  # what the setup chose (e.g. RMU's c)
+
+    def __call__(self, hm: HookedModel, step: ObjectiveStep) -> torch.Tensor:
+        return self.objective(hm, step.forget, **self.step_args(step))
+
+
+def check_options(fn: Callable, options: Mapping[str, Any], skip: int, what: str) -> None:
+    """ConfigError naming unknown keys; ``skip`` leading positional parameters are not options."""
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {', '.join(unknown)} for {what}; known: {', '.join(known) or '(none)'}"
+        )
+
+
+def bind_objective(
+    hm: HookedModel,
+    name: str,
+    forget: Pairs,
+    retain: Pairs = (),
+    options: Mapping[str, Any] | None = None,
+    batch_size: int = 16,
+) -> BoundObjective:
+    """Look ``name`` up in ``OBJECTIVES`` and run its setup (if any) on the current model.
+
+    Call before any weight changes: NPO's reference log-probs and RMU's frozen activations are
+    taken from the model as it is now. ``batch_size`` bounds the setup's forward passes.
+    """
+    objective = OBJECTIVES.get(name)
+    options = dict(options or {})
+    setup = getattr(objective, "setup", None)
+    if setup is None:
+        check_options(objective, options, skip=2, what=f"objective {name!r}")
+        return BoundObjective(name, objective, lambda step: options)
+    check_options(setup, options, skip=4, what=f"objective {name!r}")
+    with torch.no_grad():
+        step_args = setup(hm, list(forget), list(retain), batch_size, **options)
+    return BoundObjective(name, objective, step_args, dict(getattr(step_args, "info", {})))
+
+
+def _grad_diff_setup(
+    hm: HookedModel, forget: Pairs, retain: Pairs, batch_size: int, retain_coef: float = 1.0
+) -> StepArgs:
+    if not retain:
+        raise DataError("objective 'grad_diff' needs retain pairs (it descends on them)")
+
+    def step_args(step: ObjectiveStep) -> dict[str, Any]:
+        if step.retain is None:
+            raise DataError("objective 'grad_diff' needs a retain batch at every step")
+        return {"retain": step.retain, "retain_coef": retain_coef}
+
+    return step_args
+
+
+def reference_logprobs(hm: HookedModel, pairs: Pairs, batch_size: int = 16) -> torch.Tensor:
+    """``[n]`` sequence log-probs of each pair's continuation under the model as it is now."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            batch = TargetBatch.from_pairs(hm, pairs[start : start + batch_size])
+            out.append(sequence_logprobs(hm, batch).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _npo_setup(
+    hm: HookedModel, forget: Pairs, retain: Pairs, batch_size: int, beta: float = 0.1
+) -> StepArgs:
+    if beta <= 0:
+        raise ConfigError(f"npo beta must be positive, got {beta}")
+    refs = reference_logprobs(hm, forget, batch_size)
+    return lambda step: {"ref_logprobs": refs[step.forget_index], "beta": beta}
+
+
 @OBJECTIVES.register("grad_diff")
+@with_setup(_grad_diff_setup)
 def grad_diff_loss(
     hm: HookedModel, batch: TargetBatch, retain: TargetBatch, retain_coef: float = 1.0
 ) -> torch.Tensor:
@@ -203,6 +327,7 @@ def grad_diff_loss(
 
 
 @OBJECTIVES.register("npo")
+@with_setup(_npo_setup)
 def npo_loss(
     hm: HookedModel, batch: TargetBatch, ref_logprobs: torch.Tensor, beta: float = 0.1
 ) -> torch.Tensor:

@@ -6,11 +6,12 @@ and shards as usual; hooks exist only inside ``with hm.hooks(...)`` blocks.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mechunlearn.errors import SiteError
@@ -67,6 +68,9 @@ class HookedModel:
     tokenizer: PreTrainedTokenizerBase | None = None
     name: str = ""
     adapter: ArchitectureAdapter | None = None
+    forward_module: nn.Module | None = field(default=None, repr=False, compare=False)
+    """What ``forward`` calls instead of ``.model`` when set: a distributed wrapper of ``.model``
+    (DDP) during training, so gradients are synchronised while hooks stay on ``.model``'s modules."""
 
     def __post_init__(self) -> None:
         if self.adapter is None:
@@ -115,6 +119,20 @@ class HookedModel:
         with self.hooks(cache=True if names is None else names, detach=detach) as cache:
             output = self.model(**model_inputs)
         return output, cache
+
+    def forward(self, **model_inputs):
+        """The model's forward, through ``forward_module`` when one is set (see ``forward_via``)."""
+        module = self.model if self.forward_module is None else self.forward_module
+        return module(**model_inputs)
+
+    @contextmanager
+    def forward_via(self, module: nn.Module | None) -> Iterator[HookedModel]:
+        """Route ``forward`` through ``module`` (e.g. ``DistributedDataParallel(hm.model)``)."""
+        previous, self.forward_module = self.forward_module, module
+        try:
+            yield self
+        finally:
+            self.forward_module = previous
 
     def parameters_of(self, components: Iterable[str]) -> list[ParamSlice]:
         return parameters_of(self.model, self.require_adapter(), components)
