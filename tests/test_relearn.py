@@ -74,7 +74,7 @@ def test_trains_toward_true_answers_on_forget_facts_only(tiny_llama, facts, monk
     config = RelearnConfig(steps=5, eval_every=2, batch_size=4, lr=1e-3, formats=["completion"])
     general = ["The weather was mild.", "A short sentence about nothing."]
     result = relearn_attack(tiny_llama, forget, retain, general, config, seed=0, progress=False)
-    assert [c.steps for _, c in calls] == [2, 2, 1]
+    assert [c.steps for _, c in calls] == [5]  # one continuous run, evaluated inside it
     assert [e["step"] for e in result.curve] == [0, 2, 4, 5]
     train_half = [r for r in forget if r.id in set(result.train_ids)]
     heldout_prompts = {r.prompt() for r in forget if r.id in set(result.heldout_ids)}

@@ -95,6 +95,20 @@ def test_history_lr_follows_the_schedule(tiny_llama):
     assert result.history["lr"] == pytest.approx(expected)
 
 
+def test_on_step_sees_every_step_in_eval_mode(tiny_llama):
+    seen = []
+    trainable = make_trainable(tiny_llama, "localized", ["blocks.1.mlp"])
+    config = TrainConfig(steps=4, lr=1e-2, batch_size=6)
+
+    def record(done, values):
+        seen.append((done, tiny_llama.model.training, round(values["loss"], 6)))
+
+    result = train(tiny_llama, trainable, TrainData(FORGET), config, progress=False, on_step=record)
+    assert [d for d, _, _ in seen] == [1, 2, 3, 4]
+    assert not any(training for _, training, _ in seen)
+    assert [v for _, _, v in seen] == [round(v, 6) for v in result.history["loss"]]
+
+
 def test_batch_stream_covers_every_example_each_pass():
     stream = BatchStream(n=5, batch_size=2, seed=0)
     drawn = [i for _ in range(5) for i in stream.next()]  # 10 = two passes

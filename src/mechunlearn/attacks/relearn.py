@@ -32,7 +32,6 @@ from mechunlearn.edit.trainer import TrainConfig, train
 from mechunlearn.errors import ConfigError, DataError
 from mechunlearn.evals.harness import evaluate
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.report.progress import progress_bar
 from mechunlearn.tasks.records import FactRecord
 
 METRICS = ("accuracy", "prob_renorm")
@@ -142,11 +141,6 @@ def _metrics(
     }
 
 
-def _chunks(steps: int, every: int) -> list[int]:
-    """Step counts of the training chunks between evaluations (the last may be shorter)."""
-    return [min(every, steps - start) for start in range(0, steps, every)]
-
-
 def relearn_attack(
     hm: HookedModel,
     forget: Sequence[FactRecord],
@@ -160,9 +154,8 @@ def relearn_attack(
     terms); evaluate the held-out half's original answers at step 0 and every ``eval_every``
     steps. The model is restored (adapters unloaded, ``requires_grad`` as before) afterwards.
 
-    Training runs in chunks of ``eval_every`` steps, one ``train()`` call each with a constant
-    learning rate; each chunk starts a fresh AdamW state and draws its batches with seed
-    ``seed + chunk``, so evaluations sit between optimizer runs rather than inside one.
+    One ``train()`` run with a constant learning rate (an attacker's plain fine-tuning); the
+    held-out half is evaluated inside it, after every ``eval_every`` steps and at the end.
     """
     config = config or RelearnConfig()
     if not config.formats:
@@ -189,34 +182,38 @@ def relearn_attack(
         LoraOptions(rank=config.lora_rank, alpha=config.lora_alpha, seed=seed),
     )
     try:
-        done = 0
-        with progress_bar(config.steps, "relearning attack", progress) as advance:
-            for chunk, steps in enumerate(_chunks(config.steps, config.eval_every)):
-                result = train(
-                    hm,
-                    trainable,
-                    data,
-                    TrainConfig(
-                        objective="edit",
-                        forget_coef=1.0,
-                        maintain_coef=config.maintain_coef if data.retain else 0.0,
-                        lm_coef=config.lm_coef if data.general_text else 0.0,
-                        steps=steps,
-                        lr=config.lr,
-                        schedule="constant",
-                        warmup_steps=0,
-                        batch_size=config.batch_size,
-                        retain_batch_size=config.batch_size,
-                        seed=seed + chunk,
-                    ),
-                    progress=False,
-                )
-                for key, values in result.history.items():
-                    history.setdefault(key, []).extend(values)
-                done += steps
-                advance(steps)
-                hm.model.eval()
+
+        def evaluate_heldout(done: int, _record: dict[str, float]) -> None:
+            if done % config.eval_every == 0 or done == config.steps:
                 curve.append({"step": done, **_metrics(hm, heldout, config, seed)})
+
+        result = (
+            train(
+                hm,
+                trainable,
+                data,
+                TrainConfig(
+                    objective="edit",
+                    forget_coef=1.0,
+                    maintain_coef=config.maintain_coef if data.retain else 0.0,
+                    lm_coef=config.lm_coef if data.general_text else 0.0,
+                    steps=config.steps,
+                    lr=config.lr,
+                    schedule="constant",
+                    warmup_steps=0,
+                    batch_size=config.batch_size,
+                    retain_batch_size=config.batch_size,
+                    seed=seed,
+                ),
+                progress=progress,
+                on_step=evaluate_heldout,
+            )
+            if config.steps
+            else None
+        )
+        if result is not None:
+            history = result.history
+        hm.model.eval()
         train_after = _metrics(hm, train_half, config, seed)
         n_trainable = trainable.n_params
     finally:

@@ -287,8 +287,12 @@ def train(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda _: None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train ``trainable`` on ``data`` for ``config.steps`` steps (see the module docstring).
+
+    ``on_step(steps_done, record)`` is called after every step with the model in eval mode
+    (e.g. to evaluate during training, as the relearning attack does); training resumes after.
 
     ``checkpoint_dir`` + ``config.checkpoint_every``: save a checkpoint every that many steps
     (and at the end); ``resume=True`` continues from the newest checkpoint there (the model
@@ -420,6 +424,10 @@ def train(
                 history.setdefault(key, []).append(value)
             advance(1)
             done = step + 1
+            if on_step is not None:
+                hm.model.eval()
+                on_step(done, record)
+                hm.model.train()
             if (
                 checkpoint_dir is not None
                 and config.checkpoint_every
