@@ -206,3 +206,50 @@ def test_bad_inputs_fail_before_writing(saved_llama, tmp_path, monkeypatch):
         assert result.exit_code == 2, (case, result.output)
         assert message in " ".join(result.output.split()), (case, result.output)
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists(), case
+
+
+def test_cli_run_with_seed_limit(saved_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(saved_llama).model_dump(mode="json")
+    config["localizations"] = [{"name": "all_mlps", "method": "all_mlps"}]
+    config["evaluation"]["relearn"] = None
+    config["evaluation"]["soft_prompt"] = None
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["run", str(path), "--out", str(out), "--seeds", "1", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "| all_mlps |" in result.output
+    assert sorted(p.name for p in (out / "results" / "all_mlps").iterdir()) == ["seed0.json"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["seeds"] == [0]
+
+
+def test_resume_extends_a_finished_run_to_more_seeds(saved_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(saved_llama).model_dump(mode="json")
+    config["localizations"] = [{"name": "all_mlps", "method": "all_mlps"}]
+    config["evaluation"]["relearn"] = None
+    config["evaluation"]["soft_prompt"] = None
+    one = validate_config(ExperimentConfig, config | {"seeds": [0]}, "t")
+    two = validate_config(ExperimentConfig, config | {"seeds": [0, 1]}, "t")
+    out = tmp_path / "run"
+    run_experiment(one, out, progress=False)
+    first = (out / "results" / "all_mlps" / "seed0.json").read_text()
+    calls = []
+    original = edit_job._edit_and_measure
+    monkeypatch.setattr(
+        edit_job,
+        "_edit_and_measure",
+        lambda hm, spec, *a, **k: (calls.append(a[5]), original(hm, spec, *a, **k))[1],
+    )
+    run_experiment(two, out, resume=True, progress=False)
+    assert calls == [1]  # only the new seed ran
+    assert (out / "results" / "all_mlps" / "seed0.json").read_text() == first
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert summary["all_mlps"]["lm_loss_delta"]["n"] == 2
+    other = validate_config(ExperimentConfig, config | {"name": "different"}, "t")
+    with pytest.raises(Exception, match="another config"):
+        run_experiment(other, out, resume=True, progress=False)
+    assert (out / "results.md").is_file()  # a refused resume leaves the finished run in place

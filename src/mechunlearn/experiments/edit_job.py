@@ -7,6 +7,7 @@ train only the localized weights, run the robustness battery, restore the weight
 The run is assembled in ``OUT.partial`` with one result file per (localization, seed), written
 atomically as soon as it is done, so an interrupted run resumes (``resume=True``) where it
 stopped. Only a complete run is moved to ``OUT``: the final folder never holds partial results.
+``resume=True`` on a finished ``OUT`` extends it (e.g. from one seed to all seeds).
 Input (config, data, localization files) is validated before the model loads.
 """
 
@@ -104,12 +105,13 @@ def run_experiment(
     out = Path(out)
     records, counterfact = check_inputs(config)
     partial = out.with_name(out.name + ".partial")
+    if resume and not partial.exists() and (out / "config.yaml").is_file():
+        # a finished run is extended (e.g. the quick one-seed run to every seed): its results
+        # move back to the partial folder and only the missing (localization, seed) runs are done
+        _check_same_config(out, config)
+        os.replace(out, partial)
     if resume and (partial / "config.yaml").is_file():
-        saved = ExperimentConfig.model_validate(
-            yaml.safe_load((partial / "config.yaml").read_text())
-        )
-        if saved.model_dump(exclude={"seeds"}) != config.model_dump(exclude={"seeds"}):
-            raise ConfigError(f"{partial} was started with another config; rerun without --resume")
+        _check_same_config(partial, config)
     started = time.time()
 
     texts = load_general_text()
@@ -229,6 +231,13 @@ def run_experiment(
     write_report(partial)
     _move_into_place(partial, out)
     return out
+
+
+def _check_same_config(folder: Path, config: ExperimentConfig) -> None:
+    """Resuming is only meaningful with the same experiment (seeds may differ)."""
+    saved = ExperimentConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
+    if saved.model_dump(exclude={"seeds"}) != config.model_dump(exclude={"seeds"}):
+        raise ConfigError(f"{folder} was run with another config; rerun without --resume")
 
 
 def _choose_hparams(
