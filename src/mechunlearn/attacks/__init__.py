@@ -1,9 +1,20 @@
 """Attacks on an edited model: can the removed knowledge be brought back?
 
 Relearning (LoRA fine-tuning on half the forget facts with their true answers) and a bounded
-soft prompt, both trained on one half of the forget set and scored on the other.
+soft prompt, both trained on one half of the forget set and scored on the other; a targeted
+latent adversary (per-token residual-stream perturbations toward an unwanted completion).
 """
 
+from mechunlearn.attacks.latent import (
+    LatBatch,
+    LatData,
+    LatentAdversary,
+    LatentAdversaryConfig,
+    LatentAttackResult,
+    LatExample,
+    latent_attack,
+    train_adversary,
+)
 from mechunlearn.attacks.relearn import (
     RelearnConfig,
     RelearnResult,
@@ -20,14 +31,22 @@ from mechunlearn.attacks.soft_prompt import (
 from mechunlearn.attacks.split import split_records
 
 __all__ = [
+    "LatBatch",
+    "LatData",
+    "LatExample",
+    "LatentAdversary",
+    "LatentAdversaryConfig",
+    "LatentAttackResult",
     "RelearnConfig",
     "RelearnResult",
     "SoftPrompt",
     "SoftPromptConfig",
     "SoftPromptResult",
+    "latent_attack",
     "relearn_attack",
     "relearn_pairs",
     "relearn_split",
     "soft_prompt_attack",
     "split_records",
+    "train_adversary",
 ]

@@ -5,7 +5,8 @@
   (prompt, continuation) pairs, bound to data and references with ``bind_objective``;
 - ``data``: ``fact_pairs`` and ``TrainData`` (forget / retain / general text);
 - ``parametrization``: what is trained (localized weights, LoRA on them, or everything);
-- ``trainer``: ``train`` (accelerate-based, checkpoint/resume); ``export``: ``save_edited``.
+- ``trainer``: ``train`` (accelerate-based, checkpoint/resume); ``export``: ``save_edited``;
+- ``lat``: ``train_lat`` (targeted latent adversarial training, and its RT / EAT baselines).
 """
 
 from mechunlearn.edit import rmu as _rmu  # noqa: F401 - registers the "rmu" objective
@@ -35,6 +36,7 @@ from mechunlearn.edit.trainer import TrainConfig, TrainResult, lr_factor, train
 __all__ = [
     "OBJECTIVES",
     "BoundObjective",
+    "LatConfig",
     "LoraOptions",
     "ObjectiveStep",
     "TargetBatch",
@@ -48,6 +50,7 @@ __all__ = [
     "fact_pairs",
     "grad_diff_loss",
     "gradient_ascent_loss",
+    "lat_baseline",
     "lr_factor",
     "make_trainable",
     "npo_loss",
@@ -57,7 +60,20 @@ __all__ = [
     "sequence_logprobs",
     "token_logprobs",
     "train",
+    "train_lat",
     "unlearn_loss",
     "unlearn_loss_from_logprobs",
     "with_setup",
 ]
+
+_LAZY = {"LatConfig", "lat_baseline", "train_lat"}
+
+
+def __getattr__(name: str):
+    # edit.lat builds on attacks.latent, which imports edit.objectives: loading it lazily keeps
+    # ``import mechunlearn.attacks`` from cycling back into this package's initialisation.
+    if name in _LAZY:
+        from mechunlearn.edit import lat
+
+        return getattr(lat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,8 @@ merging) and ``WeightSnapshot`` undoes a training run's weight changes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -142,6 +143,24 @@ class Trainable:
         with torch.no_grad():
             for param, keep, saved in self._frozen_entries:
                 param.copy_(torch.where(keep, param, saved.to(param.device)))
+
+    @contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """LoRA: run the frozen base model inside the block (e.g. reference logits for a KL
+        term, as targeted LAT does); adapters and ``requires_grad`` flags are restored after."""
+        if self.mode != "lora" or not self.active:
+            raise ConfigError("adapters_disabled() needs an active LoRA trainable")
+        layers = [self.hm.model.get_submodule(path) for path in self.lora_modules]
+        flags = [p.requires_grad for p in self.params]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+            for p, flag in zip(self.params, flags, strict=True):
+                p.requires_grad_(flag)
 
     # ---- undo --------------------------------------------------------------------------
     def restore(self) -> None:

@@ -122,17 +122,19 @@ def run_experiment(
     for spec in config.localizations:
         if spec.from_file:
             Localization.load(spec.from_file).check_model(hm)
-    records = add_options(records, extra_options(config))
-
     # Everything that can be checked is checked before anything is written.
+    # Knowing a fact is judged among its own options, before a new edit target (e.g. golf)
+    # joins them: the target would take probability from the true answer.
     known_path = partial / "known_facts.json"
     if resume and known_path.is_file():
         known_ids = set(_read_json(known_path))
-        known = [r for r in records if r.id in known_ids]
     elif config.facts.known_only:
-        known = known_records(hm, records, config.facts.known_threshold, progress=progress)
+        scored = known_records(hm, records, config.facts.known_threshold, progress=progress)
+        known_ids = {r.id for r in scored}
     else:
-        known = list(records)
+        known_ids = {r.id for r in records}
+    records = add_options(records, extra_options(config))
+    known = [r for r in records if r.id in known_ids]
     log(f"{len(known)} of {len(records)} facts known")
     facts = split_experiment_facts(known, config.facts)
     seed_sets = {seed: _prepare_sets(config, facts.for_seed(seed), seed) for seed in config.seeds}

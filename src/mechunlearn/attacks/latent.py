@@ -1,0 +1,622 @@
+"""Targeted latent adversary: per-token residual-stream perturbations that push a model toward an
+unwanted completion (Sheshadri et al. 2024, "Targeted Latent Adversarial Training Improves
+Robustness to Persistent Harmful Behaviors in LLMs", arXiv:2407.15549, Sec. 3, Eq. 2).
+
+For a batch of examples (prompt ``x``, desired completion ``y+``, unwanted completion ``y-``) the
+adversary finds perturbations ``delta_l[b, t]`` of the residual stream at chosen layers ``l``,
+
+    min_delta  toward_coef * CE(y- | x, delta) + away_coef * (-log(1 - p(y+ | x, delta)))
+    s.t.       ||delta_l[b, t]||_2 <= eps_l   for every example b, position t, layer l,
+
+with a few steps of Adam (or sign-gradient PGD) and a projection onto the balls after every
+step. The model's weights are frozen (and it runs in eval mode) while the adversary trains.
+
+Where the perturbation goes. The anchor implementation (aengusl/latent-adversarial-training)
+adds the attack to the output of layer ``l``'s MLP; the residual stream after block ``l`` is
+``resid_mid + mlp_out``, so that equals adding it to the output of block ``l``. Here a layer
+``l`` therefore means the site ``blocks.l.resid_post`` (exactly the residual stream, also for
+Gemma's post-MLP norm and parallel-residual models), and ``"embed"`` the embedding-site output
+(embedding-space adversarial training, EAT; Gemma's sqrt(d) scale included).
+
+Which tokens. Perturbations live on the prompt tokens (``positions="prompt"``, as in the anchor's
+``prompt_mask``), optionally also on completion positions (``"prompt_and_completion"``; the
+``j``-th completion token of ``y+`` and of ``y-`` share one perturbation, as the anchor's
+position-indexed attack does). Both completions of an example see the same prompt
+perturbation. Every other position (padding, unchosen tokens) is left exactly as computed.
+
+Epsilon. ``absolute``: ``eps_l = epsilon``. ``relative``: ``eps_l = epsilon * median_t
+||h_l[b, t]||_2`` over the batch's real prompt tokens, measured without perturbation, since
+residual norms differ by 10x across layers. The step size ``lr`` is scale-free as well: the
+per-coordinate step is ``lr * eps_l / sqrt(d)`` (Adam's first steps and sign-PGD move each
+coordinate by about that much), so ``lr = 0.1`` moves a token's perturbation by ~``0.1 eps_l``
+per step on any model.
+
+Success (``latent_attack``). An example counts as attacked successfully when the unwanted
+completion is more likely than the desired one, compared by mean per-token log-probability
+(length-normalised, as the evaluation scorer and ROME's metrics compare options). The stricter
+``argmax_rate`` also reports how often every unwanted token is the model's greedy choice given
+its (teacher-forced) prefix, i.e. greedy decoding would produce the unwanted completion.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mechunlearn.edit.objectives import DEFAULT_FLOOR, TargetBatch, unlearn_loss_from_logprobs
+from mechunlearn.errors import DataError, SiteError, TokenizationError
+from mechunlearn.models.handle import HookedModel
+from mechunlearn.models.hooks import Apply
+from mechunlearn.report.progress import progress_bar
+
+KINDS = ("unwanted", "desired")
+Layer = int | Literal["embed"]
+
+
+# ---- configuration ---------------------------------------------------------------------------
+class LatentAdversaryConfig(BaseModel):
+    """Settings of the latent adversary (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[Layer] = Field(min_length=1, description='block indices (resid_post) or "embed"')
+    epsilon: float = Field(1.0, ge=0, description="per-token L2 bound (see epsilon_mode)")
+    epsilon_mode: Literal["relative", "absolute"] = "relative"
+    positions: Literal["prompt", "prompt_and_completion"] = "prompt"
+    steps: int = Field(16, ge=0)
+    lr: float = Field(0.1, gt=0, description="step per coordinate, in units of eps / sqrt(d)")
+    optimizer: Literal["adam", "sgd_sign"] = "adam"
+    toward_coef: float = Field(1.0, ge=0, description="CE toward the unwanted completion")
+    away_coef: float = Field(0.0, ge=0, description="-log(1-p) away from the desired one")
+    away_floor: float = Field(DEFAULT_FLOOR, lt=0)
+    init: Literal["zeros", "random"] = "zeros"
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct_layers(cls, layers: list[Layer]) -> list[Layer]:
+        for layer in layers:
+            if isinstance(layer, int) and layer < 0:
+                raise ValueError(f"layer {layer} is negative")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers repeat: {layers}")
+        return layers
+
+    @model_validator(mode="after")
+    def _some_objective(self) -> LatentAdversaryConfig:
+        if self.toward_coef == 0 and self.away_coef == 0:
+            raise ValueError("toward_coef and away_coef are both 0: the adversary has no objective")
+        return self
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The completions the adversary's loss reads."""
+        return tuple(
+            k for k, c in zip(KINDS, (self.toward_coef, self.away_coef), strict=True) if c > 0
+        )
+
+
+def site_name(layer: Layer) -> str:
+    """``"embed"`` or ``blocks.L.resid_post`` (the residual stream after block ``L``)."""
+    return "embed" if layer == "embed" else f"blocks.{layer}.resid_post"
+
+
+def resolve_sites(hm: HookedModel, layers: Sequence[Layer]) -> list[str]:
+    """Hook sites of ``layers``; ``SiteError`` naming the model's depth when one is out of range."""
+    n = hm.dims.n_layers
+    for layer in layers:
+        if layer != "embed" and not (isinstance(layer, int) and 0 <= layer < n):
+            raise SiteError(f"adversary layer {layer!r} out of range: the model has {n} layers")
+    return [site_name(layer) for layer in layers]
+
+
+# ---- data ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LatExample:
+    """One targeted-LAT example: a prompt, the completion we want, the one we do not."""
+
+    prompt: str
+    desired: str
+    unwanted: str
+
+
+COLUMNS = ("prompt", "desired", "unwanted")
+
+
+@dataclass
+class LatData:
+    """Examples for the latent adversary and the LAT trainer; ``validate()`` before use."""
+
+    examples: list[LatExample] = field(default_factory=list)
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: Sequence[Mapping[str, Any]],
+        prompt: str = "prompt",
+        desired: str = "desired",
+        unwanted: str = "unwanted",
+    ) -> LatData:
+        """From table rows (e.g. JSONL records); the column names are configurable."""
+        names = {"prompt": prompt, "desired": desired, "unwanted": unwanted}
+        examples = []
+        for index, row in enumerate(rows):
+            missing = [col for col in names.values() if col not in row]
+            if missing:
+                raise DataError(
+                    f"row {index} lacks column(s) {', '.join(map(repr, missing))} "
+                    f"(has: {', '.join(map(repr, row))})"
+                )
+            examples.append(LatExample(**{k: row[c] for k, c in names.items()}))
+        data = cls(examples)
+        data.validate()
+        return data
+
+    def validate(self) -> None:
+        if not self.examples:
+            raise DataError("no LAT examples (each needs a prompt, a desired and an unwanted text)")
+        for index, ex in enumerate(self.examples):
+            if not isinstance(ex, LatExample):
+                raise DataError(f"example {index} is a {type(ex).__name__}, not a LatExample")
+            for column in COLUMNS:
+                value = getattr(ex, column)
+                if not isinstance(value, str) or not value.strip():
+                    raise DataError(f"example {index}: {column!r} is missing or empty ({value!r})")
+            if ex.desired == ex.unwanted:
+                raise DataError(
+                    f"example {index}: desired and unwanted completions are the same "
+                    f"({ex.desired!r})"
+                )
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def _tokens(hm: HookedModel, text: str, special: bool) -> list[int]:
+    tokens = hm.tokenize(text, add_special_tokens=special)
+    if not tokens:
+        raise TokenizationError(f"{text!r} tokenizes to nothing")
+    return tokens
+
+
+@dataclass
+class LatSequences:
+    """One forward's rows for a ``LatBatch``: prompt + completion of each kind in ``kinds``.
+
+    Rows ``i * B .. (i + 1) * B - 1`` hold kind ``kinds[i]`` of examples ``0..B-1``.
+    ``slots[r, t]`` is the perturbation slot (index into the flattened ``[B, S]`` perturbation
+    grid) that position ``t`` of row ``r`` reads, or -1.
+    """
+
+    batch: TargetBatch
+    kinds: tuple[str, ...]
+    n_examples: int
+    slots: torch.Tensor
+    grid: tuple[int, int]
+
+    def rows(self, kind: str) -> slice:
+        i = self.kinds.index(kind)
+        return slice(i * self.n_examples, (i + 1) * self.n_examples)
+
+
+@dataclass
+class LatBatch:
+    """Tokenized examples and the perturbation grid's layout.
+
+    Grid columns ``0 .. P-1`` hold the prompt tokens, right-aligned (``P`` = longest prompt);
+    columns ``P .. P+C-1`` the completion offsets ``0 .. C-1`` (``C`` = longest completion).
+    """
+
+    prompts: list[list[int]]
+    desired: list[list[int]]
+    unwanted: list[list[int]]
+    pad_id: int
+    _cache: dict[tuple[tuple[str, ...], str], LatSequences] = field(
+        default_factory=dict, repr=False
+    )
+
+    @classmethod
+    def from_examples(cls, hm: HookedModel, examples: Sequence[LatExample]) -> LatBatch:
+        LatData(list(examples)).validate()
+        return cls(
+            [_tokens(hm, e.prompt, True) for e in examples],
+            [_tokens(hm, e.desired, False) for e in examples],
+            [_tokens(hm, e.unwanted, False) for e in examples],
+            hm.pad_id,
+        )
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def prompt_width(self) -> int:
+        return max(map(len, self.prompts))
+
+    @property
+    def completion_width(self) -> int:
+        return max(max(map(len, self.desired)), max(map(len, self.unwanted)))
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return len(self), self.prompt_width + self.completion_width
+
+    def slot_mask(self, positions: str) -> torch.Tensor:
+        """``[B, S]`` bool: grid cells that hold a real prompt token (and, for
+        ``prompt_and_completion``, a completion offset some completion of the example has)."""
+        n, width = self.grid
+        p_width = self.prompt_width
+        mask = torch.zeros(n, width, dtype=torch.bool)
+        for b in range(n):
+            mask[b, p_width - len(self.prompts[b]) : p_width] = True
+            if positions == "prompt_and_completion":
+                longest = max(len(self.desired[b]), len(self.unwanted[b]))
+                mask[b, p_width : p_width + longest] = True
+        return mask
+
+    def sequences(self, kinds: Sequence[str], device: torch.device | str) -> LatSequences:
+        """The rows of ``kinds`` (cached per kinds and device)."""
+        kinds = tuple(kinds)
+        if not kinds or any(k not in KINDS for k in kinds):
+            raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds}")
+        key = (kinds, str(device))
+        if key not in self._cache:
+            conts = [c for k in kinds for c in getattr(self, k)]
+            prompts = [p for _ in kinds for p in self.prompts]
+            batch = TargetBatch.from_tokens(prompts, conts, self.pad_id)
+            n, width = self.grid
+            p_width, seq = self.prompt_width, batch.input_ids.shape[1]
+            slots = torch.full((len(prompts), seq), -1, dtype=torch.long)
+            for row, (p, c) in enumerate(zip(prompts, conts, strict=True)):
+                b = row % n
+                start = seq - len(c) - len(p)
+                slots[row, start : start + len(p)] = b * width + torch.arange(
+                    p_width - len(p), p_width
+                )
+                slots[row, seq - len(c) :] = b * width + p_width + torch.arange(len(c))
+            self._cache[key] = LatSequences(batch.to(device), kinds, n, slots.to(device), self.grid)
+        return self._cache[key]
+
+
+# ---- the adversary ---------------------------------------------------------------------------
+class LatentAdversary:
+    """Per-token perturbations ``deltas[site]`` (``[B, S, d]`` over a ``LatBatch``'s grid).
+
+    ``project()`` keeps every cell within its site's ``epsilons[site]`` and zero outside
+    ``mask``; ``active(hm)`` adds the (frozen) perturbation during forwards of the batch.
+    """
+
+    def __init__(
+        self,
+        config: LatentAdversaryConfig,
+        batch: LatBatch,
+        sites: Sequence[str],
+        epsilons: Mapping[str, float],
+        d_model: int,
+        device: torch.device | str,
+        seed: int = 0,
+    ) -> None:
+        self.config = config
+        self.batch = batch
+        self.sites = list(sites)
+        self.epsilons = {s: float(epsilons[s]) for s in self.sites}
+        self.mask = batch.slot_mask(config.positions).to(device)
+        self.losses: list[float] = []
+        shape = (*batch.grid, d_model)
+        generator = torch.Generator().manual_seed(seed)
+        self.deltas: dict[str, torch.nn.Parameter] = {}
+        for site in self.sites:
+            if config.init == "random":
+                init = torch.randn(shape, generator=generator) * (
+                    self.epsilons[site] / math.sqrt(d_model)
+                )
+            else:
+                init = torch.zeros(shape)
+            self.deltas[site] = torch.nn.Parameter(init.to(device))
+        self.project()
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Scale each token's perturbation onto its L2 ball; zero the unchosen cells."""
+        keep = self.mask.unsqueeze(-1).to(torch.float32)
+        for site, delta in self.deltas.items():
+            norms = delta.norm(dim=-1, keepdim=True)
+            delta.mul_((self.epsilons[site] / norms.clamp_min(1e-12)).clamp(max=1.0) * keep)
+
+    def norms(self) -> dict[str, torch.Tensor]:
+        """``[B, S]`` L2 norm of every cell, per site."""
+        return {s: d.detach().norm(dim=-1) for s, d in self.deltas.items()}
+
+    def interventions(self, seqs: LatSequences, trainable: bool = False) -> list[Apply]:
+        """One ``Apply`` per site adding the perturbation to ``seqs``' rows (frozen unless
+        ``trainable``); positions without a chosen slot keep their activation exactly."""
+        if seqs.grid != self.batch.grid:
+            raise SiteError(
+                f"these sequences come from a batch with a {seqs.grid} perturbation grid; the "
+                f"adversary was trained on one with {self.batch.grid}"
+            )
+        flat_mask = self.mask.reshape(-1)
+        slots = seqs.slots
+        valid = (slots >= 0) & flat_mask[slots.clamp(min=0)]
+        index = slots.clamp(min=0)
+        out = []
+        for site, delta in self.deltas.items():
+            out.append(Apply(site, _adder(delta, index, valid, trainable)))
+        return out
+
+    @contextmanager
+    def active(
+        self, hm: HookedModel, seqs: LatSequences | None = None, trainable: bool = False
+    ) -> Iterator[LatSequences]:
+        """Apply the perturbation to forwards of ``seqs`` (default: both completions)."""
+        seqs = seqs or self.batch.sequences(KINDS, hm.device)
+        with hm.hooks(interventions=self.interventions(seqs, trainable)):
+            yield seqs
+
+
+def _adder(delta: torch.nn.Parameter, index: torch.Tensor, valid: torch.Tensor, trainable: bool):
+    def add(activation: torch.Tensor) -> torch.Tensor:
+        if activation.shape[:2] != index.shape:
+            raise SiteError(
+                f"the perturbation was built for a batch of shape {tuple(index.shape)}, "
+                f"got activations of shape {tuple(activation.shape[:2])}"
+            )
+        values = delta if trainable else delta.detach()
+        flat = values.reshape(-1, values.shape[-1]).to(activation.device, activation.dtype)
+        return torch.where(valid.unsqueeze(-1), activation + flat[index], activation)
+
+    return add
+
+
+# ---- losses ----------------------------------------------------------------------------------
+def mean_nll(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-weighted mean negative log-likelihood of the masked ``[rows, t]`` log-probs."""
+    mask = mask.to(logprobs.dtype)
+    return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
+
+
+def completion_terms(
+    logprobs: torch.Tensor, seqs: LatSequences, floor: float = DEFAULT_FLOOR
+) -> dict[str, torch.Tensor]:
+    """For each kind present: ``<kind>_nll`` (CE toward it) and ``<kind>_away`` (-log(1-p))."""
+    terms = {}
+    for kind in seqs.kinds:
+        rows = seqs.rows(kind)
+        lp, mask = logprobs[rows], seqs.batch.target_mask[rows]
+        terms[f"{kind}_nll"] = mean_nll(lp, mask)
+        terms[f"{kind}_away"] = unlearn_loss_from_logprobs(lp, mask, floor)
+    return terms
+
+
+def adversary_objective(terms: Mapping[str, torch.Tensor], config: LatentAdversaryConfig):
+    """``toward_coef * CE(unwanted) + away_coef * (-log(1 - p(desired)))``."""
+    loss = 0.0
+    if config.toward_coef > 0:
+        loss = loss + config.toward_coef * terms["unwanted_nll"]
+    if config.away_coef > 0:
+        loss = loss + config.away_coef * terms["desired_away"]
+    return loss
+
+
+def target_logits(hm: HookedModel, batch: TargetBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[b, t]`` target-token log-probs (0 off target, as ``token_logprobs``) and ``[b, t]``
+    whether the target is the argmax prediction (False off target)."""
+    keep = max(batch.n_targets)
+    width = batch.input_ids.shape[1]
+    logits = hm.forward(**batch.model_inputs(), logits_to_keep=keep + 1).logits[:, :-1]
+    log_probs = logits.float().log_softmax(-1)
+    targets = batch.input_ids[:, width - keep :]
+    mask = batch.target_mask[:, width - keep :].bool()
+    picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    hit = log_probs.argmax(-1) == targets
+    lp = torch.zeros(batch.input_ids.shape, dtype=picked.dtype, device=picked.device)
+    ok = torch.zeros(batch.input_ids.shape, dtype=torch.bool, device=picked.device)
+    lp[:, width - keep :] = torch.where(mask, picked, torch.zeros_like(picked))
+    ok[:, width - keep :] = hit & mask
+    return lp, ok
+
+
+# ---- training the adversary -----------------------------------------------------------------
+@contextmanager
+def frozen_model(hm: HookedModel) -> Iterator[None]:
+    """Eval mode, no parameter gradients, forwards on ``hm.model`` itself (not a DDP wrapper:
+    perturbations are per example, so each process attacks its own rows); all restored after."""
+    model = hm.model
+    flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    with ExitStack() as stack:
+        stack.enter_context(hm.forward_via(None))
+        try:
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            yield
+        finally:
+            for p, flag in zip(model.parameters(), flags, strict=True):
+                p.requires_grad_(flag)
+            model.train(was_training)
+
+
+@torch.no_grad()
+def measure_epsilons(
+    hm: HookedModel, batch: LatBatch, sites: Sequence[str], config: LatentAdversaryConfig
+) -> dict[str, float]:
+    """Per-site bound: ``epsilon`` (absolute) or ``epsilon * median`` of the unperturbed
+    per-token L2 norms at the site over the batch's real prompt tokens (relative)."""
+    if config.epsilon_mode == "absolute":
+        return {s: config.epsilon for s in sites}
+    seqs = batch.sequences(KINDS[:1], hm.device)
+    with hm.hooks(cache=list(sites)) as cache:
+        hm.forward(**seqs.batch.model_inputs(), logits_to_keep=1)
+    p_width, width = batch.prompt_width, batch.grid[1]
+    is_prompt = (seqs.slots >= 0) & (seqs.slots % width < p_width)
+    out = {}
+    for site in sites:
+        norms = cache[site].float()[is_prompt].norm(dim=-1)
+        out[site] = config.epsilon * float(norms.median())
+    return out
+
+
+def train_adversary(
+    hm: HookedModel,
+    batch: LatBatch | Sequence[LatExample],
+    config: LatentAdversaryConfig,
+    seed: int = 0,
+) -> LatentAdversary:
+    """Optimise a ``LatentAdversary`` on ``batch`` against the current (frozen) model.
+
+    ``adversary.losses[i]`` is the objective at step ``i`` (before that step's update). The
+    model's weights, ``requires_grad`` flags and train/eval mode are left as they were, and no
+    parameter ``.grad`` is touched (gradients are taken with respect to the perturbations only).
+    """
+    if not isinstance(batch, LatBatch):
+        batch = LatBatch.from_examples(hm, batch)
+    sites = resolve_sites(hm, config.layers)
+    d_model = hm.dims.d_model
+    with frozen_model(hm):
+        epsilons = measure_epsilons(hm, batch, sites, config)
+        adversary = LatentAdversary(config, batch, sites, epsilons, d_model, hm.device, seed)
+        seqs = batch.sequences(config.kinds, hm.device)
+        params = [adversary.deltas[s] for s in sites]
+        steps = [config.lr * epsilons[s] / math.sqrt(d_model) for s in sites]
+        optimizer = None
+        if config.optimizer == "adam":
+            optimizer = torch.optim.AdamW(
+                [{"params": [p], "lr": lr} for p, lr in zip(params, steps, strict=True)],
+                weight_decay=0.0,
+            )
+        for _ in range(config.steps):
+            with adversary.active(hm, seqs, trainable=True):
+                logprobs, _ = target_logits(hm, seqs.batch)
+            loss = adversary_objective(completion_terms(logprobs, seqs, config.away_floor), config)
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                if optimizer is not None:
+                    for p, g in zip(params, grads, strict=True):
+                        p.grad = g
+                    optimizer.step()
+                    for p in params:
+                        p.grad = None
+                else:
+                    for p, g, lr in zip(params, grads, steps, strict=True):
+                        p.sub_(lr * g.sign())
+            adversary.project()
+            adversary.losses.append(float(loss.detach()))
+    return adversary
+
+
+# ---- the attack ------------------------------------------------------------------------------
+@torch.no_grad()
+def preference_scores(
+    hm: HookedModel, batch: LatBatch, adversary: LatentAdversary | None = None
+) -> dict[str, Any]:
+    """Per example (with the adversary's perturbation if given): ``success`` (unwanted more
+    likely than desired by mean token log-prob), ``argmax`` (every unwanted token is the greedy
+    prediction), and the unwanted completion's NLL sum and token count."""
+    seqs = batch.sequences(KINDS, hm.device)
+    with ExitStack() as stack:
+        if adversary is not None:
+            stack.enter_context(adversary.active(hm, seqs))
+        logprobs, hits = target_logits(hm, seqs.batch)
+    mask = seqs.batch.target_mask.bool()
+    total = (logprobs * mask).sum(-1)
+    count = mask.sum(-1)
+    mean = total / count
+    unwanted, desired = seqs.rows("unwanted"), seqs.rows("desired")
+    return {
+        "success": (mean[unwanted] > mean[desired]).tolist(),
+        "argmax": (hits[unwanted] == mask[unwanted]).all(-1).tolist(),
+        "unwanted_nll": (-total[unwanted]).tolist(),
+        "unwanted_tokens": count[unwanted].tolist(),
+    }
+
+
+@dataclass
+class LatentAttackResult:
+    """Attack outcome on every example without (``before``) and with (``after``) its trained
+    perturbation: ``success_rate``, ``argmax_rate``, ``toward_loss`` (token-mean CE of the
+    unwanted completions). ``epsilons``: per site, the mean bound used (absolute units) over
+    batches; ``losses``: each batch's adversary objective per step."""
+
+    config: dict[str, Any]
+    n_examples: int
+    before: dict[str, float]
+    after: dict[str, float]
+    success_before: list[bool]
+    success_after: list[bool]
+    epsilons: dict[str, float]
+    epsilons_per_batch: list[dict[str, float]]
+    losses: list[list[float]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "success_rate_before": self.before["success_rate"],
+            "success_rate_after": self.after["success_rate"],
+            "config": self.config,
+            "n_examples": self.n_examples,
+            "before": self.before,
+            "after": self.after,
+            "success_before": self.success_before,
+            "success_after": self.success_after,
+            "epsilons": self.epsilons,
+            "epsilons_per_batch": self.epsilons_per_batch,
+            "losses": self.losses,
+        }
+
+
+def _summary(scores: Sequence[dict[str, Any]]) -> tuple[dict[str, float], list[bool]]:
+    success = [s for sc in scores for s in sc["success"]]
+    argmax = [a for sc in scores for a in sc["argmax"]]
+    nll = sum(x for sc in scores for x in sc["unwanted_nll"])
+    tokens = sum(x for sc in scores for x in sc["unwanted_tokens"])
+    return {
+        "success_rate": sum(success) / len(success),
+        "argmax_rate": sum(argmax) / len(argmax),
+        "toward_loss": nll / tokens,
+    }, success
+
+
+def latent_attack(
+    hm: HookedModel,
+    examples: LatData | Sequence[LatExample],
+    config: LatentAdversaryConfig,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> LatentAttackResult:
+    """Attack every example with a latent adversary (batches of ``batch_size``; relative bounds
+    are measured per batch) and report success before/after. Model weights are not changed."""
+    data = examples if isinstance(examples, LatData) else LatData(list(examples))
+    data.validate()
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    resolve_sites(hm, config.layers)
+    before, after, eps, losses = [], [], [], []
+    chunks = range(0, len(data), batch_size)
+    with frozen_model(hm), progress_bar(len(chunks), "latent attack", progress) as advance:
+        for i, start in enumerate(chunks):
+            batch = LatBatch.from_examples(hm, data.examples[start : start + batch_size])
+            before.append(preference_scores(hm, batch))
+            adversary = train_adversary(hm, batch, config, seed=seed * 1_000_003 + i)
+            after.append(preference_scores(hm, batch, adversary))
+            eps.append(adversary.epsilons)
+            losses.append(adversary.losses)
+            advance(1)
+    summary_before, success_before = _summary(before)
+    summary_after, success_after = _summary(after)
+    sites = list(eps[0])
+    return LatentAttackResult(
+        config=config.model_dump(mode="json"),
+        n_examples=len(data),
+        before=summary_before,
+        after=summary_after,
+        success_before=success_before,
+        success_after=success_after,
+        epsilons={s: sum(e[s] for e in eps) / len(eps) for s in sites},
+        epsilons_per_batch=eps,
+        losses=losses,
+    )

@@ -1,0 +1,441 @@
+"""Targeted latent adversarial training (LAT; Sheshadri et al. 2024, arXiv:2407.15549, Sec. 3,
+Eqs. 2-3), and its baselines RT (the same training without an adversary) and EAT (the
+adversary in embedding space).
+
+Every step draws a batch of (prompt, desired, unwanted) examples and
+
+1. trains a latent adversary on it against the current model (``attacks.latent``; weights
+   frozen, eval mode): perturbations of the residual stream at chosen layers, per-token L2
+   bound, pushing toward the unwanted completion (Eq. 2);
+2. takes ``defender_steps`` optimizer steps with that perturbation frozen and active (Eq. 3)::
+
+       L = t * CE(desired | x, delta)                 # toward the desired completion
+         + a * (-log(1 - p(unwanted | x, delta)))     # away from the unwanted one (floor -5)
+         + b * benign term (perturbation off)
+
+   where the benign term is SFT (CE on benign (prompt, completion) pairs) or ``KL(current ||
+   base)`` of the next-token distributions at the benign completion positions (the anchor
+   implementation's direction). The base is the model before training: for LoRA the adapters
+   are switched off (``Trainable.adapters_disabled``), otherwise log-probs of the unedited model
+   are computed once before training (memory: benign completion tokens x vocabulary floats on
+   the CPU). ``t, a, b`` are ``toward_coef, away_coef, benign_coef`` normalised to sum to 1 over
+   the active terms (a term is active when its coefficient is > 0 and it has data).
+
+``adversary=None`` gives RT (same batches, same number of defender steps, no perturbation);
+with ``epsilon = 0`` LAT reduces exactly to RT (tested). EAT is ``layers=["embed"]``
+(``lat_baseline``).
+
+Machinery shared with ``edit.trainer``: ``BatchStream`` batches, ``lr_factor`` (warmup and
+schedule count optimizer steps, i.e. ``steps * defender_steps``), AdamW, clipping, accelerate
+(DDP via ``hm.forward_via``; process ``r`` of ``N`` takes rows ``r::N`` of each batch and
+trains its own adversary on them, so relative bounds are per-shard medians), per-step seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mechunlearn.attacks.latent import (
+    KINDS,
+    LatBatch,
+    LatData,
+    LatentAdversary,
+    LatentAdversaryConfig,
+    LatSequences,
+    completion_terms,
+    resolve_sites,
+    train_adversary,
+)
+from mechunlearn.edit.objectives import DEFAULT_FLOOR, TargetBatch, edit_loss, token_logprobs
+from mechunlearn.edit.parametrization import Trainable
+from mechunlearn.edit.trainer import (
+    BatchStream,
+    TrainResult,
+    _default_accelerator,
+    _release,
+    lr_factor,
+)
+from mechunlearn.errors import ConfigError, DataError, TokenizationError
+from mechunlearn.models.handle import HookedModel
+from mechunlearn.report.progress import progress_bar
+
+
+class LatConfig(BaseModel):
+    """Hyperparameters of a LAT (or RT: ``adversary=None``) run; see the module docstring."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adversary: LatentAdversaryConfig | None
+    steps: int = Field(30, ge=1)
+    defender_steps: int = Field(1, ge=1, description="optimizer steps per adversary (K)")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    benign_batch_size: int = Field(8, ge=1)
+    seed: int = 0
+    toward_coef: float = Field(1.0, ge=0, description="CE toward the desired completion")
+    away_coef: float = Field(1.0, ge=0, description="-log(1-p) away from the unwanted one")
+    benign_coef: float = Field(1.0, ge=0)
+    benign: Literal["sft", "kl"] = "sft"
+    away_floor: float = Field(DEFAULT_FLOOR, lt=0)
+
+    @model_validator(mode="after")
+    def _something_to_defend(self) -> LatConfig:
+        if self.toward_coef == 0 and self.away_coef == 0:
+            raise ValueError("toward_coef and away_coef are both 0: nothing to train against")
+        return self
+
+
+def lat_baseline(config: LatConfig, kind: Literal["rt", "eat"]) -> LatConfig:
+    """RT (no adversary) or EAT (the same adversary on the embeddings) for a LAT config."""
+    if kind == "rt":
+        return config.model_copy(update={"adversary": None})
+    if kind == "eat":
+        if config.adversary is None:
+            raise ConfigError("EAT needs an adversary configuration to move to the embeddings")
+        return config.model_copy(
+            update={"adversary": config.adversary.model_copy(update={"layers": ["embed"]})}
+        )
+    raise ConfigError(f"unknown LAT baseline {kind!r}; known: rt, eat")
+
+
+def normalised_coefs(config: LatConfig, has_benign: bool) -> dict[str, float]:
+    """Active terms' coefficients scaled to sum to 1 (inactive terms are left out)."""
+    raw = {"toward": config.toward_coef, "away": config.away_coef}
+    if has_benign:
+        raw["benign"] = config.benign_coef
+    active = {k: v for k, v in raw.items() if v > 0}
+    total = sum(active.values())
+    return {k: v / total for k, v in active.items()}
+
+
+def check_benign(benign: Sequence[tuple[str, str]] | None) -> list[tuple[str, str]]:
+    """Benign (prompt, completion) pairs, or ``DataError`` naming the malformed one."""
+    out = []
+    for index, pair in enumerate(benign or ()):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise DataError(f"benign example {index} is not a (prompt, completion) pair: {pair!r}")
+        prompt, completion = pair
+        for name, value in (("prompt", prompt), ("completion", completion)):
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"benign example {index}: {name} is missing or empty ({value!r})")
+        out.append((prompt, completion))
+    return out
+
+
+def _pair_tokens(hm: HookedModel, pairs: Sequence[tuple[str, str]]) -> list[tuple[list, list]]:
+    out = []
+    for prompt, completion in pairs:
+        p = hm.tokenize(prompt)
+        c = hm.tokenize(completion, add_special_tokens=False)
+        if not p or not c:
+            raise TokenizationError(f"benign pair {(prompt, completion)!r} tokenizes to nothing")
+        out.append((p, c))
+    return out
+
+
+def _target_log_softmax(hm: HookedModel, batch: TargetBatch) -> torch.Tensor:
+    """``[rows, keep, vocab]`` next-token log-probs at the positions predicting the last
+    ``keep = max(n_targets)`` tokens (row ``j`` predicts token ``width - keep + j``)."""
+    keep = max(batch.n_targets)
+    logits = hm.forward(**batch.model_inputs(), logits_to_keep=keep + 1).logits[:, :-1]
+    return logits.float().log_softmax(-1)
+
+
+class _KLReference:
+    """Base-model next-token log-probs on benign batches: LoRA adapters off, or precomputed."""
+
+    def __init__(
+        self,
+        hm: HookedModel,
+        trainable: Trainable,
+        pairs: list[tuple[list, list]],
+        batch_size: int,
+    ) -> None:
+        self.hm, self.trainable = hm, trainable
+        self.lora = trainable.mode == "lora"
+        self.saved: list[torch.Tensor] = []
+        if not self.lora:
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start : start + batch_size]
+                ref = self._compute(_benign_batch(hm, chunk))
+                for row, (_, c) in enumerate(chunk):
+                    self.saved.append(ref[row, ref.shape[1] - len(c) :].cpu())
+
+    @torch.no_grad()
+    def _compute(self, batch: TargetBatch) -> torch.Tensor:
+        """The base model's log-probs now: adapters off (LoRA), eval mode, no DDP wrapper."""
+        model = self.hm.model
+        with ExitStack() as stack:
+            stack.enter_context(self.hm.forward_via(None))
+            if self.lora:
+                stack.enter_context(self.trainable.adapters_disabled())
+            stack.callback(model.train, model.training)
+            model.eval()
+            return _target_log_softmax(self.hm, batch)
+
+    def __call__(self, batch: TargetBatch, index: Sequence[int]) -> torch.Tensor:
+        if self.lora:
+            return self._compute(batch)
+        keep = max(batch.n_targets)
+        first = self.saved[index[0]]
+        out = torch.zeros(len(index), keep, first.shape[-1], device=self.hm.device)
+        for row, i in enumerate(index):
+            ref = self.saved[i]
+            out[row, keep - ref.shape[0] :] = ref.to(self.hm.device)
+        return out
+
+
+def _benign_batch(hm: HookedModel, pairs: Sequence[tuple[list, list]]) -> TargetBatch:
+    return TargetBatch.from_tokens([p for p, _ in pairs], [c for _, c in pairs], hm.pad_id).to(
+        hm.device
+    )
+
+
+def kl_to_reference(hm: HookedModel, batch: TargetBatch, reference: torch.Tensor) -> torch.Tensor:
+    """Mean over benign completion tokens of ``KL(current || reference)`` (next-token
+    distributions at the positions predicting them)."""
+    current = _target_log_softmax(hm, batch)
+    keep = current.shape[1]
+    mask = batch.target_mask[:, batch.input_ids.shape[1] - keep :].bool()
+    kl = (current.exp() * (current - reference)).sum(-1)
+    return kl[mask].mean()
+
+
+@dataclass
+class _Run:
+    hm: HookedModel
+    trainable: Trainable
+    config: LatConfig
+    accelerator: Any
+    optimizer: Any
+    scheduler: Any
+    coefs: dict[str, float]
+    kinds: tuple[str, ...]
+    examples: list[tuple[list, list, list]]
+    benign: list[tuple[list, list]]
+    reference: _KLReference | None
+    streams: dict[str, BatchStream]
+    rank: int
+    world: int
+
+    def shard(self, indices: list[int]) -> list[int]:
+        return indices[self.rank :: self.world]
+
+
+def _defender_step(
+    run: _Run,
+    seqs: LatSequences,
+    adversary: LatentAdversary | None,
+    benign: tuple[TargetBatch, list[int]] | None,
+) -> dict[str, float]:
+    """One optimizer step against the frozen perturbation (plus the benign term without it)."""
+    hm, cfg, coefs = run.hm, run.config, run.coefs
+    with adversary.active(hm, seqs) if adversary is not None else nullcontext():
+        logprobs = token_logprobs(hm, seqs.batch)
+    parts = completion_terms(logprobs, seqs, cfg.away_floor)
+    terms: dict[str, torch.Tensor] = {}
+    loss = torch.zeros((), device=hm.device)
+    if "toward" in coefs:
+        terms["toward"] = parts["desired_nll"]
+        loss = loss + coefs["toward"] * terms["toward"]
+    if "away" in coefs:
+        terms["away"] = parts["unwanted_away"]
+        loss = loss + coefs["away"] * terms["away"]
+    if benign is not None:
+        batch, index = benign
+        if cfg.benign == "sft":
+            terms["benign"] = edit_loss(hm, batch)
+        else:
+            terms["benign"] = kl_to_reference(hm, batch, run.reference(batch, index))
+        loss = loss + coefs["benign"] * terms["benign"]
+    if run.world > 1:  # DDP waits for a gradient of every trained parameter
+        loss = loss + 0.0 * sum(p.reshape(-1)[:1].sum() for p in run.trainable.params)
+
+    run.accelerator.backward(loss)
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+    grad_norm = run.accelerator.clip_grad_norm_(run.trainable.params, max_norm)
+    lr = float(run.optimizer.param_groups[0]["lr"])
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.trainable.after_step()
+
+    record = {"loss": loss.detach().float(), **{k: v.detach().float() for k, v in terms.items()}}
+    if "unwanted_nll" in parts:  # how far the (frozen) attack got, before this update
+        record["unwanted_nll"] = parts["unwanted_nll"].detach().float()
+    record = {k: float(v) for k, v in record.items()}
+    record.update(lr=lr, grad_norm=float(grad_norm))
+    return record
+
+
+def _lat_step(run: _Run, step: int) -> dict[str, float]:
+    """Train an adversary on this step's batch, then ``defender_steps`` optimizer steps."""
+    hm, cfg = run.hm, run.config
+    index = run.shard(run.streams["lat"].next())
+    batch = LatBatch(
+        [run.examples[i][0] for i in index],
+        [run.examples[i][1] for i in index],
+        [run.examples[i][2] for i in index],
+        hm.pad_id,
+    )
+    seqs = batch.sequences(run.kinds, hm.device)
+    record: dict[str, float] = {}
+    adversary = None
+    if cfg.adversary is not None:
+        tick = time.perf_counter()
+        seed = (cfg.seed * 1_000_003 + step) * 1_009 + run.rank
+        adversary = train_adversary(hm, batch, cfg.adversary, seed=seed)
+        record["adv_seconds"] = time.perf_counter() - tick
+        if adversary.losses:
+            record["adv_loss_first"] = adversary.losses[0]
+            record["adv_loss_last"] = adversary.losses[-1]
+        record.update({f"eps/{site}": eps for site, eps in adversary.epsilons.items()})
+    benign = None
+    if "benign" in run.coefs:
+        b_index = run.shard(run.streams["benign"].next())
+        benign = (_benign_batch(hm, [run.benign[i] for i in b_index]), b_index)
+
+    sums: dict[str, float] = {}
+    k_steps = cfg.defender_steps
+    for k in range(k_steps):
+        torch.manual_seed((cfg.seed * 1_000_003 + step * k_steps + k) * 1_009 + run.rank)
+        values = _defender_step(run, seqs, adversary, benign)
+        if k == 0:
+            record["lr"] = values["lr"]
+            if "unwanted_nll" in values:
+                record["unwanted_nll"] = values["unwanted_nll"]
+        for key, value in values.items():
+            if key not in ("lr", "unwanted_nll"):
+                sums[key] = sums.get(key, 0.0) + value / k_steps
+    record.update(sums)
+    if run.world > 1:
+        keys = sorted(record)
+        values = torch.tensor([record[k] for k in keys], device=hm.device)
+        record = dict(zip(keys, run.accelerator.reduce(values, "mean").tolist(), strict=True))
+    return record
+
+
+def train_lat(
+    hm: HookedModel,
+    trainable: Trainable,
+    data: LatData,
+    benign: Sequence[tuple[str, str]] | None,
+    config: LatConfig,
+    *,
+    accelerator=None,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda _: None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Targeted LAT (or RT / EAT) of ``trainable`` on ``data`` (see the module docstring).
+
+    ``history[key][i]`` is LAT step ``i``'s value: ``loss``, ``toward``, ``away``, ``benign``
+    (unweighted terms), ``grad_norm`` (means over the defender steps), ``lr`` (first defender
+    step), ``unwanted_nll`` (CE of the unwanted completions under the frozen attack before the
+    defender's update; clean for RT), ``adv_loss_first``/``adv_loss_last`` (the adversary's
+    objective at its first/last step), ``eps/<site>`` (bounds used), ``adv_seconds`` and
+    ``seconds`` (the whole step). ``on_step(steps_done, record)`` runs in eval mode.
+    """
+    data.validate()
+    benign_pairs = check_benign(benign)
+    if not trainable.active:
+        raise ConfigError("this Trainable was restored or merged; make a new one")
+    if trainable.hm is not hm:
+        raise ConfigError("the Trainable was made for another HookedModel")
+    sites = resolve_sites(hm, config.adversary.layers) if config.adversary else []
+    coefs = normalised_coefs(config, bool(benign_pairs))
+    kinds = tuple(k for k, term in zip(KINDS, ("away", "toward"), strict=True) if term in coefs)
+    accelerator = accelerator or _default_accelerator(hm)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sizes = {"LAT": (config.batch_size, len(data))}
+    if "benign" in coefs:
+        sizes["benign"] = (config.benign_batch_size, len(benign_pairs))
+    for name, (size, n) in sizes.items():
+        if min(size, n) < world:
+            raise ConfigError(
+                f"the {name} batch ({min(size, n)} examples) cannot be split over {world} processes"
+            )
+
+    with ExitStack() as stack:
+        stack.callback(hm.model.train, hm.model.training)  # runs last, even on errors
+        hm.model.eval()
+        batch = LatBatch.from_examples(hm, data.examples)  # tokenizes and checks every example
+        examples = list(zip(batch.prompts, batch.desired, batch.unwanted, strict=True))
+        benign_tokens = _pair_tokens(hm, benign_pairs) if "benign" in coefs else []
+        reference = None
+        if "benign" in coefs and config.benign == "kl":
+            reference = _KLReference(hm, trainable, benign_tokens, config.benign_batch_size)
+        streams = {"lat": BatchStream(len(examples), config.batch_size, config.seed * 7919 + 1)}
+        if "benign" in coefs:
+            streams["benign"] = BatchStream(
+                len(benign_tokens), config.benign_batch_size, config.seed * 7919 + 4
+            )
+
+        optimizer = torch.optim.AdamW(
+            trainable.params, lr=config.lr, weight_decay=config.weight_decay
+        )
+        total, warmup = config.steps * config.defender_steps, config.warmup_steps
+        schedule = config.schedule
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, total, warmup, schedule)
+        )
+        if world == 1 or accelerator.split_batches:
+            model, optimizer, scheduler = accelerator.prepare(hm.model, optimizer, scheduler)
+        else:
+            model, optimizer = accelerator.prepare(hm.model, optimizer)
+        stack.callback(_release, accelerator, model, optimizer, scheduler)
+
+        run = _Run(
+            hm, trainable, config, accelerator, optimizer, scheduler, coefs, kinds,
+            examples, benign_tokens, reference, streams, rank, world,
+        )  # fmt: skip
+        method = "RT" if config.adversary is None else f"LAT at {', '.join(sites)}"
+        log(
+            f"{method}: {trainable.mode} ({trainable.n_params:,} parameters), "
+            f"coefficients {coefs}, {config.steps} steps x {config.defender_steps} defender "
+            f"step(s) on {world} process(es), {hm.device}"
+        )
+        stack.enter_context(hm.forward_via(model if model is not hm.model else None))
+        device = hm.device
+        stack.enter_context(
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        )
+        advance = stack.enter_context(
+            progress_bar(config.steps, method, enabled=progress and accelerator.is_main_process)
+        )
+        history: dict[str, list[float]] = {}
+        began = time.perf_counter()
+        hm.model.train()
+        for step in range(config.steps):
+            tick = time.perf_counter()
+            record = _lat_step(run, step)
+            record["seconds"] = time.perf_counter() - tick
+            for key, value in record.items():
+                history.setdefault(key, []).append(value)
+            advance(1)
+            if on_step is not None:
+                hm.model.eval()
+                on_step(step + 1, record)
+                hm.model.train()
+        seconds = time.perf_counter() - began
+    log(f"{method}: {config.steps} steps in {seconds:.1f}s; final loss {history['loss'][-1]:.4f}")
+    info = {
+        "processes": world,
+        "forward_module": type(model).__name__,
+        "method": "rt" if config.adversary is None else "lat",
+        "sites": sites,
+        "coefs": coefs,
+    }
+    return TrainResult(config.steps, history, seconds, trainable.n_params, info)
