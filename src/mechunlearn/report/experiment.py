@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 
 from mechunlearn.errors import DataError  # noqa: E402
 from mechunlearn.io import atomic_write_json, atomic_write_text  # noqa: E402
+from mechunlearn.report.figures import save_figure  # noqa: E402
 
 BASE = "base"
 
@@ -190,15 +191,6 @@ def _markdown(folder: Path, summary, order: list[str], results) -> str:
     return "\n".join(lines).replace("↑ |", "↑ |").strip() + "\n"
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
 def metric_bars(summary, order: list[str], path: Path) -> Path | None:
     """One panel per headline metric: a bar per localization with its std over seeds."""
     columns = [c for c in headline_columns(summary) if any(c[0] in summary[n] for n in order)]
@@ -219,7 +211,7 @@ def metric_bars(summary, order: list[str], path: Path) -> Path | None:
     for ax in list(axes.flat)[len(columns) :]:
         ax.axis("off")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _curve_key(points: list[dict[str, Any]]) -> str | None:
@@ -257,7 +249,7 @@ def relearn_curves(results, order: list[str], path: Path) -> Path | None:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def probe_curves(results, order: list[str], path: Path) -> Path | None:
@@ -294,7 +286,7 @@ def probe_curves(results, order: list[str], path: Path) -> Path | None:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_report(folder: str | Path) -> dict[str, Any]:

@@ -21,7 +21,8 @@ _HEAD_RE = re.compile(r"^blocks\.(\d+)\.attn\.head(\d+)$")
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.(attn|mlp)$")
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write a PNG atomically (temporary file + rename) and close the figure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
@@ -48,7 +49,7 @@ def position_heatmap(loc: Localization, kind: str, path: Path) -> Path:
     ax.set_xticks(range(data.shape[1]), labels, rotation=45, ha="right")
     ax.set_title(f"{loc.method}: {kind} ({loc.model})")
     fig.colorbar(image, ax=ax)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def component_map(loc: Localization, path: Path) -> Path:
@@ -101,7 +102,7 @@ def component_map(loc: Localization, path: Path) -> Path:
                         (head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=2
                     )
                 )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def probe_accuracy_plot(loc: Localization, path: Path) -> Path | None:
@@ -123,7 +124,7 @@ def probe_accuracy_plot(loc: Localization, path: Path) -> Path | None:
     ax.set_ylim(0, 1.02)
     ax.set_title(f"{loc.method}: where the attribute becomes decodable ({loc.model})")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def localization_figures(loc: Localization, folder: Path) -> list[Path]:
