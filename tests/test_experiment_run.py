@@ -253,3 +253,21 @@ def test_resume_extends_a_finished_run_to_more_seeds(saved_llama, tmp_path, monk
     with pytest.raises(Exception, match="another config"):
         run_experiment(other, out, resume=True, progress=False)
     assert (out / "results.md").is_file()  # a refused resume leaves the finished run in place
+
+
+def test_counterfact_side_effect_is_measured(saved_llama, tmp_path, monkeypatch, shared_data):
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(saved_llama).model_dump(mode="json")
+    config["localizations"] = [{"name": "all_mlps", "method": "all_mlps"}]
+    config["evaluation"]["relearn"] = None
+    config["evaluation"]["soft_prompt"] = None
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cf = str(shared_data / "counterfact_subset.json")
+    out = tmp_path / "out"
+    args = ["run", str(path), "--out", str(out), "--seeds", "1", "--counterfact", cf, "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for name in ("base", "all_mlps"):
+        metrics = json.loads((out / "results" / name / "seed0.json").read_text())["metrics"]
+        assert 0.0 <= metrics["side_effects.counterfact_neighborhood"] <= 1.0

@@ -260,6 +260,12 @@ def run_command(
             "--save-models", help="save each edited model (first seed) with save_pretrained"
         ),
     ] = False,
+    counterfact: Annotated[
+        str | None,
+        typer.Option(
+            help="CounterFact JSON: its neighbourhood score as a side effect of every edit"
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run an editing/unlearning experiment: localize, edit, attack, report."""
@@ -276,6 +282,9 @@ def run_command(
     }
     if save_models:
         updates["save_models"] = True
+    if counterfact is not None:
+        evaluation = cfg.evaluation.model_dump() | {"counterfact_side_effects": counterfact}
+        updates["evaluation"] = evaluation
     if seeds is not None:
         if seeds < 1:
             raise typer.BadParameter("--seeds must be at least 1")

@@ -10,7 +10,7 @@ One call measures, for one (localization, seed):
 - the relearning attack (LoRA on half the forget facts with the true answers) and the
   soft-prompt attack, each restoring the model afterwards;
 - CounterFact: ROME's efficacy / paraphrase / neighbourhood scores for CounterFact edits, or
-  P(true) > P(new) on unrelated CounterFact facts as a side effect of other edits.
+  ROME's neighbourhood score on unrelated CounterFact facts as a side effect of other edits.
 
 Everything is returned as a flat ``metrics`` dict (names like ``forget.mcq.p_original``) plus
 curves for the plots, so the report aggregates any experiment the same way.
@@ -30,7 +30,6 @@ from mechunlearn.evals.counterfact_metrics import rome_metrics
 from mechunlearn.evals.edit_metrics import edit_metrics
 from mechunlearn.evals.harness import evaluate, summarise_format
 from mechunlearn.evals.latent_probes import latent_probe_accuracy
-from mechunlearn.evals.metrics import mean_and_sem, per_record
 from mechunlearn.experiments.edit_config import ExperimentConfig
 from mechunlearn.experiments.fact_sets import FactSets
 from mechunlearn.models.handle import HookedModel
@@ -101,12 +100,9 @@ def format_metrics(
 def counterfact_side_effect(
     hm: HookedModel, records: Sequence[FactRecord], batch_size: int
 ) -> float:
-    """Share of unrelated CounterFact facts where P(true) > P(new) (ROME's comparison)."""
-    from mechunlearn.evals.scoring import score_items
-    from mechunlearn.tasks.formats import format_records
-
-    scores = score_items(hm, format_records(records, ["completion"]), batch_size=batch_size)
-    return mean_and_sem(list(per_record(scores, "true_beats_new").values()))[0]
+    """ROME's neighbourhood score on unrelated CounterFact facts: the share of their
+    neighbourhood prompts where P(true) > P(new). An edit of other facts should not move it."""
+    return rome_metrics(hm, records, batch_size=batch_size)["neighborhood_score"]
 
 
 def run_battery(
@@ -132,7 +128,7 @@ def run_battery(
         for key, value in rome_metrics(hm, sets.forget, batch_size=battery.batch_size).items():
             out.metrics[f"counterfact.{key}"] = value
     if counterfact_records:
-        out.metrics["side_effects.counterfact_true_beats_new"] = counterfact_side_effect(
+        out.metrics["side_effects.counterfact_neighborhood"] = counterfact_side_effect(
             hm, counterfact_records, battery.batch_size
         )
     if battery.probes:

@@ -140,7 +140,7 @@ class BatteryConfig(Strict):
     lm_texts: int = Field(default=64, ge=1, description="general sentences for the LM loss")
     counterfact_side_effects: str | None = Field(
         default=None,
-        description="CounterFact JSON: P(true) > P(new) on its facts before/after (unrelated knowledge)",
+        description="CounterFact JSON: ROME neighbourhood score on its facts (unrelated knowledge)",
     )
     n_counterfact_side_effects: int = Field(default=64, ge=1)
 

@@ -58,7 +58,7 @@ ROBUSTNESS_COLUMNS = [
     ("retain.mcq.accuracy", "retain acc: MCQ", False),
     ("lm_loss_delta", "LM loss change (nats)", True),
     ("counterfact.score", "CounterFact score S", False),
-    ("side_effects.counterfact_true_beats_new", "unrelated CounterFact P(true)>P(new)", False),
+    ("side_effects.counterfact_neighborhood", "unrelated CounterFact neighbourhood score", False),
 ]
 
 
