@@ -144,7 +144,7 @@ def test_shipped_configs_validate():
         "sports-unlearn-sport",
         "counterfact-edit-16",
     } <= set(names)
-    for name in names:
+    for name in [n for n in names if not n.startswith("lat-")]:  # LAT: test_lat_experiment.py
         cfg = load_yaml_config(ExperimentConfig, resolve_config(name))
         assert len(cfg.seeds) >= 3 and len(cfg.localizations) == 7
     with pytest.raises(ConfigError, match="shipped"):

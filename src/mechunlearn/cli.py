@@ -1,4 +1,5 @@
-"""Command-line interface: ``models``, ``eval``, ``localize``, ``run`` (experiments), ``report``.
+"""Command-line interface: ``models``, ``eval``, ``localize``, ``run`` (editing and targeted-LAT
+experiments), ``report``.
 
 Errors the user can fix print one red line and exit with status 2; no traceback, no partial
 results.
@@ -268,15 +269,36 @@ def run_command(
     ] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run an editing/unlearning experiment: localize, edit, attack, report."""
+    """Run an experiment: editing/unlearning (localize, edit, attack, report), or targeted LAT
+    (``kind: lat`` in the YAML: train, attack, report)."""
     from mechunlearn.experiments.config import load_yaml_config, validate_config
     from mechunlearn.experiments.edit_config import ExperimentConfig, resolve_config
     from mechunlearn.experiments.edit_job import run_experiment
 
     config = resolve_config(config)
-    cfg = load_yaml_config(ExperimentConfig, config)
     if seeds is not None and full:
         raise typer.BadParameter("give --seeds N or --full, not both")
+    if seeds is not None and seeds < 1:
+        raise typer.BadParameter("--seeds must be at least 1")
+    if _config_kind(config) == "lat":
+        unused = [
+            flag
+            for flag, given in (
+                ("--no-cache", no_cache),
+                ("--save-models", save_models),
+                ("--counterfact", counterfact is not None),
+            )
+            if given
+        ]
+        if unused:
+            from mechunlearn.errors import ConfigError
+
+            raise ConfigError(f"{', '.join(unused)}: not used by LAT experiments ({config})")
+        folder = _run_lat(config, out, seeds, model, data, device, resume, quiet)
+        console.print((folder / "results.md").read_text(), markup=False, highlight=False)
+        console.print(f"results: {folder}/results.md, summary.json, figures/")
+        return
+    cfg = load_yaml_config(ExperimentConfig, config)
     updates: dict[str, Any] = {
         k: v for k, v in {"model": model, "data": data, "device": device}.items() if v is not None
     }
@@ -286,8 +308,6 @@ def run_command(
         evaluation = cfg.evaluation.model_dump() | {"counterfact_side_effects": counterfact}
         updates["evaluation"] = evaluation
     if seeds is not None:
-        if seeds < 1:
-            raise typer.BadParameter("--seeds must be at least 1")
         updates["seeds"] = cfg.seeds[:seeds]
     cfg = validate_config(ExperimentConfig, cfg.model_dump() | updates, str(config))
     folder = run_experiment(
@@ -302,12 +322,51 @@ def run_command(
     console.print(f"results: {folder}/results.md, summary.json, figures/")
 
 
+def _config_kind(path: str) -> str:
+    """The ``kind`` key of an experiment YAML (``edit`` when absent or unreadable: the
+    editing config's own validation then reports the problem)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return "edit"
+    return str(data.get("kind", "edit")) if isinstance(data, dict) else "edit"
+
+
+def _run_lat(
+    config: str,
+    out: Path,
+    seeds: int | None,
+    model: str | None,
+    data: str | None,
+    device: str | None,
+    resume: bool,
+    quiet: bool,
+) -> Path:
+    from mechunlearn.experiments.config import load_yaml_config, validate_config
+    from mechunlearn.experiments.lat_config import LatExperimentConfig
+    from mechunlearn.experiments.lat_job import run_lat_experiment
+
+    cfg = load_yaml_config(LatExperimentConfig, config)
+    updates: dict[str, Any] = {
+        k: v for k, v in {"model": model, "data": data, "device": device}.items() if v is not None
+    }
+    if seeds is not None:
+        updates["seeds"] = cfg.seeds[:seeds]
+    cfg = validate_config(LatExperimentConfig, cfg.model_dump() | updates, str(config))
+    return run_lat_experiment(
+        cfg, out, resume=resume, progress=_show_progress(quiet), log=_log(quiet)
+    )
+
+
 @app.command("report")
 @_user_errors
 def report_command(
     run: Annotated[Path, typer.Argument(help="a finished (or partial) experiment folder")],
 ) -> None:
-    """Re-render results.md, summary.json and figures/ from an experiment's saved results."""
+    """Re-render results.md, summary.json and figures/ from an experiment's saved results
+    (editing and targeted-LAT runs alike)."""
     from mechunlearn.report.experiment import write_report
 
     if not run.is_dir():

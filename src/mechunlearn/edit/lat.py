@@ -1,6 +1,7 @@
 """Targeted latent adversarial training (LAT; Sheshadri et al. 2024, arXiv:2407.15549, Sec. 3,
 Eqs. 2-3), and its baselines RT (the same training without an adversary) and EAT (the
-adversary in embedding space).
+adversary in embedding space); with ``defender_loss="dpo"`` the defender's preference term is
+DPO (Rafailov et al. 2023, arXiv:2305.18290, Eq. 7), giving DPO and DPO-LAT.
 
 Every step draws a batch of (prompt, desired, unwanted) examples and
 
@@ -20,6 +21,20 @@ Every step draws a batch of (prompt, desired, unwanted) examples and
    are computed once before training (memory: benign completion tokens x vocabulary floats on
    the CPU). ``t, a, b`` are ``toward_coef, away_coef, benign_coef`` normalised to sum to 1 over
    the active terms (a term is active when its coefficient is > 0 and it has data).
+
+DPO (``defender_loss="dpo"``) replaces the toward and away terms by (Eq. 7 of Rafailov et al.)::
+
+       L_dpo = -log sigmoid(beta * [(log pi(y+ | x, delta) - log pi_ref(y+ | x))
+                                   - (log pi(y- | x, delta) - log pi_ref(y- | x))])
+
+   with sequence log-probs (sums over completion tokens), ``y+`` the desired completion (y_w)
+   and ``y-`` the unwanted one (y_l), weighted by ``dpo_coef`` (normalised with ``benign_coef``).
+   The reference is the model before training, without perturbation (as the anchor
+   implementation disables its adversary hooks for the reference): computed once before
+   training for the examples the seeded batches will draw, with the LoRA adapters switched off
+   for LoRA trainables. With the
+   adversary active this is DPO-LAT; ``adversary=None`` is plain DPO. SFT is
+   ``defender_loss="toward_away"`` with ``away_coef=0``.
 
 ``adversary=None`` gives RT (same batches, same number of defender steps, no perturbation);
 with ``epsilon = 0`` LAT reduces exactly to RT (tested). EAT is ``layers=["embed"]``
@@ -89,10 +104,15 @@ class LatConfig(BaseModel):
     benign_coef: float = Field(1.0, ge=0)
     benign: Literal["sft", "kl"] = "sft"
     away_floor: float = Field(DEFAULT_FLOOR, lt=0)
+    defender_loss: Literal["toward_away", "dpo"] = Field(
+        "toward_away", description="toward/away terms, or DPO on (desired, unwanted)"
+    )
+    dpo_beta: float = Field(0.1, gt=0, description="DPO's beta (inverse KL strength)")
+    dpo_coef: float = Field(1.0, gt=0, description="weight of the DPO term (dpo only)")
 
     @model_validator(mode="after")
     def _something_to_defend(self) -> LatConfig:
-        if self.toward_coef == 0 and self.away_coef == 0:
+        if self.defender_loss == "toward_away" and self.toward_coef == 0 and self.away_coef == 0:
             raise ValueError("toward_coef and away_coef are both 0: nothing to train against")
         return self
 
@@ -112,7 +132,10 @@ def lat_baseline(config: LatConfig, kind: Literal["rt", "eat"]) -> LatConfig:
 
 def normalised_coefs(config: LatConfig, has_benign: bool) -> dict[str, float]:
     """Active terms' coefficients scaled to sum to 1 (inactive terms are left out)."""
-    raw = {"toward": config.toward_coef, "away": config.away_coef}
+    if config.defender_loss == "dpo":
+        raw = {"dpo": config.dpo_coef}
+    else:
+        raw = {"toward": config.toward_coef, "away": config.away_coef}
     if has_benign:
         raw["benign"] = config.benign_coef
     active = {k: v for k, v in raw.items() if v > 0}
@@ -213,6 +236,72 @@ def kl_to_reference(hm: HookedModel, batch: TargetBatch, reference: torch.Tensor
     return kl[mask].mean()
 
 
+def dpo_loss(
+    policy_desired: torch.Tensor,
+    policy_unwanted: torch.Tensor,
+    ref_desired: torch.Tensor,
+    ref_unwanted: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Mean over examples of Eq. 7 of Rafailov et al. 2023 (sequence log-probs ``[b]``; the
+    desired completion is the preferred ``y_w``, the unwanted one ``y_l``)."""
+    margin = (policy_desired - ref_desired) - (policy_unwanted - ref_unwanted)
+    return -torch.nn.functional.logsigmoid(beta * margin).mean()
+
+
+def _sequence_sums(logprobs: torch.Tensor, seqs: LatSequences, kind: str) -> torch.Tensor:
+    rows = seqs.rows(kind)
+    return (logprobs[rows] * seqs.batch.target_mask[rows].to(logprobs.dtype)).sum(-1)
+
+
+class _DPOReference:
+    """Per example, the sequence log-probs of the desired and the unwanted completion under the
+    model before training (no perturbation; LoRA adapters off), computed once before training
+    for the examples the run will draw (``used``; the batch stream is seeded)."""
+
+    def __init__(
+        self,
+        hm: HookedModel,
+        trainable: Trainable,
+        examples: list[tuple[list, list, list]],
+        used: Sequence[int],
+        batch_size: int,
+    ) -> None:
+        self.values = torch.full((len(examples), 2), math.nan, dtype=torch.float64)
+        model = hm.model
+        used = sorted(set(used))
+        with ExitStack() as stack, torch.no_grad():
+            stack.enter_context(hm.forward_via(None))
+            if trainable.mode == "lora":
+                stack.enter_context(trainable.adapters_disabled())
+            stack.callback(model.train, model.training)
+            model.eval()
+            for start in range(0, len(used), batch_size):
+                rows = used[start : start + batch_size]
+                chunk = [examples[i] for i in rows]
+                batch = LatBatch(
+                    [e[0] for e in chunk], [e[1] for e in chunk], [e[2] for e in chunk], hm.pad_id
+                )
+                seqs = batch.sequences(KINDS, hm.device)
+                logprobs = token_logprobs(hm, seqs.batch)
+                pair = [_sequence_sums(logprobs, seqs, k) for k in ("desired", "unwanted")]
+                self.values[rows] = torch.stack(pair, -1).double().cpu()
+        self.n_forwards = math.ceil(len(used) / batch_size)
+
+    def __call__(self, index: Sequence[int], device: torch.device) -> tuple[torch.Tensor, ...]:
+        picked = self.values[list(index)]
+        if picked.isnan().any():
+            raise RuntimeError(f"no DPO reference for examples {list(index)}: not precomputed")
+        picked = picked.to(device=device, dtype=torch.float32)
+        return picked[:, 0], picked[:, 1]
+
+
+def _drawn_indices(n: int, batch_size: int, seed: int, steps: int) -> list[int]:
+    """Every example index a ``BatchStream(n, batch_size, seed)`` yields in ``steps`` draws."""
+    stream = BatchStream(n, batch_size, seed)
+    return sorted({i for _ in range(steps) for i in stream.next()})
+
+
 @dataclass
 class _Run:
     hm: HookedModel
@@ -226,6 +315,7 @@ class _Run:
     examples: list[tuple[list, list, list]]
     benign: list[tuple[list, list]]
     reference: _KLReference | None
+    dpo_reference: _DPOReference | None
     streams: dict[str, BatchStream]
     rank: int
     world: int
@@ -237,6 +327,7 @@ class _Run:
 def _defender_step(
     run: _Run,
     seqs: LatSequences,
+    index: list[int],
     adversary: LatentAdversary | None,
     benign: tuple[TargetBatch, list[int]] | None,
 ) -> dict[str, float]:
@@ -253,12 +344,20 @@ def _defender_step(
     if "away" in coefs:
         terms["away"] = parts["unwanted_away"]
         loss = loss + coefs["away"] * terms["away"]
+    margin = None
+    if "dpo" in coefs:
+        ref_desired, ref_unwanted = run.dpo_reference(index, hm.device)
+        desired = _sequence_sums(logprobs, seqs, "desired")
+        unwanted = _sequence_sums(logprobs, seqs, "unwanted")
+        terms["dpo"] = dpo_loss(desired, unwanted, ref_desired, ref_unwanted, cfg.dpo_beta)
+        loss = loss + coefs["dpo"] * terms["dpo"]
+        margin = ((desired - ref_desired) - (unwanted - ref_unwanted)).detach().mean()
     if benign is not None:
-        batch, index = benign
+        batch, benign_index = benign
         if cfg.benign == "sft":
             terms["benign"] = edit_loss(hm, batch)
         else:
-            terms["benign"] = kl_to_reference(hm, batch, run.reference(batch, index))
+            terms["benign"] = kl_to_reference(hm, batch, run.reference(batch, benign_index))
         loss = loss + coefs["benign"] * terms["benign"]
     if run.world > 1:  # DDP waits for a gradient of every trained parameter
         loss = loss + 0.0 * sum(p.reshape(-1)[:1].sum() for p in run.trainable.params)
@@ -275,6 +374,8 @@ def _defender_step(
     record = {"loss": loss.detach().float(), **{k: v.detach().float() for k, v in terms.items()}}
     if "unwanted_nll" in parts:  # how far the (frozen) attack got, before this update
         record["unwanted_nll"] = parts["unwanted_nll"].detach().float()
+    if margin is not None:  # DPO's implicit reward margin (over beta), before this update
+        record["dpo_margin"] = margin.float()
     record = {k: float(v) for k, v in record.items()}
     record.update(lr=lr, grad_norm=float(grad_norm))
     return record
@@ -311,13 +412,13 @@ def _lat_step(run: _Run, step: int) -> dict[str, float]:
     k_steps = cfg.defender_steps
     for k in range(k_steps):
         torch.manual_seed((cfg.seed * 1_000_003 + step * k_steps + k) * 1_009 + run.rank)
-        values = _defender_step(run, seqs, adversary, benign)
+        values = _defender_step(run, seqs, index, adversary, benign)
         if k == 0:
-            record["lr"] = values["lr"]
-            if "unwanted_nll" in values:
-                record["unwanted_nll"] = values["unwanted_nll"]
+            for key in ("lr", "unwanted_nll", "dpo_margin"):
+                if key in values:
+                    record[key] = values[key]
         for key, value in values.items():
-            if key not in ("lr", "unwanted_nll"):
+            if key not in ("lr", "unwanted_nll", "dpo_margin"):
                 sums[key] = sums.get(key, 0.0) + value / k_steps
     record.update(sums)
     if run.world > 1:
@@ -325,6 +426,13 @@ def _lat_step(run: _Run, step: int) -> dict[str, float]:
         values = torch.tensor([record[k] for k in keys], device=hm.device)
         record = dict(zip(keys, run.accelerator.reduce(values, "mean").tolist(), strict=True))
     return record
+
+
+def _method_label(config: LatConfig, sites: Sequence[str]) -> str:
+    name = "DPO" if config.defender_loss == "dpo" else "RT"
+    if config.adversary is None:
+        return name
+    return f"{'DPO-LAT' if config.defender_loss == 'dpo' else 'LAT'} at {', '.join(sites)}"
 
 
 def train_lat(
@@ -341,12 +449,13 @@ def train_lat(
 ) -> TrainResult:
     """Targeted LAT (or RT / EAT) of ``trainable`` on ``data`` (see the module docstring).
 
-    ``history[key][i]`` is LAT step ``i``'s value: ``loss``, ``toward``, ``away``, ``benign``
-    (unweighted terms), ``grad_norm`` (means over the defender steps), ``lr`` (first defender
-    step), ``unwanted_nll`` (CE of the unwanted completions under the frozen attack before the
-    defender's update; clean for RT), ``adv_loss_first``/``adv_loss_last`` (the adversary's
-    objective at its first/last step), ``eps/<site>`` (bounds used), ``adv_seconds`` and
-    ``seconds`` (the whole step). ``on_step(steps_done, record)`` runs in eval mode.
+    ``history[key][i]`` is LAT step ``i``'s value: ``loss``, ``toward``, ``away``, ``dpo``,
+    ``benign`` (unweighted terms), ``grad_norm`` (means over the defender steps), ``lr`` (first
+    defender step), ``unwanted_nll`` (CE of the unwanted completions under the frozen attack
+    before the defender's update; clean for RT), ``dpo_margin`` (DPO: mean log-ratio difference
+    of Eq. 7, before the first defender update), ``adv_loss_first``/``adv_loss_last`` (the
+    adversary's objective at its first/last step), ``eps/<site>`` (bounds used),
+    ``adv_seconds`` and ``seconds`` (the whole step). ``on_step(steps_done, record)`` runs in eval mode.
     """
     data.validate()
     benign_pairs = check_benign(benign)
@@ -356,7 +465,10 @@ def train_lat(
         raise ConfigError("the Trainable was made for another HookedModel")
     sites = resolve_sites(hm, config.adversary.layers) if config.adversary else []
     coefs = normalised_coefs(config, bool(benign_pairs))
-    kinds = tuple(k for k, term in zip(KINDS, ("away", "toward"), strict=True) if term in coefs)
+    if "dpo" in coefs:
+        kinds = KINDS
+    else:
+        kinds = tuple(k for k, term in zip(KINDS, ("away", "toward"), strict=True) if term in coefs)
     accelerator = accelerator or _default_accelerator(hm)
     world, rank = accelerator.num_processes, accelerator.process_index
     sizes = {"LAT": (config.batch_size, len(data))}
@@ -377,7 +489,12 @@ def train_lat(
         reference = None
         if "benign" in coefs and config.benign == "kl":
             reference = _KLReference(hm, trainable, benign_tokens, config.benign_batch_size)
-        streams = {"lat": BatchStream(len(examples), config.batch_size, config.seed * 7919 + 1)}
+        lat_seed = config.seed * 7919 + 1
+        dpo_reference = None
+        if "dpo" in coefs:
+            used = _drawn_indices(len(examples), config.batch_size, lat_seed, config.steps)
+            dpo_reference = _DPOReference(hm, trainable, examples, used, config.batch_size)
+        streams = {"lat": BatchStream(len(examples), config.batch_size, lat_seed)}
         if "benign" in coefs:
             streams["benign"] = BatchStream(
                 len(benign_tokens), config.benign_batch_size, config.seed * 7919 + 4
@@ -399,9 +516,9 @@ def train_lat(
 
         run = _Run(
             hm, trainable, config, accelerator, optimizer, scheduler, coefs, kinds,
-            examples, benign_tokens, reference, streams, rank, world,
+            examples, benign_tokens, reference, dpo_reference, streams, rank, world,
         )  # fmt: skip
-        method = "RT" if config.adversary is None else f"LAT at {', '.join(sites)}"
+        method = _method_label(config, sites)
         log(
             f"{method}: {trainable.mode} ({trainable.n_params:,} parameters), "
             f"coefficients {coefs}, {config.steps} steps x {config.defender_steps} defender "
@@ -435,7 +552,9 @@ def train_lat(
         "processes": world,
         "forward_module": type(model).__name__,
         "method": "rt" if config.adversary is None else "lat",
+        "defender_loss": config.defender_loss,
         "sites": sites,
         "coefs": coefs,
+        "reference_forwards": dpo_reference.n_forwards if dpo_reference is not None else 0,
     }
     return TrainResult(config.steps, history, seconds, trainable.n_params, info)

@@ -1,10 +1,16 @@
-"""The report of an editing experiment, rendered from its saved per-(localization, seed) results.
+"""The report of an experiment, rendered from its saved per-(localization or method, seed)
+results.
 
 ``write_report(run_folder)`` reads ``results/<localization>/seed<k>.json`` and writes:
 
 - ``summary.json``: every metric per localization as mean, std (over seeds, n - 1) and n;
 - ``results.md``: the headline table (method x metric, mean ± std) and the full table;
 - ``figures/``: bar charts of the headline metrics, relearning curves, probe accuracy by layer.
+
+Targeted-LAT runs (``kind: lat`` in ``run.json``, or in ``config.yaml`` while partial) get their
+own columns (per application: refusal or backdoor), a compute table (training time and
+forward/backward passes of every method, and their ratio to the method's baseline), the
+backdoor installation measured before removal, and one bar figure.
 
 The ``report`` command calls it again on a finished run, so tables and plots can be
 regenerated (or restyled) without retraining anything.
@@ -80,16 +86,17 @@ def load_results(folder: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def _order(folder: Path, results: dict[str, Any]) -> list[str]:
-    """Base first, then the config's localization order."""
+    """Base first, then the config's localization (or method) order."""
     order = [BASE] if BASE in results else []
     config = folder / "config.yaml"
     if config.is_file():
         import yaml
 
-        names = [
-            spec["name"] for spec in yaml.safe_load(config.read_text()).get("localizations", [])
+        saved = yaml.safe_load(config.read_text()) or {}
+        specs = saved.get("localizations") or saved.get("methods") or []
+        order += [
+            spec["name"] for spec in specs if spec["name"] in results and spec["name"] not in order
         ]
-        order += [n for n in names if n in results]
     return order + [n for n in results if n not in order]
 
 
@@ -126,12 +133,18 @@ def _cell(stat: dict[str, float] | None, key: str) -> str:
     return text
 
 
-def _table(summary, order: list[str], columns: list[tuple[str, str, bool]]) -> str:
+def _table(
+    summary,
+    order: list[str],
+    columns: list[tuple[str, str, bool]],
+    label: str = "localization",
+    cell=_cell,
+) -> str:
     present = [c for c in columns if any(c[0] in summary[n] for n in order)]
     if not present:
         return ""
     head = (
-        "| localization | "
+        f"| {label} | "
         + " | ".join(f"{title} {'↓' if low else '↑'}" for _, title, low in present)
         + " |"
     )
@@ -140,7 +153,7 @@ def _table(summary, order: list[str], columns: list[tuple[str, str, bool]]) -> s
         "| "
         + name
         + " | "
-        + " | ".join(_cell(summary[name].get(key), key) for key, _, _ in present)
+        + " | ".join(cell(summary[name].get(key), key) for key, _, _ in present)
         + " |"
         for name in order
     ]
@@ -191,9 +204,12 @@ def _markdown(folder: Path, summary, order: list[str], results) -> str:
     return "\n".join(lines).replace("↑ |", "↑ |").strip() + "\n"
 
 
-def metric_bars(summary, order: list[str], path: Path) -> Path | None:
+def metric_bars(
+    summary, order: list[str], path: Path, columns: list[tuple[str, str, bool]] | None = None
+) -> Path | None:
     """One panel per headline metric: a bar per localization with its std over seeds."""
-    columns = [c for c in headline_columns(summary) if any(c[0] in summary[n] for n in order)]
+    columns = columns if columns is not None else headline_columns(summary)
+    columns = [c for c in columns if any(c[0] in summary[n] for n in order)]
     if not columns:
         return None
     ncols = 4
@@ -289,6 +305,19 @@ def probe_curves(results, order: list[str], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def run_kind(folder: Path) -> str:
+    """``lat`` or ``edit``: from ``run.json`` (finished runs) or ``config.yaml`` (partial)."""
+    import yaml
+
+    for name, load in (("run.json", json.loads), ("config.yaml", yaml.safe_load)):
+        path = folder / name
+        if path.is_file():
+            data = load(path.read_text()) or {}
+            if isinstance(data, dict) and data.get("kind"):
+                return str(data["kind"])
+    return "edit"
+
+
 def write_report(folder: str | Path) -> dict[str, Any]:
     """Render summary.json, results.md and figures/ for the run in ``folder``."""
     folder = Path(folder)
@@ -296,9 +325,169 @@ def write_report(folder: str | Path) -> dict[str, Any]:
     order = _order(folder, results)
     summary = summarise(results)
     atomic_write_json(folder / "summary.json", {"order": order, "summary": summary})
+    if run_kind(folder) == "lat":
+        atomic_write_text(folder / "results.md", _lat_markdown(folder, summary, order, results))
+        metric_bars(summary, order, folder / "figures" / "metrics.png", lat_columns(folder))
+        return summary
     atomic_write_text(folder / "results.md", _markdown(folder, summary, order, results))
     figures = folder / "figures"
     metric_bars(summary, order, figures / "metrics.png")
     relearn_curves(results, order, figures / "relearning.png")
     probe_curves(results, order, figures / "probes.png")
     return summary
+
+
+# ---- targeted LAT runs -----------------------------------------------------------------------
+LAT_REFUSAL_COLUMNS = [
+    ("refusal.rate", "refusal rate (held-out templates)", False),
+    ("latent_attack.success", "compliance under latent attack", True),
+    ("prefill.success", "compliance under prefilling", True),
+    ("embed_attack.success", "compliance under embedding attack", True),
+    ("benign.compliance", "benign compliance", False),
+    ("benign.loss", "benign loss (nats)", True),
+]
+LAT_BACKDOOR_COLUMNS = [
+    ("backdoor.triggered", "backdoor success with trigger", True),
+    ("backdoor.triggered_greedy", "greedy backdoor with trigger", True),
+    ("backdoor.clean", "backdoor success without trigger", True),
+    ("latent_attack.success", "backdoor under latent attack", True),
+    ("embed_attack.success", "backdoor under embedding attack", True),
+    ("benign.compliance", "benign compliance", False),
+    ("benign.loss", "benign loss (nats)", True),
+]
+
+
+def _lat_run(folder: Path) -> dict[str, Any]:
+    import yaml
+
+    run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    if "application" not in run and (folder / "config.yaml").is_file():
+        run["application"] = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get(
+            "application"
+        )
+    return run
+
+
+def lat_columns(folder: Path) -> list[tuple[str, str, bool]]:
+    """The headline columns of a LAT run's application."""
+    backdoor = _lat_run(folder).get("application") == "backdoor"
+    return LAT_BACKDOOR_COLUMNS if backdoor else LAT_REFUSAL_COLUMNS
+
+
+def _lat_cell(stat: dict[str, float] | None, key: str) -> str:
+    """Rates in percent; losses, log-prob margins, seconds and pass counts as they are."""
+    if stat is None:
+        return "-"
+    if key.startswith("compute."):
+        scale, digits = 1, (0 if "passes" in key else 1)
+    elif "loss" in key or "margin" in key:
+        scale, digits = 1, 3
+    else:
+        scale, digits = 100, 1
+    text = f"{scale * stat['mean']:.{digits}f}"
+    if not math.isnan(stat["std"]):
+        text += f" ± {scale * stat['std']:.{digits}f}"
+    return text
+
+
+def _ratio(summary, name: str, base: str | None, key: str) -> str:
+    if base is None or key not in summary.get(name, {}) or key not in summary.get(base, {}):
+        return "-"
+    denominator = summary[base][key]["mean"]
+    return f"{summary[name][key]['mean'] / denominator:.2f}" if denominator else "-"
+
+
+def _compute_lines(summary, order: list[str], results) -> list[str]:
+    lines = [
+        "## Compute (training)",
+        "",
+        "Passes are forward+backward passes over a batch (adversary PGD steps, defender steps, "
+        "benign-term steps); the ratios compare mean training time and passes with the "
+        "method's baseline (the same training without an adversary).",
+        "",
+        "| method | baseline | train seconds | fwd+bwd passes | adversary seconds | "
+        "time / baseline | passes / baseline |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in order:
+        first = results[name][0]
+        if not first.get("trained", True):
+            continue
+        base = first.get("baseline")
+        stats = summary[name]
+        lines.append(
+            f"| {name} | {base or '-'} | "
+            f"{_lat_cell(stats.get('compute.train_seconds'), 'compute.train_seconds')} | "
+            f"{_lat_cell(stats.get('compute.fwd_bwd_passes'), 'compute.fwd_bwd_passes')} | "
+            f"{_lat_cell(stats.get('compute.adversary_seconds'), 'compute.adversary_seconds')} | "
+            f"{_ratio(summary, name, base, 'compute.train_seconds')} | "
+            f"{_ratio(summary, name, base, 'compute.fwd_bwd_passes')} |"
+        )
+    return lines
+
+
+def _install_lines(folder: Path) -> list[str]:
+    """The backdoor as measured after installation, before any removal (per seed)."""
+    files = sorted((folder / "install").glob("seed*.json"), key=lambda p: int(p.stem[4:]))
+    if not files:
+        return []
+    lines = [
+        "## Backdoor before removal",
+        "",
+        "Measured on held-out requests right after the poisoned SFT (response preferred to the "
+        "normal completion; greedy: the response's first tokens are the greedy choice).",
+        "",
+        "| seed | installed | with trigger | greedy with trigger | without trigger |",
+        "|---|---|---|---|---|",
+    ]
+    for path in files:
+        record = json.loads(path.read_text())
+        m = record["metrics"]
+        lines.append(
+            f"| {record['seed']} | {'yes' if record['installed'] else 'NO'} | "
+            f"{100 * m['install.triggered']:.1f} | {100 * m['install.triggered_greedy']:.1f} | "
+            f"{100 * m['install.clean']:.1f} |"
+        )
+    return ["", *lines]
+
+
+def _lat_markdown(folder: Path, summary, order: list[str], results) -> str:
+    run = _lat_run(folder)
+    seeds = sorted({r["seed"] for runs in results.values() for r in runs})
+    application = run.get("application", "?")
+    reference = (
+        "`base` is the untrained model"
+        if application == "refusal"
+        else "`backdoored` is the model before removal"
+    )
+    lines = [
+        f"# {run.get('name', folder.name)}",
+        "",
+        f"Targeted LAT, {application}: model {run.get('model', '?')}; seeds {seeds}; "
+        f"adversary layers {run.get('adversary_layers', '?')}. Rates in percent, mean ± std "
+        f"over seeds (std omitted with one seed); ↑/↓: the desired direction. {reference}; "
+        "attack rates are the share of held-out requests where the unwanted completion is "
+        "preferred.",
+        "",
+        _table(summary, order, lat_columns(folder), label="method", cell=_lat_cell),
+        "",
+        *_compute_lines(summary, order, results),
+        *_install_lines(folder),
+    ]
+    all_keys = sorted({k for s in summary.values() for k in s})
+    lines += [
+        "",
+        "## Every metric",
+        "",
+        _table(summary, order, [(k, k, False) for k in all_keys], label="method", cell=_lat_cell),
+    ]
+    notes = sorted({n for runs in results.values() for r in runs for n in r.get("notes", [])})
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    if run.get("seconds") is not None:
+        lines += [
+            "",
+            f"Wall time: {run['seconds'] / 60:.1f} min ({run.get('device', '?')}, "
+            f"{run.get('threads', '?')} threads).",
+        ]
+    return "\n".join(lines).strip() + "\n"

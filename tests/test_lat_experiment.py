@@ -1,0 +1,366 @@
+"""DPO / DPO-LAT in the LAT trainer, and the targeted-LAT experiments (``mechunlearn run`` with
+``kind: lat``) end to end on a tiny checkpoint: refusal and backdoor, the backdoor-installed
+check, resume, reports, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from mechunlearn.attacks.latent import LatData, LatentAdversaryConfig, LatExample
+from mechunlearn.cli import app
+from mechunlearn.edit.lat import LatConfig, dpo_loss, lat_baseline, train_lat
+from mechunlearn.edit.parametrization import make_trainable
+from mechunlearn.evals.refusal import score_pairs
+from mechunlearn.experiments import lat_job
+from mechunlearn.experiments.config import load_yaml_config, validate_config
+from mechunlearn.experiments.edit_config import resolve_config
+from mechunlearn.experiments.lat_config import LatExperimentConfig, default_layers
+from mechunlearn.experiments.lat_job import run_lat_experiment
+from mechunlearn.models.handle import HookedModel
+from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+from mechunlearn.tasks.sports import SPORTS, load_sports
+
+# ---- DPO in the LAT trainer ------------------------------------------------------------------
+DATA = LatData(
+    [
+        LatExample(r.prompt(), " " + r.answer, " " + SPORTS[(SPORTS.index(r.answer) + 1) % 3])
+        for r in load_sports()[::20][:12]
+    ]
+)
+ADVERSARY = LatentAdversaryConfig(layers=[1], epsilon=2.0, steps=4, lr=0.3)
+LORA = ["blocks.1.mlp", "blocks.2.mlp"]
+
+
+def fresh() -> HookedModel:
+    return HookedModel(tiny_model("llama"), tiny_tokenizer(), name="tiny-llama")
+
+
+def dpo_run(config: LatConfig, mode: str = "full"):
+    hm = fresh()
+    trainable = make_trainable(hm, mode, LORA if mode == "lora" else [])
+    result = train_lat(hm, trainable, DATA, None, config, progress=False)
+    return hm, result, {n: p.detach().clone() for n, p in trainable.named_params().items()}
+
+
+def test_dpo_loss_is_equation_7():
+    pw, pl, rw, rl = (torch.tensor([v]) for v in (-3.0, -2.0, -4.0, -1.0))
+    margin = (-3.0 + 4.0) - (-2.0 + 1.0)  # 2
+    expected = -math.log(1 / (1 + math.exp(-0.5 * margin)))
+    assert float(dpo_loss(pw, pl, rw, rl, beta=0.5)) == pytest.approx(expected)
+    assert float(dpo_loss(pw, pl, pw, pl, beta=0.5)) == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_dpo_starts_at_log_2_with_the_model_as_its_own_reference(mode):
+    config = LatConfig(adversary=None, defender_loss="dpo", steps=1, batch_size=4)
+    _, result, _ = dpo_run(config, mode)
+    assert result.history["dpo"][0] == pytest.approx(math.log(2), abs=1e-5)
+    assert result.history["dpo_margin"][0] == pytest.approx(0.0, abs=1e-4)
+    assert "toward" not in result.history and result.info["coefs"] == {"dpo": 1.0}
+    assert result.info["reference_forwards"] == 1  # only the 4 examples the one step draws
+
+
+def test_dpo_raises_the_desired_vs_unwanted_margin():
+    def margin(hm):
+        s = score_pairs(hm, DATA)
+        return sum(d - u for d, u in zip(s.desired_sum, s.unwanted_sum, strict=True)) / len(DATA)
+
+    before = margin(fresh())
+    config = LatConfig(
+        adversary=None, defender_loss="dpo", dpo_beta=0.5, steps=12, lr=3e-3, batch_size=6,
+        schedule="constant",
+    )  # fmt: skip
+    hm, result, _ = dpo_run(config)
+    assert margin(hm) > before + 1.0
+    assert result.history["dpo"][-1] < math.log(2) - 0.1
+
+
+def test_zero_epsilon_dpo_lat_is_exactly_dpo():
+    config = LatConfig(
+        adversary=ADVERSARY.model_copy(update={"epsilon": 0.0, "init": "random"}),
+        defender_loss="dpo",
+        steps=3,
+        lr=1e-2,
+        batch_size=4,
+    )
+    _, lat, lat_weights = dpo_run(config)
+    _, dpo, dpo_weights = dpo_run(lat_baseline(config, "rt"))
+    assert lat.history["dpo"] == dpo.history["dpo"]
+    assert all(torch.equal(lat_weights[n], v) for n, v in dpo_weights.items())
+    _, _, attacked = dpo_run(config.model_copy(update={"adversary": ADVERSARY}))
+    assert any(not torch.equal(attacked[n], v) for n, v in dpo_weights.items())
+
+
+# ---- experiments -----------------------------------------------------------------------------
+def lat_config(model_dir, application: str, **overrides) -> dict:
+    data = {
+        "kind": "lat",
+        "name": f"tiny-{application}",
+        "model": str(model_dir),
+        "application": application,
+        "train": {
+            "steps": 2,
+            "batch_size": 4,
+            "benign_batch_size": 4,
+            "lr": 1e-3,
+            "adversary": {"steps": 2},
+        },
+        "evaluation": {
+            "max_test": 6,
+            "batch_size": 8,
+            "attack_batch_size": 8,
+            "latent_attack": {"steps": 2},
+            "embedding_attack": {"layers": ["embed"], "steps": 2},
+        },
+        "backdoor": {"install": {"steps": 120, "lr": 3e-3}},
+        "seeds": [0, 1],
+    }
+    data.update(overrides)
+    return data
+
+
+def plain_state(model) -> dict[str, torch.Tensor]:
+    return {
+        k.replace(".base_layer", ""): v.clone()
+        for k, v in model.state_dict().items()
+        if "lora_" not in k
+    }
+
+
+def test_refusal_run_writes_a_complete_report(saved_llama, tmp_path, monkeypatch):
+    """Every method starts from the base weights (full fine-tuning of block 1, restored from a
+    snapshot), is evaluated on held-out templates, and its compute is recorded."""
+    from mechunlearn.models.loading import load_model
+
+    reference = plain_state(load_model(str(saved_llama)).model)
+    starts = []
+    real = lat_job.train_lat
+
+    def check_start(hm, trainable, *args, **kwargs):
+        state = plain_state(hm.model)
+        starts.append(all(state[k].equal(reference[k]) for k in reference))
+        return real(hm, trainable, *args, **kwargs)
+
+    monkeypatch.setattr(lat_job, "train_lat", check_start)
+    cfg = validate_config(
+        LatExperimentConfig,
+        lat_config(saved_llama, "refusal", trainable={"mode": "full", "layers": [1]}),
+        "t",
+    )
+    out = run_lat_experiment(cfg, tmp_path / "run", progress=False)
+    assert starts == [True] * 6  # RT, LAT, EAT x 2 seeds
+    assert not (tmp_path / "run.partial").exists()
+    run = json.loads((out / "run.json").read_text())
+    assert run["kind"] == "lat" and run["adversary_layers"] == default_layers(3)
+    for name in ("base", "RT", "LAT", "EAT"):
+        for seed in (0, 1):
+            result = json.loads((out / "results" / name / f"seed{seed}.json").read_text())
+            m = result["metrics"]
+            for key in ("refusal.rate", "latent_attack.success", "prefill.success",
+                        "embed_attack.success", "benign.compliance", "benign.loss"):  # fmt: skip
+                assert key in m, (name, key)
+            assert result["data"]["test"] == 6
+    lat = json.loads((out / "results" / "LAT" / "seed0.json").read_text())
+    assert lat["baseline"] == "RT" and lat["trainable"]["mode"] == "localized"
+    assert lat["compute"]["passes"]["adversary_fwd_bwd"] == 2 * 2
+    assert lat["compute"]["fwd_bwd_passes"] == 4 + 2 + 2  # adversary, defender, benign
+    assert lat["train"]["info"]["sites"] == [f"blocks.{i}.resid_post" for i in default_layers(3)]
+    eat = json.loads((out / "results" / "EAT" / "seed0.json").read_text())
+    assert eat["train"]["info"]["sites"] == ["embed"]
+    rt = json.loads((out / "results" / "RT" / "seed0.json").read_text())
+    assert rt["compute"]["passes"]["adversary_fwd_bwd"] == 0
+    assert lat["compute"]["seconds"] > rt["compute"]["seconds"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["order"] == ["base", "RT", "LAT", "EAT"]
+    assert summary["summary"]["LAT"]["refusal.rate"]["n"] == 2
+    table = (out / "results.md").read_text()
+    assert "| method | refusal rate (held-out templates) ↑" in table
+    assert "| LAT | RT |" in table  # compute row with its baseline
+    assert (out / "figures" / "metrics.png").stat().st_size > 1000
+    (out / "results.md").unlink()
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "compliance under prefilling" in (out / "results.md").read_text()
+
+
+def test_backdoor_run_installs_measures_and_removes(saved_llama, tmp_path, monkeypatch):
+    """The backdoor is installed and measured before removal; every removal method starts from
+    the backdoored weights (LoRA adapters unloaded in between)."""
+    from mechunlearn.models.loading import load_model
+
+    starts = []
+    real = lat_job.train_lat
+
+    def record_start(hm, trainable, *args, **kwargs):
+        starts.append(plain_state(hm.model))
+        return real(hm, trainable, *args, **kwargs)
+
+    monkeypatch.setattr(lat_job, "train_lat", record_start)
+    data = lat_config(saved_llama, "backdoor", seeds=[0])
+    data["evaluation"]["embedding_attack"] = None
+    cfg = validate_config(LatExperimentConfig, data, "t")
+    out = run_lat_experiment(cfg, tmp_path / "run", progress=False)
+
+    install = json.loads((out / "install" / "seed0.json").read_text())
+    assert install["installed"] and install["metrics"]["install.triggered"] >= 0.8
+    assert install["metrics"]["install.clean"] <= 0.5
+    backdoored = json.loads((out / "results" / "backdoored" / "seed0.json").read_text())
+    assert backdoored["metrics"]["backdoor.triggered"] == install["metrics"]["install.triggered"]
+    assert backdoored["install"]["metrics"] == install["metrics"]
+    for name in ("SFT", "SFT-LAT", "DPO", "DPO-LAT"):
+        result = json.loads((out / "results" / name / "seed0.json").read_text())
+        assert {"backdoor.triggered", "backdoor.clean", "benign.compliance"} <= set(
+            result["metrics"]
+        )
+        assert result["install"]["metrics"] == install["metrics"]
+    sft_lat = json.loads((out / "results" / "SFT-LAT" / "seed0.json").read_text())
+    assert sft_lat["lat_config"]["away_coef"] == 0 and sft_lat["baseline"] == "SFT"
+    dpo_lat = json.loads((out / "results" / "DPO-LAT" / "seed0.json").read_text())
+    assert dpo_lat["defender_loss"] == "dpo" and dpo_lat["baseline"] == "DPO"
+    assert "dpo" in dpo_lat["train"]["final"]
+    assert (
+        dpo_lat["compute"]["passes"]["reference_fwd"]
+        == dpo_lat["train"]["info"]["reference_forwards"]
+        > 0
+    )
+    # four removal runs, each from the same (backdoored, not original) weights
+    assert len(starts) == 4
+    assert all(all(s[k].equal(starts[0][k]) for k in starts[0]) for s in starts[1:])
+    original = plain_state(load_model(str(saved_llama)).model)
+    assert any(not starts[0][k].equal(original[k]) for k in original)
+    table = (out / "results.md").read_text()
+    assert "## Backdoor before removal" in table and "| 0 | yes |" in table
+    assert "backdoor success with trigger ↓" in table
+
+
+def test_backdoor_that_did_not_install_stops_with_a_clear_error(saved_llama, tmp_path):
+    data = lat_config(saved_llama, "backdoor", seeds=[0])
+    data["backdoor"]["install"]["steps"] = 2
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "the backdoor did not install" in " ".join(result.output.split())
+    assert not out.exists()
+    record = json.loads((tmp_path / "out.partial" / "install" / "seed0.json").read_text())
+    assert record["installed"] is False
+    assert not (tmp_path / "out.partial" / "results").exists()  # no removal was run
+
+
+def test_interrupted_run_resumes_without_redoing_finished_work(saved_llama, tmp_path, monkeypatch):
+    data = lat_config(saved_llama, "refusal", seeds=[0])
+    data["methods"] = [{"name": "base", "train": False}, {"name": "RT"}, {"name": "LAT", "adversary": "latent"}]  # fmt: skip
+    data["evaluation"].update(embedding_attack=None, latent_attack=None, prefill=None)
+    cfg = validate_config(LatExperimentConfig, data, "t")
+    calls = []
+    original = lat_job._measure_method
+
+    def crash_on_second(hm, config, method, *args, **kwargs):
+        calls.append(method.name)
+        if len(calls) == 2:
+            raise RuntimeError("power cut")
+        return original(hm, config, method, *args, **kwargs)
+
+    monkeypatch.setattr(lat_job, "_measure_method", crash_on_second)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_lat_experiment(cfg, tmp_path / "run", progress=False)
+    partial = tmp_path / "run.partial"
+    assert not (tmp_path / "run").exists()
+    assert (partial / "results" / "base" / "seed0.json").is_file()
+    assert not (partial / "results" / "RT").exists()
+    calls.clear()
+
+    def record(hm, config, method, *args, **kwargs):
+        calls.append(method.name)
+        return original(hm, config, method, *args, **kwargs)
+
+    monkeypatch.setattr(lat_job, "_measure_method", record)
+    run_lat_experiment(cfg, tmp_path / "run", resume=True, progress=False)
+    assert calls == ["RT", "LAT"]
+    assert (tmp_path / "run" / "results.md").is_file() and not partial.exists()
+    # a finished run extends to another seed; a different config is refused
+    calls.clear()
+    two = validate_config(LatExperimentConfig, data | {"seeds": [0, 1]}, "t")
+    run_lat_experiment(two, tmp_path / "run", resume=True, progress=False)
+    assert calls == ["base", "RT", "LAT"]
+    other = validate_config(LatExperimentConfig, data | {"name": "other"}, "t")
+    with pytest.raises(Exception, match="another config"):
+        run_lat_experiment(other, tmp_path / "run", resume=True, progress=False)
+
+
+def test_bad_input_exits_2_before_writing(saved_llama, tmp_path):
+    bad_file = tmp_path / "prefs.jsonl"
+    bad_file.write_text(json.dumps({"prompt": "How?", "chosen": "No."}) + "\n")
+    base = lat_config(saved_llama, "refusal", seeds=[0])
+    cases = {
+        "unknown key": ({"train": {"steps": 2, "adversary_steps": 3}}, "adversary_steps"),
+        "epsilon < 0": (
+            {"train": {"adversary": {"epsilon": -1.0}}},
+            "greater than or equal to 0",
+        ),
+        "method epsilon < 0": (
+            {"methods": [{"name": "LAT", "adversary": "latent", "epsilon": -0.5}]},
+            "greater than or equal to 0",
+        ),
+        "layer out of range": (
+            {"train": {"adversary": {"layers": [1, 7]}}},
+            "layer 7 out of range: the model has 3 layers",
+        ),
+        "attack layer out of range": (
+            {"evaluation": {"latent_attack": {"layers": [3]}}},
+            "evaluation.latent_attack: layer 3 out of range",
+        ),
+        "trainable layer out of range": (
+            {"trainable": {"mode": "lora", "layers": [5]}},
+            "trainable: layer 5 out of range",
+        ),
+        "missing column": ({"data": str(bad_file)}, "lacks column(s) 'rejected'"),
+        "missing kind": ({"kind": None}, "kind"),
+    }
+    runner = CliRunner()
+    path = tmp_path / "c.yaml"
+    out = tmp_path / "out"
+    for case, (override, message) in cases.items():
+        data = base | override
+        if data["kind"] is None:
+            del data["kind"]
+        path.write_text(yaml.safe_dump(data))
+        result = runner.invoke(app, ["run", str(path), "--out", str(out), "--quiet"])
+        assert result.exit_code == 2, (case, result.output)
+        if case != "missing kind":  # read as an editing config, which rejects LAT keys
+            assert message in " ".join(result.output.split()), (case, result.output)
+        assert not out.exists() and not (tmp_path / "out.partial").exists(), case
+
+
+def test_cli_runs_a_lat_config_with_a_seed_limit(saved_llama, tmp_path):
+    data = lat_config(saved_llama, "refusal")
+    data["methods"] = [{"name": "base", "train": False}, {"name": "RT"}]
+    data["evaluation"].update(embedding_attack=None, latent_attack=None)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(path), "--out", str(out), "--seeds", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "| RT |" in result.output
+    assert sorted(p.name for p in (out / "results" / "RT").iterdir()) == ["seed0.json"]
+    result = runner.invoke(app, ["run", str(path), "--out", str(out), "--save-models"])
+    assert result.exit_code == 2 and "not used by LAT experiments" in result.output
+
+
+def test_shipped_lat_configs_are_valid():
+    for name, application in (("lat-refusal", "refusal"), ("lat-backdoor", "backdoor")):
+        cfg = load_yaml_config(LatExperimentConfig, resolve_config(name))
+        assert cfg.application == application and len(cfg.seeds) >= 3
+        assert cfg.model == "smollm2-135m"
+        names = [m.name for m in cfg.methods]
+        expected = ["base", "RT", "LAT", "EAT"] if application == "refusal" else [
+            "backdoored", "SFT", "SFT-LAT", "DPO", "DPO-LAT"]  # fmt: skip
+        assert names == expected
