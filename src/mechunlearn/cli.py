@@ -1,5 +1,5 @@
 """Command-line interface: ``models``, ``eval``, ``localize``, ``run`` (editing and targeted-LAT
-experiments), ``report``.
+experiments), ``report``, ``tree train|eval`` (path-finding in trees).
 
 Errors the user can fix print one red line and exit with status 2; no traceback, no partial
 results.
@@ -375,6 +375,122 @@ def report_command(
         raise DataError(f"run folder {run} does not exist")
     write_report(run)
     console.print((run / "results.md").read_text(), markup=False, highlight=False)
+
+
+tree_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Path-finding in binary trees (Brinkmann et al. 2024): train and evaluate the model.",
+)
+app.add_typer(tree_app, name="tree")
+
+
+def _accuracy_table(accuracy: dict[str, Any], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("path length", "trees", "path accuracy"):
+        table.add_column(column, justify="right")
+    for length, value in accuracy["by_length"].items():
+        table.add_row(length, str(accuracy["counts"][length]), f"{value:.4f}")
+    table.add_row("all", str(sum(accuracy["counts"].values())), f"{accuracy['overall']:.4f}")
+    return table
+
+
+@tree_app.command("train")
+@_user_errors
+def tree_train(
+    config: ConfigOpt = None,
+    out: Annotated[
+        Path, typer.Option(help="run folder: state/ (resume), model/ (checkpoint), metrics.json")
+    ] = Path("runs/tree"),
+    model: Annotated[
+        str | None, typer.Option(help="model preset: paper | cpu (default: the config's)")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="trees per step")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    seed: SeedOpt = None,
+    precision: Annotated[str | None, typer.Option(help="fp32 | bf16 (autocast)")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model")] = False,
+    device: DeviceOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from OUT/state if it exists")
+    ] = False,
+    until: Annotated[
+        int | None,
+        typer.Option(help="stop after this step, state saved (continue later with --resume)"),
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the path-finding model on fresh trees; writes OUT/model and OUT/metrics.json."""
+    from mechunlearn.reasoning.train import TreeTrainConfig, train_tree_model
+
+    values = {
+        "model": model,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "precision": precision,
+        "compile": True if compile else None,
+        "device": device,
+    }
+    cfg = _build_config(TreeTrainConfig, config, values)
+    result = train_tree_model(
+        cfg, out, resume=resume, progress=_show_progress(quiet), log=_log(quiet), until=until
+    )
+    if result.accuracy is None:
+        console.print(
+            f"stopped at step {result.steps} of {cfg.steps} ({result.seconds:.0f} s trained, "
+            f"{result.sequences_per_s:.0f} sequences/s); continue with --resume"
+        )
+        return
+    metrics = result.to_json()
+    console.print(
+        _accuracy_table(metrics["accuracy"], f"held-out accuracy after {result.steps} steps")
+    )
+    console.print(
+        f"trained {result.seconds:.0f} s ({result.sequences_per_s:.0f} sequences/s, "
+        f"{metrics['n_params']['total']:,} parameters); model: {out}/model, metrics: {out}/metrics.json"
+    )
+
+
+@tree_app.command("eval")
+@_user_errors
+def tree_eval(
+    checkpoint: Annotated[
+        Path, typer.Option(help="a saved tree model folder (or a tree train --out folder)")
+    ],
+    per_length: Annotated[int, typer.Option(help="held-out trees per path length")] = 500,
+    seed: Annotated[int, typer.Option(help="seed of the evaluation stream")] = 0,
+    edge_order: Annotated[
+        str | None, typer.Option(help="mixed | backward | random | forward (default: the task's)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="trees per forward pass")] = 1024,
+    device: DeviceOpt = None,
+) -> None:
+    """Whole-path accuracy of a tree model by path length on held-out trees."""
+    from mechunlearn.errors import ConfigError
+    from mechunlearn.reasoning.model import load_tree_model
+    from mechunlearn.reasoning.train import evaluate_accuracy
+    from mechunlearn.reasoning.trees import ORDER_CODES, heldout_trees
+    from mechunlearn.runtime import configure_threads, resolve_device
+
+    if edge_order is not None and edge_order not in ("mixed", *ORDER_CODES):
+        raise ConfigError(
+            f"unknown edge order {edge_order!r}; known: mixed, {', '.join(ORDER_CODES)}"
+        )
+    if per_length < 1:
+        raise ConfigError("--per-length must be at least 1")
+    configure_threads()
+    loaded = load_tree_model(checkpoint, device=str(resolve_device(device)))
+    trees = heldout_trees(loaded.task, per_length, seed=seed, edge_order=edge_order)  # type: ignore[arg-type]
+    accuracy = evaluate_accuracy(loaded.model, trees, batch_size).to_json()
+    console.print(_accuracy_table(accuracy, f"{loaded.path}: held-out path accuracy"))
+    orders = ", ".join(f"{k} {v:.4f}" for k, v in accuracy["by_order"].items())
+    console.print(
+        f"overall {accuracy['overall']:.4f}; by edge order: {orders}; "
+        f"token accuracy {accuracy['token_accuracy']:.4f}, loss {accuracy['loss']:.4f}"
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,248 @@
+"""Tree path-finding model and trainer: HF model works with the hook layer, training lowers the
+loss, teacher-forced accuracy equals greedy decoding, checkpoints round-trip and refuse other
+configs, resume is exact, and the ``tree`` CLI runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mechunlearn.cli import app
+from mechunlearn.errors import ConfigError, DataError
+from mechunlearn.models.handle import HookedModel
+from mechunlearn.reasoning.model import (
+    MODEL_PRESETS,
+    TreeModelConfig,
+    build_model,
+    config_of,
+    hooked_tree_model,
+    load_tree_model,
+    save_tree_model,
+)
+from mechunlearn.reasoning.tokens import TreeLayout, TreeVocab, encode_batch, serialise
+from mechunlearn.reasoning.train import (
+    TreeTrainConfig,
+    evaluate_accuracy,
+    greedy_paths,
+    lr_at,
+    path_correct,
+    train_tree_model,
+)
+from mechunlearn.reasoning.trees import TreeTaskConfig, generate_trees, heldout_trees
+
+N = 6
+TINY = TreeModelConfig(n_nodes=N, n_layers=2, d_model=32, n_heads=2, d_mlp=64)
+
+
+def tiny_config(**overrides) -> TreeTrainConfig:
+    values = {
+        "model": TINY.model_dump(),
+        "task": {"n_nodes": N, "heldout_fraction": 0.05},
+        "steps": 40,
+        "batch_size": 64,
+        "lr": 3e-3,
+        "warmup_steps": 5,
+        "log_every": 10,
+        "eval_every": 20,
+        "eval_per_length": 10,
+        "final_eval_per_length": 20,
+        "checkpoint_every": 20,
+    }
+    return TreeTrainConfig.model_validate(values | overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tree-run")
+    result = train_tree_model(tiny_config(), out, progress=False)
+    return out, result
+
+
+def test_presets_match_the_paper_and_fit_the_cpu():
+    paper = MODEL_PRESETS.get("paper")
+    assert (paper.n_layers, paper.n_heads, paper.d_model, paper.d_mlp) == (6, 1, 128, 512)
+    cpu = MODEL_PRESETS.get("cpu")
+    assert cpu.n_layers < cpu.n_nodes - 1  # fewer layers than the longest path
+    model = build_model(paper)
+    assert model.config.vocab_size == 35 and model.config.n_positions == 62
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+    assert config_of(model) == paper
+    with pytest.raises(ConfigError, match="unknown tree model preset"):
+        TreeTrainConfig(model="huge")
+
+
+def test_hook_layer_caches_every_layer():
+    model = build_model(TINY, seed=1).eval()
+    hm = HookedModel(model, tokenizer=None)
+    tokens = encode_batch(generate_trees(N, 3, 0))[:, :-1]
+    _, cache = hm.run_with_cache(input_ids=tokens)
+    for layer in range(TINY.n_layers):
+        assert cache[f"blocks.{layer}.resid_post"].shape == (3, tokens.shape[1], TINY.d_model)
+    with_tok = hooked_tree_model(model)
+    example = generate_trees(N, 1, 4).example(0)
+    assert (
+        with_tok.tokenize(serialise(example))
+        == encode_batch(generate_trees(N, 1, 4))[
+            0, : len(with_tok.tokenize(serialise(example)))
+        ].tolist()
+    )
+
+
+def test_build_model_is_deterministic():
+    a, b, c = build_model(TINY, 3), build_model(TINY, 3), build_model(TINY, 4)
+    wa, wb, wc = (m.transformer.h[0].attn.c_attn.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_training_lowers_loss_and_writes_outputs(trained):
+    out, result = trained
+    loss = result.history["loss"]
+    assert len(loss) == 4 and loss[-1] < 0.8 * loss[0]
+    assert result.sequences_per_s > 0 and result.steps == 40
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["accuracy"]["by_length"]) == {str(k) for k in range(1, N)}
+    assert metrics["accuracy"]["counts"] == {str(k): 20 for k in range(1, N)}
+    assert len(metrics["evals"]) == 1 and metrics["evals"][0]["step"] == 20
+    loaded = load_tree_model(out, expect=TINY)
+    assert loaded.meta["recipe"]["steps"] == 40
+    assert loaded.meta["accuracy"]["overall"] == pytest.approx(result.accuracy.overall)
+
+
+class LookupModel(torch.nn.Module):
+    """Predicts each example's true next token, except that rows in ``wrong`` predict a wrong
+    node at path step ``wrong[row]``; rows are recognised by their prompt."""
+
+    def __init__(self, trees, wrong: dict[int, int]):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.layout, self.vocab = TreeLayout(trees.n), TreeVocab(trees.n)
+        tokens = encode_batch(trees)
+        self.rows = {tuple(t[: self.layout.path_start].tolist()): i for i, t in enumerate(tokens)}
+        self.targets = tokens.clone()
+        for row, step in wrong.items():
+            position = self.layout.path_start + step
+            true = int(tokens[row, position])
+            self.targets[row, position] = self.vocab.target(0) + (
+                (true - self.vocab.target(0) + 1) % trees.n
+            )
+
+    def forward(self, input_ids):
+        rows = [self.rows[tuple(t[: self.layout.path_start].tolist())] for t in input_ids]
+        nxt = self.targets[rows, 1 : input_ids.shape[1] + 1]
+        logits = torch.nn.functional.one_hot(nxt, self.vocab.size).float() + self.anchor
+        return type("Output", (), {"logits": logits})()
+
+
+def test_teacher_forced_accuracy_equals_greedy_decoding():
+    trees = generate_trees(N, 40, 8)
+    lengths = trees.path_length.tolist()
+    wrong = {row: (row * 7) % lengths[row] for row in range(0, 40, 3)}
+    model = LookupModel(trees, wrong)
+    correct, _, _ = path_correct(model, trees)
+    assert correct.tolist() == [row not in wrong for row in range(40)]
+    paths = greedy_paths(model, trees)
+    assert [
+        p == list(e.path) for p, e in zip(paths, trees.examples(), strict=True)
+    ] == correct.tolist()
+
+
+def test_teacher_forced_equals_greedy_on_a_trained_model(trained):
+    out, _ = trained
+    model = load_tree_model(out).model
+    trees = heldout_trees(TreeTaskConfig(n_nodes=N, heldout_fraction=0.05), 20, seed=3)
+    correct, _, _ = path_correct(model, trees)
+    paths = greedy_paths(model, trees)
+    assert [
+        p == list(e.path) for p, e in zip(paths, trees.examples(), strict=True)
+    ] == correct.tolist()
+    accuracy = evaluate_accuracy(model, trees)
+    assert accuracy.overall == pytest.approx(float(correct.float().mean()))
+    assert sum(accuracy.counts.values()) == len(trees)
+
+
+def test_checkpoint_round_trip_and_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = build_model(TINY, seed=2).eval()
+    folder = save_tree_model(model, TINY, TreeTaskConfig(n_nodes=N), tmp_path / "ckpt")
+    tokens = encode_batch(generate_trees(N, 4, 1))[:, :-1]
+    expected = model(input_ids=tokens).logits
+    loaded = load_tree_model(folder)
+    assert loaded.config == TINY
+    assert torch.allclose(loaded.model(input_ids=tokens).logits, expected, atol=1e-6)
+    plain = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert torch.allclose(plain(input_ids=tokens).logits, expected, atol=1e-6)
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    folder = save_tree_model(build_model(TINY), TINY, TreeTaskConfig(n_nodes=N), tmp_path / "ckpt")
+    with pytest.raises(ConfigError, match="n_layers: expected 3, found 2"):
+        load_tree_model(folder, expect=TINY.model_copy(update={"n_layers": 3}))
+    with pytest.raises(ConfigError, match="another model config"):
+        load_tree_model(folder, expect="paper")
+    meta_file = folder / "tree_model.json"
+    meta = json.loads(meta_file.read_text())
+    meta["model"]["d_model"] = 64
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="does not match the model config"):
+        load_tree_model(folder)
+    with pytest.raises(DataError, match="not a tree model checkpoint"):
+        load_tree_model(tmp_path / "nothing")
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="differs from task.n_nodes"):
+        TreeTrainConfig(model=TINY, task=TreeTaskConfig(n_nodes=7))
+    with pytest.raises(ConfigError, match="too small"):
+        TreeModelConfig(n_nodes=2)
+    with pytest.raises(ConfigError, match="divisible"):
+        TreeModelConfig(d_model=30, n_heads=4)
+    config = tiny_config(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, config) == pytest.approx(3e-4)
+    assert lr_at(10, config) == pytest.approx(3e-3)
+    assert lr_at(100, config) == pytest.approx(3e-4)
+
+
+def test_resume_is_exact_and_checks_the_config(tmp_path):
+    config = tiny_config(steps=20, checkpoint_every=10)
+    straight = train_tree_model(config, tmp_path / "a", progress=False)
+    half = tmp_path / "b"
+    partial = train_tree_model(config, half, progress=False, until=10)
+    assert partial.steps == 10 and partial.accuracy is None and not (half / "model").exists()
+    assert json.loads((half / "state" / "state.json").read_text())["step"] == 10
+    resumed = train_tree_model(config, half, resume=True, progress=False)
+    assert resumed.steps == 20
+    assert resumed.history["loss"] == straight.history["loss"]
+    a = load_tree_model(tmp_path / "a").model.state_dict()
+    b = load_tree_model(half).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="cannot resume .*lr: saved 0.003"):
+        train_tree_model(tiny_config(steps=20, lr=1e-3), half, resume=True, progress=False)
+
+
+def test_cli_train_and_eval(tmp_path):
+    import yaml
+
+    config = tmp_path / "tree.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(steps=10).model_dump(mode="json")))
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        ["tree", "train", "--config", str(config), "--out", str(out), "--quiet", "--steps", "6"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "path accuracy" in result.output and (out / "model" / "model.safetensors").is_file()
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 6
+    result = runner.invoke(app, ["tree", "eval", "--checkpoint", str(out), "--per-length", "5"])
+    assert result.exit_code == 0, result.output
+    assert "overall" in result.output and "backward" in result.output
+    result = runner.invoke(app, ["tree", "eval", "--checkpoint", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "not a tree model checkpoint" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {n_nodes: 2}\ntask: {n_nodes: 2}\n")
+    result = runner.invoke(app, ["tree", "train", "--config", str(bad), "--out", str(out)])
+    assert result.exit_code == 2 and "too small" in result.output
