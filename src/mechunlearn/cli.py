@@ -1,5 +1,5 @@
 """Command-line interface: ``models``, ``eval``, ``localize``, ``run`` (editing and targeted-LAT
-experiments), ``report``, ``tree train|eval`` (path-finding in trees).
+experiments), ``report``, ``tree train|eval|analyze`` (path-finding in trees).
 
 Errors the user can fix print one red line and exit with status 2; no traceback, no partial
 results.
@@ -491,6 +491,63 @@ def tree_eval(
         f"overall {accuracy['overall']:.4f}; by edge order: {orders}; "
         f"token accuracy {accuracy['token_accuracy']:.4f}, loss {accuracy['loss']:.4f}"
     )
+
+
+@tree_app.command("analyze")
+@_user_errors
+def tree_analyze(
+    checkpoint: Annotated[
+        Path, typer.Option(help="a saved tree model folder (or a tree train --out folder)")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="results folder: results.json, summary.md, figures/ (replaced)")
+    ] = Path("runs/tree-analysis"),
+    n_trees: Annotated[
+        int | None, typer.Option(help="held-out trees per mechanism analysis")
+    ] = None,
+    per_length: Annotated[
+        int | None, typer.Option(help="accuracy: held-out trees per path length")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the analysed trees and splits")] = None,
+    edge_order: Annotated[
+        str | None, typer.Option(help="edge order of the analysed trees: backward | random")
+    ] = None,
+    expect: Annotated[
+        str | None,
+        typer.Option(help="refuse a checkpoint that is not of this model preset (paper | cpu)"),
+    ] = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Mechanistic analyses of a tree model (Brinkmann et al. 2024): accuracy, attention,
+    probes, deduction heads, causal scrubbing, registers; prints the mechanism summary."""
+    from mechunlearn.reasoning.analysis.run import TreeAnalysisConfig, analyze_checkpoint
+
+    values = {"n_trees": n_trees, "per_length": per_length, "seed": seed, "edge_order": edge_order}
+    cfg = _build_config(TreeAnalysisConfig, config, values)
+    analysis = analyze_checkpoint(
+        checkpoint,
+        out,
+        cfg,
+        device=device,
+        expect=expect,
+        progress=_show_progress(quiet),
+        log=_log(quiet),
+    )
+    console.print(
+        _accuracy_table(analysis.accuracy.to_json(), f"{checkpoint}: held-out path accuracy")
+    )
+    table = Table(title="mechanisms (Brinkmann et al. 2024)")
+    for column in ("mechanism", "verdict", "criterion"):
+        table.add_column(column)
+    for finding in analysis.summary.findings:
+        color = {True: "green", False: "red", None: "yellow"}[finding.found]
+        table.add_row(finding.name, f"[{color}]{finding.verdict}[/]", finding.criterion)
+    console.print(table)
+    for line in analysis.summary.lines():
+        console.print(line, markup=False, highlight=False)
+    console.print(f"results: {out}/results.json, {out}/summary.md, figures in {out}/figures")
 
 
 def main() -> None:  # pragma: no cover - console entry point

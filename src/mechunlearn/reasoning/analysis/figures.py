@@ -1,0 +1,165 @@
+"""Figures of the tree-model analyses (one PNG per analysis, written atomically), in the style
+of Brinkmann et al. 2024 (arXiv:2402.11917): accuracy by path length, attention scores and
+mean patterns, probe accuracy by layer, the deduction profile, loss recovered by path length,
+and the register knockout scan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mechunlearn.reasoning.analysis.accuracy import AccuracyResult  # noqa: E402
+from mechunlearn.reasoning.analysis.attention import AttentionResult  # noqa: E402
+from mechunlearn.reasoning.analysis.deduction import DeductionResult  # noqa: E402
+from mechunlearn.reasoning.analysis.probes import ProbeResult  # noqa: E402
+from mechunlearn.reasoning.analysis.registers import RegisterResult  # noqa: E402
+from mechunlearn.reasoning.analysis.scrubbing import ScrubbingResult  # noqa: E402
+from mechunlearn.report.figures import save_figure  # noqa: E402
+
+
+def _nan(values) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def accuracy_figure(result: AccuracyResult, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    lengths = sorted(result.by_length)
+    ax.plot(lengths, [result.by_length[k] for k in lengths], "o-", label="task mix")
+    for order, entry in result.by_order.items():
+        ks = sorted(int(k) for k in entry["by_length"])
+        ax.plot(ks, [entry["by_length"][str(k)] for k in ks], ".--", label=order)
+    ax.set_xlabel("path length")
+    ax.set_ylabel("whole-path accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"held-out accuracy (overall {result.overall:.3f})")
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def attention_figure(result: AttentionResult, path: Path) -> Path:
+    n_layers = len(result.edge_merging)
+    columns = max(2, n_layers)
+    fig, axes = plt.subplots(
+        2, columns, figsize=(3.2 * columns, 6.5), squeeze=False, layout="constrained"
+    )
+    for ax, kind, uniform in (
+        (axes[0, 0], "edge_merging", result.edge_merging_uniform),
+        (axes[0, 1], "goal_copying", result.goal_copying_uniform),
+    ):
+        data = np.asarray(getattr(result, kind))
+        image = ax.imshow(data, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(data.shape[1]))
+        ax.set_yticks(range(data.shape[0]))
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{kind.replace('_', ' ')} (uniform {uniform:.2f})")
+        fig.colorbar(image, ax=ax)
+    for ax in axes[0, 2:]:
+        ax.axis("off")
+    for layer in range(n_layers):
+        ax = axes[1, layer]
+        if layer < len(result.mean_patterns):
+            pattern = result.mean_patterns[layer].float().mean(0).numpy()
+            ax.imshow(pattern, cmap="Blues", vmin=0, vmax=max(1e-6, float(pattern.max())))
+        ax.set_title(f"layer {layer}: mean pattern")
+        ax.set_xlabel("key position")
+        ax.set_ylabel("query position")
+    for ax in axes[1, n_layers:]:
+        ax.axis("off")
+    return save_figure(fig, path)
+
+
+def probes_figure(result: ProbeResult, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(result.rows))
+    for name, curve in result.curves.items():
+        (line,) = ax.plot(x, _nan(curve.test_accuracy), "o-", label=name)
+        ax.axhline(curve.chance, color=line.get_color(), linestyle=":", linewidth=0.8)
+    ax.set_xticks(x, result.rows)
+    ax.set_xlabel("residual stream after")
+    ax.set_ylabel("held-out accuracy (dotted: chance)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("linear probes")
+    return save_figure(fig, path)
+
+
+def deduction_figure(result: DeductionResult, path: Path) -> Path:
+    profile = np.array(
+        [
+            [
+                max((h[k] for h in layer if h[k] is not None), default=np.nan)
+                for k in range(len(layer[0]))
+            ]
+            for layer in result.profile
+        ],
+        dtype=float,
+    )
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    image = ax.imshow(profile, aspect="auto", origin="lower", cmap="magma", vmin=0)
+    layers = np.arange(1, profile.shape[0])
+    layers = layers[layers - 1 < profile.shape[1]]
+    ax.set_yticks(range(profile.shape[0]))
+    ax.plot(layers - 1, layers, "c*", markersize=10, label="expected: edge into a_(l-1)")
+    ax.set_xlabel("k: edge into chain node a_k (a_0 = goal)")
+    ax.set_ylabel("layer")
+    ax.set_title("attention from the path position (best head)")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.colorbar(image, ax=ax)
+    return save_figure(fig, path)
+
+
+def scrubbing_figure(result: ScrubbingResult, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for layer, (matched, control) in enumerate(zip(result.recovered, result.control, strict=True)):
+        (line,) = ax.plot(result.lengths, _nan(matched), "o-", label=f"layer {layer}")
+        ax.plot(result.lengths, _nan(control), "--", color=line.get_color(), linewidth=0.8)
+    ax.axvline(result.depth_bound + 0.5, color="grey", linestyle=":", label="number of layers")
+    ax.set_xlabel("path length")
+    ax.set_ylabel("loss recovered (dashed: unmatched control)")
+    ax.set_title("resampling attn_out at the root position")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+KIND_COLORS = {
+    "source": "tab:blue",
+    "target": "tab:orange",
+    "comma": "tab:green",
+    "bar": "tab:red",
+    "goal": "tab:purple",
+    "colon": "tab:brown",
+}
+
+
+def registers_figure(result: RegisterResult, path: Path) -> Path:
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, 1]})
+    colors = [KIND_COLORS.get(kind, "grey") for kind in result.kinds]
+    ax.bar(result.positions, result.effect_logprob, color=colors)
+    ax.axhline(result.min_effect, color="grey", linestyle=":")
+    for candidate in result.candidates:
+        ax.annotate("R", (candidate.position, candidate.effect), ha="center", va="bottom")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in KIND_COLORS.values()]
+    ax.legend(handles, list(KIND_COLORS), fontsize=7, ncol=3)
+    ax.set_xlabel("prompt position")
+    ax.set_ylabel("log-prob drop when knocked out")
+    ax.set_title(f"attention knockout from the path positions, layers >= {result.from_layer}")
+    lengths = sorted(result.baseline_by_length)
+    ax2.plot(lengths, [result.baseline_by_length[k] for k in lengths], "o-", label="clean")
+    if result.blocked_by_length is not None:
+        ax2.plot(
+            lengths,
+            [result.blocked_by_length[k] for k in lengths],
+            "o--",
+            label="registers blocked",
+        )
+    ax2.set_xlabel("path length")
+    ax2.set_ylabel("whole-path accuracy")
+    ax2.set_ylim(-0.02, 1.02)
+    ax2.legend(fontsize=7)
+    return save_figure(fig, path)
