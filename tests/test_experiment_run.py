@@ -154,6 +154,12 @@ def test_interrupted_run_resumes_without_redoing_finished_work(saved_llama, tmp_
         "_edit_and_measure",
         lambda hm, spec, *a, **k: (calls.append(spec.name), original(hm, spec, *a, **k))[1],
     )
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "empty-cache"))  # a new machine
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("a resumed run must reuse its own localizations")
+
+    monkeypatch.setattr(edit_job, "compute_localizations", no_recompute)
     run_experiment(cfg, tmp_path / "run", resume=True, progress=False)
     assert calls == ["ct_mlps", "all_mlps_lora"]
     assert (tmp_path / "run" / "results.md").is_file() and not partial.exists()

@@ -147,17 +147,27 @@ def run_experiment(
     partial.mkdir(parents=True, exist_ok=True)
     atomic_write_yaml(partial / "config.yaml", config.model_dump(mode="json"))
     atomic_write_json(known_path, sorted(r.id for r in known))
-    locs = compute_localizations(
-        hm,
-        config.model,
-        config.localizations,
-        loc_facts,
-        config.localize_options.model_copy(update={"progress": progress}),
-        use_cache=use_cache,
-        log=log,
-    )
-    for spec in config.localizations:
-        locs[spec.name].save(partial / "localizations" / f"{spec.name}.json")
+    saved = {
+        spec.name: partial / "localizations" / f"{spec.name}.json" for spec in config.localizations
+    }
+    if resume and all(path.is_file() for path in saved.values()):
+        # the run's own localizations, so a resumed run edits exactly what it started with
+        locs = {name: Localization.load(path) for name, path in saved.items()}
+        log("localizations: from the interrupted run")
+    else:
+        locs = compute_localizations(
+            hm,
+            config.model,
+            config.localizations,
+            loc_facts,
+            config.localize_options.model_copy(update={"progress": progress}),
+            use_cache=use_cache,
+            log=log,
+        )
+        for name, path in saved.items():
+            locs[name].save(path)
+    for loc in locs.values():
+        loc.check_model(hm)
 
     validation = _prepare_sets(
         config,
