@@ -17,7 +17,7 @@ from mechunlearn.cli import app
 from mechunlearn.edit.lat import LatConfig, dpo_loss, lat_baseline, train_lat
 from mechunlearn.edit.parametrization import make_trainable
 from mechunlearn.evals.refusal import score_pairs
-from mechunlearn.experiments import lat_job
+from mechunlearn.experiments import lat_job, lat_measure
 from mechunlearn.experiments.config import load_yaml_config, validate_config
 from mechunlearn.experiments.edit_config import resolve_config
 from mechunlearn.experiments.lat_config import LatExperimentConfig, default_layers
@@ -140,14 +140,14 @@ def test_refusal_run_writes_a_complete_report(saved_llama, tmp_path, monkeypatch
 
     reference = plain_state(load_model(str(saved_llama)).model)
     starts = []
-    real = lat_job.train_lat
+    real = lat_measure.train_lat
 
     def check_start(hm, trainable, *args, **kwargs):
         state = plain_state(hm.model)
         starts.append(all(state[k].equal(reference[k]) for k in reference))
         return real(hm, trainable, *args, **kwargs)
 
-    monkeypatch.setattr(lat_job, "train_lat", check_start)
+    monkeypatch.setattr(lat_measure, "train_lat", check_start)
     cfg = validate_config(
         LatExperimentConfig,
         lat_config(saved_llama, "refusal", trainable={"mode": "full", "layers": [1]}),
@@ -195,13 +195,13 @@ def test_backdoor_run_installs_measures_and_removes(saved_llama, tmp_path, monke
     from mechunlearn.models.loading import load_model
 
     starts = []
-    real = lat_job.train_lat
+    real = lat_measure.train_lat
 
     def record_start(hm, trainable, *args, **kwargs):
         starts.append(plain_state(hm.model))
         return real(hm, trainable, *args, **kwargs)
 
-    monkeypatch.setattr(lat_job, "train_lat", record_start)
+    monkeypatch.setattr(lat_measure, "train_lat", record_start)
     data = lat_config(saved_llama, "backdoor", seeds=[0])
     data["evaluation"]["embedding_attack"] = None
     cfg = validate_config(LatExperimentConfig, data, "t")
@@ -260,7 +260,7 @@ def test_interrupted_run_resumes_without_redoing_finished_work(saved_llama, tmp_
     data["evaluation"].update(embedding_attack=None, latent_attack=None, prefill=None)
     cfg = validate_config(LatExperimentConfig, data, "t")
     calls = []
-    original = lat_job._measure_method
+    original = lat_job.measure_method
 
     def crash_on_second(hm, config, method, *args, **kwargs):
         calls.append(method.name)
@@ -268,7 +268,7 @@ def test_interrupted_run_resumes_without_redoing_finished_work(saved_llama, tmp_
             raise RuntimeError("power cut")
         return original(hm, config, method, *args, **kwargs)
 
-    monkeypatch.setattr(lat_job, "_measure_method", crash_on_second)
+    monkeypatch.setattr(lat_job, "measure_method", crash_on_second)
     with pytest.raises(RuntimeError, match="power cut"):
         run_lat_experiment(cfg, tmp_path / "run", progress=False)
     partial = tmp_path / "run.partial"
@@ -281,7 +281,7 @@ def test_interrupted_run_resumes_without_redoing_finished_work(saved_llama, tmp_
         calls.append(method.name)
         return original(hm, config, method, *args, **kwargs)
 
-    monkeypatch.setattr(lat_job, "_measure_method", record)
+    monkeypatch.setattr(lat_job, "measure_method", record)
     run_lat_experiment(cfg, tmp_path / "run", resume=True, progress=False)
     assert calls == ["RT", "LAT"]
     assert (tmp_path / "run" / "results.md").is_file() and not partial.exists()

@@ -54,10 +54,16 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    move_into_place(tmp, final)
+
+
+def move_into_place(finished: str | Path, final: str | Path) -> None:
+    """Put a finished folder at ``final``, replacing what is there only at the last moment."""
+    finished, final = Path(finished), Path(final)
     if final.exists():
         backup = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, backup)
-        os.replace(tmp, final)
+        os.replace(finished, final)
         shutil.rmtree(backup, ignore_errors=True)
     else:
-        os.replace(tmp, final)
+        os.replace(finished, final)

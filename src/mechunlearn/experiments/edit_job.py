@@ -43,7 +43,7 @@ from mechunlearn.experiments.fact_sets import (
 )
 from mechunlearn.experiments.localizations import compute_localizations, localization_facts
 from mechunlearn.experiments.sweep import sweep_localization, validation_score
-from mechunlearn.io import atomic_write_json, atomic_write_yaml
+from mechunlearn.io import atomic_write_json, atomic_write_yaml, move_into_place
 from mechunlearn.localize import Localization
 from mechunlearn.models.loading import load_model
 from mechunlearn.report.experiment import write_report
@@ -241,7 +241,7 @@ def run_experiment(
         },
     )
     write_report(partial)
-    _move_into_place(partial, out)
+    move_into_place(partial, out)
     return out
 
 
@@ -335,13 +335,3 @@ def _edit_and_measure(
         },
         **battery.to_json(),
     }
-
-
-def _move_into_place(partial: Path, out: Path) -> None:
-    if out.exists():
-        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, backup)
-        os.replace(partial, out)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(partial, out)
