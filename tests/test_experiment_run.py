@@ -68,10 +68,22 @@ def test_run_writes_a_complete_report(saved_llama, tmp_path, monkeypatch):
     assert "relearn.completion.accuracy" in edited["metrics"]
     assert "soft_prompt.accuracy_after" in edited["metrics"]
     assert "probe.forget_accuracy" in edited["metrics"]
-    assert len(edited["curves"]["relearn"]["curve"]) == 3  # steps 0, 1, 2
+    curve = edited["curves"]["relearn"]["curve"]
+    assert [p["step"] for p in curve] == [0, 1, 2]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["order"] == ["base", "random", "ct_mlps", "all_mlps_lora"]
     assert summary["summary"]["random"]["lm_loss_delta"]["n"] == 2
+    peaks = [
+        max(
+            p["completion.accuracy"]
+            for p in json.loads((out / "results" / "random" / f"seed{s}.json").read_text())[
+                "curves"
+            ]["relearn"]["curve"]
+        )
+        for s in (0, 1)
+    ]
+    peak = summary["summary"]["random"]["relearn_peak.completion.accuracy"]
+    assert peak["mean"] == pytest.approx(sum(peaks) / 2)
     ct = json.loads((out / "localizations" / "ct_mlps.json").read_text())
     assert all(c.endswith(".mlp") for c in ct["selected"])
     sweep = json.loads((out / "sweep" / "random.json").read_text())

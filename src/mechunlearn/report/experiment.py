@@ -56,6 +56,7 @@ UNLEARN_COLUMNS = [
 ROBUSTNESS_COLUMNS = [
     ("relearn.completion.accuracy", "after relearning: completion acc (held-out)", True),
     ("relearn.mcq.accuracy", "after relearning: MCQ acc (held-out)", True),
+    ("relearn_peak.completion.accuracy", "relearning, best step: completion acc (held-out)", True),
     ("soft_prompt.accuracy_after", "after soft prompt: acc (held-out)", True),
     ("probe.forget_accuracy", "latent probe acc on forget", True),
     ("retain.completion.accuracy", "retain acc: completion", False),
@@ -108,6 +109,16 @@ def _add_deltas(results: dict[str, list[dict[str, Any]]]) -> None:
             ref = base.get(run["seed"], {})
             if "lm_loss" in run["metrics"] and "lm_loss" in ref:
                 run["metrics"]["lm_loss_delta"] = run["metrics"]["lm_loss"] - ref["lm_loss"]
+            run["metrics"].update(relearn_peaks(run))
+
+
+def relearn_peaks(run: dict[str, Any]) -> dict[str, float]:
+    """The attacker's best point of the relearning curve (``relearn_peak.<format>.<metric>``):
+    held-out accuracy can rise and fall again during relearning, so the final value alone
+    understates what the attack recovers."""
+    curve = run.get("curves", {}).get("relearn", {}).get("curve") or []
+    keys = {k for point in curve for k in point if k != "step"}
+    return {f"relearn_peak.{k}": max(p[k] for p in curve if k in p) for k in sorted(keys)}
 
 
 def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
