@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -72,7 +73,17 @@ def build_config(
 
 
 def make_log(quiet: bool) -> Callable[[str], None]:
-    return (lambda _: None) if quiet else (lambda msg: err_console.print(f"[dim]{msg}[/]"))
+    """Log lines on stderr, each with the time since the command started (long runs are read
+    from their logs afterwards: where did the hours go?)."""
+    if quiet:
+        return lambda _: None
+    started = time.monotonic()
+
+    def log(msg: str) -> None:
+        minutes, seconds = divmod(int(time.monotonic() - started), 60)
+        err_console.print(f"[dim]{minutes:4d}:{seconds:02d} {msg}[/]", highlight=False)
+
+    return log
 
 
 def show_progress(quiet: bool) -> bool:
