@@ -121,6 +121,7 @@ def run_battery(
     """Measure the current model; ``attacks=False`` skips relearning and soft prompts (base model)."""
     battery = config.evaluation
     out = BatteryResult()
+    log(f"prompt formats on {len(sets.forget)} forget and {len(sets.retain_eval)} retain facts")
     out.metrics.update(
         format_metrics(hm, sets.forget, sets.retain_eval, config, seed, general_text_eval, progress)
     )
@@ -132,6 +133,7 @@ def run_battery(
             hm, counterfact_records, battery.batch_size
         )
     if battery.probes:
+        log("latent probes")
         try:
             probes = latent_probe_accuracy(
                 hm,
