@@ -289,3 +289,35 @@ def test_counterfact_side_effect_is_measured(saved_llama, tmp_path, monkeypatch,
     for name in ("base", "all_mlps"):
         metrics = json.loads((out / "results" / name / "seed0.json").read_text())["metrics"]
         assert 0.0 <= metrics["side_effects.counterfact_neighborhood"] <= 1.0
+
+
+def test_fixed_target_joins_options_but_not_knowledge_or_localization(
+    saved_llama, tmp_path, monkeypatch
+):
+    """Editing to golf: golf is an option of every evaluated fact (and the one-shot example is
+    then not golf), while localization sees the facts among their own options."""
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
+    seen = {}
+    real_facts = edit_job.localization_facts
+
+    def spy_facts(hm, known, *args):
+        seen["localized"] = {tuple(r.options) for r in known}
+        return real_facts(hm, known, *args)
+
+    real_battery = edit_job.run_battery
+
+    def spy_battery(hm, sets, *args, **kwargs):
+        seen.setdefault("evaluated", set()).update(tuple(r.options) for r in sets.forget)
+        return real_battery(hm, sets, *args, **kwargs)
+
+    monkeypatch.setattr(edit_job, "localization_facts", spy_facts)
+    monkeypatch.setattr(edit_job, "run_battery", spy_battery)
+    config = tiny_config(saved_llama, seeds=[0]).model_dump(mode="json")
+    config |= {"target": {"kind": "fixed", "value": "golf"}}
+    config["localizations"] = [{"name": "all_mlps", "method": "all_mlps"}]
+    config["evaluation"] |= {"relearn": None, "soft_prompt": None}
+    run_experiment(validate_config(ExperimentConfig, config, "t"), tmp_path / "run", progress=False)
+    assert seen["localized"] == {("baseball", "basketball", "football")}
+    assert seen["evaluated"] == {("baseball", "basketball", "football", "golf")}
+    result = json.loads((tmp_path / "run" / "results" / "all_mlps" / "seed0.json").read_text())
+    assert "forget.completion.edit_success" in result["metrics"]

@@ -492,3 +492,14 @@ def test_task_registry(tmp_path: Path) -> None:
         load_task("counterfact")
     with pytest.raises(ConfigError, match="known: counterfact, sports"):
         load_task("zsre")
+
+
+def test_one_shot_example_is_never_one_of_the_options(sports_record):
+    from mechunlearn.tasks.formats import default_shot
+
+    assert default_shot(sports_record) == SPORTS_SHOT  # golf is not a sports option
+    with_golf = sports_record.model_copy(update={"options": sports_record.options + ("golf",)})
+    shot = default_shot(with_golf)
+    assert "golf" not in shot and "tennis" in shot
+    prompt = format_records([with_golf], ["completion"])[0].prompt
+    assert prompt.startswith(shot)

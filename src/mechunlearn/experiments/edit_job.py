@@ -133,6 +133,8 @@ def run_experiment(
         known_ids = {r.id for r in scored}
     else:
         known_ids = {r.id for r in records}
+    # Localization looks at the facts as the model knows them, among their own options.
+    known_as_is = [r for r in records if r.id in known_ids]
     records = add_options(records, extra_options(config))
     known = [r for r in records if r.id in known_ids]
     log(f"{len(known)} of {len(records)} facts known")
@@ -140,7 +142,9 @@ def run_experiment(
     seed_sets = {seed: _prepare_sets(config, facts.for_seed(seed), seed) for seed in config.seeds}
     for sets in seed_sets.values():
         train_data(config, sets, text_train)
-    loc_facts = localization_facts(hm, known, config.facts.n_localize, config.localize_options.seed)
+    loc_facts = localization_facts(
+        hm, known_as_is, config.facts.n_localize, config.localize_options.seed
+    )
 
     if partial.exists() and not resume:
         shutil.rmtree(partial)

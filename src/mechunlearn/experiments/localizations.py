@@ -45,6 +45,7 @@ def _cache_path(
             "model": model,
             "facts": [r.id for r in facts],
             "answers": [r.answer for r in facts],
+            "fact_options": [list(r.options) for r in facts],  # they shape the one-shot prompt
             "method": method,
             "options": options.model_dump(mode="json", exclude={"progress"}),
         },

@@ -25,6 +25,13 @@ from mechunlearn.tasks.records import FactRecord, PromptItem
 SPORTS_SHOT = "Fact: Tiger Woods plays the sport of golf\n"
 """One-shot prefix for sports facts: tells a small base model the answer should be a sport."""
 
+SPORTS_SHOTS = (
+    ("golf", SPORTS_SHOT),
+    ("tennis", "Fact: Serena Williams plays the sport of tennis\n"),
+    ("boxing", "Fact: Muhammad Ali plays the sport of boxing\n"),
+)
+"""Alternatives, so the example's answer is never one of the options it would prime."""
+
 LETTERS = string.ascii_uppercase
 OPTION_ORDERS = ("fixed", "shuffle", "all")
 MAX_ALL_ORDERS = 120  # option_order="all" emits k! items; refuse beyond 5 options
@@ -54,8 +61,15 @@ def fill(template: str, subject: str) -> str:
 
 
 def default_shot(record: FactRecord) -> str:
-    """The few-shot prefix used when none is configured: the sports shot for sports facts."""
-    return SPORTS_SHOT if record.relation == "sport" else ""
+    """The few-shot prefix used when none is configured: for sports facts, a worked example
+    whose sport is not among the record's options (an example answer that is also an option
+    primes that option: with golf added as an edit target, the golf example would)."""
+    if record.relation != "sport":
+        return ""
+    for answer, shot in SPORTS_SHOTS:
+        if answer not in record.options:  # e.g. golf facts (edited to golf) get the tennis shot
+            return shot
+    raise DataError(f"{record.id}: every one-shot example's sport is among its options")
 
 
 def question_text(record: FactRecord) -> str:
