@@ -160,6 +160,8 @@ def test_interrupted_run_resumes_without_redoing_finished_work(saved_llama, tmp_
     assert not (tmp_path / "run").exists()
     partial = tmp_path / "run.partial"
     assert (partial / "results" / "random" / "seed0.json").is_file()
+    first_part_seconds = json.loads((partial / "time.json").read_text())["seconds"]
+    assert first_part_seconds > 0
     calls.clear()
     monkeypatch.setattr(
         edit_job,
@@ -175,6 +177,10 @@ def test_interrupted_run_resumes_without_redoing_finished_work(saved_llama, tmp_
     run_experiment(cfg, tmp_path / "run", resume=True, progress=False)
     assert calls == ["ct_mlps", "all_mlps_lora"]
     assert (tmp_path / "run" / "results.md").is_file() and not partial.exists()
+    # the reported wall time is the sum of both parts, not only the resumed one
+    total = json.loads((tmp_path / "run" / "run.json").read_text())["seconds"]
+    assert total == json.loads((tmp_path / "run" / "time.json").read_text())["seconds"]
+    assert total > first_part_seconds
 
 
 def test_bad_inputs_fail_before_writing(saved_llama, tmp_path, monkeypatch):

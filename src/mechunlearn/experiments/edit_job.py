@@ -57,6 +57,23 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+class RunClock:
+    """Wall time of a run summed over its interrupted and resumed parts (``time.json``), so the
+    reported time of a run that took several sessions is still its total."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "time.json"
+        self.before = _read_json(self.path)["seconds"] if self.path.is_file() else 0.0
+        self.started = time.time()
+
+    @property
+    def seconds(self) -> float:
+        return self.before + time.time() - self.started
+
+    def save(self) -> None:
+        atomic_write_json(self.path, {"seconds": round(self.seconds, 1)})
+
+
 def _prepare_sets(config: ExperimentConfig, sets: FactSets, seed: int) -> FactSets:
     """Give forget facts their new answers (editing); unlearning keeps the records as they are."""
     if config.mode != "edit":
@@ -149,6 +166,8 @@ def run_experiment(
     if partial.exists() and not resume:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
+    clock = RunClock(partial)
+    clock.started = started  # the time spent loading the model and finding known facts counts
     atomic_write_yaml(partial / "config.yaml", config.model_dump(mode="json"))
     atomic_write_json(known_path, sorted(r.id for r in known))
     saved = {
@@ -182,7 +201,8 @@ def run_experiment(
         ),
         seed=config.sweep.seed if config.sweep else 0,
     )
-    hparams = _choose_hparams(hm, config, locs, validation, text_train, partial, log)
+    clock.save()
+    hparams = _choose_hparams(hm, config, locs, validation, text_train, partial, log, clock)
 
     for seed, sets in seed_sets.items():
         atomic_write_json(partial / "facts" / f"seed{seed}.json", sets.to_json())
@@ -201,6 +221,7 @@ def run_experiment(
                 progress=progress,
             )
             atomic_write_json(base_path, {"localization": "base", "seed": seed, **base.to_json()})
+            clock.save()
         data = train_data(config, sets, text_train)
         for spec in config.localizations:
             path = partial / "results" / spec.name / f"seed{seed}.json"
@@ -226,13 +247,14 @@ def run_experiment(
                 log,
             )
             atomic_write_json(path, result)
+            clock.save()
 
     atomic_write_json(
         partial / "run.json",
         {
             "name": config.name,
             "model": config.model,
-            "seconds": round(time.time() - started, 1),
+            "seconds": round(clock.seconds, 1),
             "mechunlearn": __version__,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
@@ -244,6 +266,7 @@ def run_experiment(
             "hyperparameters": {k: v.model_dump() for k, v in hparams.items()},
         },
     )
+    clock.save()
     write_report(partial)
     move_into_place(partial, out)
     return out
@@ -257,7 +280,14 @@ def _check_same_config(folder: Path, config: ExperimentConfig) -> None:
 
 
 def _choose_hparams(
-    hm, config: ExperimentConfig, locs, validation: FactSets, text_train, partial: Path, log
+    hm,
+    config: ExperimentConfig,
+    locs,
+    validation: FactSets,
+    text_train,
+    partial: Path,
+    log,
+    clock: RunClock,
 ) -> dict[str, Hyperparameters]:
     chosen: dict[str, Hyperparameters] = dict(config.hyperparameters)
     if config.sweep is None:
@@ -279,6 +309,7 @@ def _choose_hparams(
             {"chosen": best.model_dump(), "base_retain_accuracy": base_retain, "points": points},
         )
         chosen[spec.name] = best
+        clock.save()
     return chosen
 
 
