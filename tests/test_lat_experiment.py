@@ -175,7 +175,9 @@ def test_refusal_run_writes_a_complete_report(saved_llama, tmp_path, monkeypatch
     assert eat["train"]["info"]["sites"] == ["embed"]
     rt = json.loads((out / "results" / "RT" / "seed0.json").read_text())
     assert rt["compute"]["passes"]["adversary_fwd_bwd"] == 0
-    assert lat["compute"]["seconds"] > rt["compute"]["seconds"] > 0
+    # compute is compared by passes (above); wall seconds are only recorded, since a timed
+    # comparison fails on a loaded machine (it did: 0.264 s vs 0.27 s)
+    assert lat["compute"]["seconds"] > 0 and rt["compute"]["seconds"] > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["order"] == ["base", "RT", "LAT", "EAT"]
     assert summary["summary"]["LAT"]["refusal.rate"]["n"] == 2

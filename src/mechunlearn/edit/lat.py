@@ -76,6 +76,7 @@ from mechunlearn.edit.trainer import (
     TrainResult,
     _default_accelerator,
     _release,
+    apply_update,
     lr_factor,
 )
 from mechunlearn.errors import ConfigError, DataError, TokenizationError
@@ -359,17 +360,7 @@ def _defender_step(
         else:
             terms["benign"] = kl_to_reference(hm, batch, run.reference(batch, benign_index))
         loss = loss + coefs["benign"] * terms["benign"]
-    if run.world > 1:  # DDP waits for a gradient of every trained parameter
-        loss = loss + 0.0 * sum(p.reshape(-1)[:1].sum() for p in run.trainable.params)
-
-    run.accelerator.backward(loss)
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-    grad_norm = run.accelerator.clip_grad_norm_(run.trainable.params, max_norm)
-    lr = float(run.optimizer.param_groups[0]["lr"])
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.trainable.after_step()
+    grad_norm, lr = apply_update(run, loss, cfg.max_grad_norm)
 
     record = {"loss": loss.detach().float(), **{k: v.detach().float() for k, v in terms.items()}}
     if "unwanted_nll" in parts:  # how far the (frozen) attack got, before this update

@@ -221,19 +221,7 @@ def _train_step(run: _Run, step: int) -> dict[str, float]:
         value = next_token_loss(hm, batch)
         terms["lm"] = value
         loss = loss + cfg.lm_coef * value
-    if run.world > 1:
-        # DDP (without find_unused_parameters) waits for a gradient of every trained
-        # parameter; a term may not reach all of them (RMU stops mattering above its layer).
-        loss = loss + 0.0 * sum(p.reshape(-1)[:1].sum() for p in run.trainable.params)
-
-    run.accelerator.backward(loss)
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-    grad_norm = run.accelerator.clip_grad_norm_(run.trainable.params, max_norm)
-    lr = float(run.optimizer.param_groups[0]["lr"])
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.trainable.after_step()
+    grad_norm, lr = apply_update(run, loss, cfg.max_grad_norm)
 
     values = torch.stack([loss.detach().float(), *(t.detach().float() for t in terms.values())])
     values = run.accelerator.reduce(values, "mean").tolist()
@@ -507,3 +495,27 @@ def _load(path, meta, named, optimizer, scheduler, streams, history) -> int:
         stream.load_state_dict(ckpt.streams[name])
     history.update({k: list(v) for k, v in ckpt.history.items()})
     return ckpt.step
+
+
+def apply_update(
+    run, loss: torch.Tensor, max_grad_norm: float | None
+) -> tuple[torch.Tensor, float]:
+    """Backward, clip, optimizer and scheduler step, then the trainable's post-step fix-up.
+
+    ``run`` has ``accelerator``, ``optimizer``, ``scheduler``, ``trainable`` and ``world``;
+    shared by the editing trainer and the LAT trainer. Returns the gradient norm and the
+    learning rate the step used.
+    """
+    if run.world > 1:
+        # DDP (without find_unused_parameters) waits for a gradient of every trained
+        # parameter; a term may not reach all of them (RMU stops mattering above its layer).
+        loss = loss + 0.0 * sum(p.reshape(-1)[:1].sum() for p in run.trainable.params)
+    run.accelerator.backward(loss)
+    max_norm = max_grad_norm if max_grad_norm is not None else math.inf
+    grad_norm = run.accelerator.clip_grad_norm_(run.trainable.params, max_norm)
+    lr = float(run.optimizer.param_groups[0]["lr"])
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.trainable.after_step()
+    return grad_norm, lr

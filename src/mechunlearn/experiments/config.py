@@ -26,6 +26,16 @@ def registered_name(registry):
 TaskName = Annotated[str, registered_name(TASKS)]
 
 
+def _distinct_seeds(value: list[int]) -> list[int]:
+    if not value or len(set(value)) != len(value):
+        raise ValueError("seeds must be a non-empty list without repeats")
+    return value
+
+
+Seeds = Annotated[list[int], AfterValidator(_distinct_seeds)]
+"""An experiment's seeds: at least one, none repeated."""
+
+
 class EvalConfig(BaseModel):
     """What ``mechunlearn eval`` runs: one model, one fact set, several prompt formats."""
 

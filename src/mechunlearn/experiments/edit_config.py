@@ -15,7 +15,7 @@ from mechunlearn.attacks.relearn import RelearnConfig
 from mechunlearn.attacks.soft_prompt import SoftPromptConfig
 from mechunlearn.edit.objectives import OBJECTIVES
 from mechunlearn.edit.trainer import TrainConfig
-from mechunlearn.experiments.config import TaskName, registered_name
+from mechunlearn.experiments.config import Seeds, TaskName, registered_name
 from mechunlearn.localize import LOCALIZERS, LocalizeOptions
 from mechunlearn.tasks.formats import FORMATS
 
@@ -178,17 +178,10 @@ class ExperimentConfig(Strict):
         description="fixed lr/forget_coef per localization name (used when sweep is null)",
     )
     evaluation: BatteryConfig = Field(default_factory=BatteryConfig)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    seeds: Seeds = Field(default_factory=lambda: [0, 1, 2])
     save_models: bool = Field(default=False, description="save each edited model (first seed)")
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, value: list[int]) -> list[int]:
-        if not value or len(set(value)) != len(value):
-            raise ValueError("seeds must be a non-empty list without repeats")
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:

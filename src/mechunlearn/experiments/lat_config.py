@@ -27,6 +27,7 @@ from mechunlearn.attacks.prefill import PrefillConfig
 from mechunlearn.edit.lat import LatConfig
 from mechunlearn.edit.parametrization import LoraOptions
 from mechunlearn.errors import ConfigError
+from mechunlearn.experiments.config import Seeds
 from mechunlearn.tasks.backdoor import BackdoorConfig
 
 
@@ -307,16 +308,9 @@ class LatExperimentConfig(Strict):
     train: LatTrainSettings = Field(default_factory=LatTrainSettings)
     backdoor: BackdoorSettings = Field(default_factory=BackdoorSettings)
     evaluation: LatEvaluation = Field(default_factory=LatEvaluation)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    seeds: Seeds = Field(default_factory=lambda: [0, 1, 2])
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, value: list[int]) -> list[int]:
-        if not value or len(set(value)) != len(value):
-            raise ValueError("seeds must be a non-empty list without repeats")
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> LatExperimentConfig:
