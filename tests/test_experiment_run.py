@@ -327,3 +327,44 @@ def test_fixed_target_joins_options_but_not_knowledge_or_localization(
     assert seen["evaluated"] == {("baseball", "basketball", "football", "golf")}
     result = json.loads((tmp_path / "run" / "results" / "all_mlps" / "seed0.json").read_text())
     assert "forget.completion.edit_success" in result["metrics"]
+
+
+def test_unlearning_rows_with_their_own_objective_and_lat(saved_llama, tmp_path, monkeypatch):
+    from mechunlearn.edit.lat import ForgetLat
+
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
+    adversary = {"layers": [1], "epsilon": 0.5, "steps": 2}
+    config = tiny_config(
+        saved_llama,
+        mode="unlearn",
+        train={"objective": "unlearn", "steps": 2, "batch_size": 4, "retain_batch_size": 4},
+        localizations=[
+            {"name": "GA", "method": "all_mlps", "objective": "gradient_ascent"},
+            {
+                "name": "GA_LAT",
+                "method": "all_mlps",
+                "objective": "gradient_ascent",
+                "latent_adversary": adversary,
+            },
+        ],  # fmt: skip
+        seeds=[0],
+    )
+    perturbed = []
+    original = ForgetLat.perturb
+    monkeypatch.setattr(
+        ForgetLat,
+        "perturb",
+        lambda self, *a, **k: (perturbed.append(1), original(self, *a, **k))[1],
+    )
+    out = tmp_path / "run"
+    run_experiment(config, out, progress=False)
+    # 1 sweep point + 1 seed, 2 steps each, only for the LAT row
+    assert len(perturbed) == 4
+    results = {
+        name: json.loads((out / "results" / name / "seed0.json").read_text())
+        for name in ("GA", "GA_LAT")
+    }
+    assert results["GA"]["objective"] == results["GA_LAT"]["objective"] == "gradient_ascent"
+    assert not results["GA"]["latent_adversary"] and results["GA_LAT"]["latent_adversary"]
+    assert "adv_loss_last" in results["GA_LAT"]["train"]["final"]
+    assert "| GA_LAT |" in (out / "results.md").read_text()

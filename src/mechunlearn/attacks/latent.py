@@ -331,9 +331,12 @@ class LatentAdversary:
         """``[B, S]`` L2 norm of every cell, per site."""
         return {s: d.detach().norm(dim=-1) for s, d in self.deltas.items()}
 
-    def interventions(self, seqs: LatSequences, trainable: bool = False) -> list[Apply]:
+    def interventions(
+        self, seqs: LatSequences, trainable: bool = False, gate: InputGate | None = None
+    ) -> list[Apply]:
         """One ``Apply`` per site adding the perturbation to ``seqs``' rows (frozen unless
-        ``trainable``); positions without a chosen slot keep their activation exactly."""
+        ``trainable``); positions without a chosen slot keep their activation exactly. With a
+        ``gate``, forwards it does not let through are left untouched."""
         if seqs.grid != self.batch.grid:
             raise SiteError(
                 f"these sequences come from a batch with a {seqs.grid} perturbation grid; the "
@@ -345,21 +348,64 @@ class LatentAdversary:
         index = slots.clamp(min=0)
         out = []
         for site, delta in self.deltas.items():
-            out.append(Apply(site, _adder(delta, index, valid, trainable)))
+            out.append(Apply(site, _adder(delta, index, valid, trainable, gate)))
         return out
 
     @contextmanager
     def active(
-        self, hm: HookedModel, seqs: LatSequences | None = None, trainable: bool = False
+        self,
+        hm: HookedModel,
+        seqs: LatSequences | None = None,
+        trainable: bool = False,
+        exclusive: bool = False,
     ) -> Iterator[LatSequences]:
-        """Apply the perturbation to forwards of ``seqs`` (default: both completions)."""
+        """Apply the perturbation to forwards of ``seqs`` (default: both completions).
+
+        ``exclusive``: only forwards of exactly ``seqs``' tokens are perturbed; other forwards
+        inside the block (e.g. an objective's retain batch) run clean. Without it every forward
+        in the block must have ``seqs``' shape."""
         seqs = seqs or self.batch.sequences(KINDS, hm.device)
-        with hm.hooks(interventions=self.interventions(seqs, trainable)):
+        with ExitStack() as stack:
+            gate = None
+            if exclusive:
+                gate = InputGate(hm.model, seqs.batch.input_ids)
+                stack.callback(gate.remove)
+            stack.enter_context(hm.hooks(interventions=self.interventions(seqs, trainable, gate)))
             yield seqs
 
 
-def _adder(delta: torch.nn.Parameter, index: torch.Tensor, valid: torch.Tensor, trainable: bool):
+class InputGate:
+    """Open during forwards of ``model`` whose ``input_ids`` equal the given ones (a forward
+    pre-hook compares them), closed during any other forward."""
+
+    def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor) -> None:
+        self.input_ids = input_ids
+        self.open = False
+        self._handle = model.register_forward_pre_hook(self._check, with_kwargs=True)
+
+    def _check(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.open = (
+            isinstance(ids, torch.Tensor)
+            and ids.shape == self.input_ids.shape
+            and bool(torch.equal(ids.to(self.input_ids.device), self.input_ids))
+        )
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self.open = False
+
+
+def _adder(
+    delta: torch.nn.Parameter,
+    index: torch.Tensor,
+    valid: torch.Tensor,
+    trainable: bool,
+    gate: InputGate | None = None,
+):
     def add(activation: torch.Tensor) -> torch.Tensor:
+        if gate is not None and not gate.open:
+            return activation
         if activation.shape[:2] != index.shape:
             raise SiteError(
                 f"the perturbation was built for a batch of shape {tuple(index.shape)}, "

@@ -6,7 +6,8 @@
 - ``data``: ``fact_pairs`` and ``TrainData`` (forget / retain / general text);
 - ``parametrization``: what is trained (localized weights, LoRA on them, or everything);
 - ``trainer``: ``train`` (accelerate-based, checkpoint/resume); ``export``: ``save_edited``;
-- ``lat``: ``train_lat`` (targeted latent adversarial training, and its RT / EAT baselines).
+- ``lat``: ``train_lat`` (targeted latent adversarial training, and its RT / EAT baselines) and
+  ``ForgetLat`` (LAT on the forget term of ``train``: any editing/unlearning objective + LAT).
 """
 
 from mechunlearn.edit import rmu as _rmu  # noqa: F401 - registers the "rmu" objective
@@ -36,6 +37,7 @@ from mechunlearn.edit.trainer import TrainConfig, TrainResult, lr_factor, train
 __all__ = [
     "OBJECTIVES",
     "BoundObjective",
+    "ForgetLat",
     "LatConfig",
     "LoraOptions",
     "ObjectiveStep",
@@ -66,7 +68,7 @@ __all__ = [
     "with_setup",
 ]
 
-_LAZY = {"LatConfig", "lat_baseline", "train_lat"}
+_LAZY = {"ForgetLat", "LatConfig", "lat_baseline", "train_lat"}
 
 
 def __getattr__(name: str):

@@ -48,11 +48,18 @@ def fact_pairs(
 
 @dataclass
 class TrainData:
-    """What a training run sees: forget pairs (objective), retain pairs (maintain), LM text."""
+    """What a training run sees: forget pairs (objective), retain pairs (maintain), LM text.
+
+    ``adversary_targets`` (one per forget pair) are the completions a latent adversary pushes
+    toward when the forget term is trained under targeted LAT (``edit.lat.ForgetLat``): the
+    original answers when editing. ``None``: the forget continuations themselves (unlearning,
+    where the unwanted behaviour is the answer being removed).
+    """
 
     forget: list[Pair]
     retain: list[Pair] = field(default_factory=list)
     general_text: list[str] = field(default_factory=list)
+    adversary_targets: list[str] | None = None
 
     def validate(self) -> TrainData:
         """DataError when there is nothing to train on or a prompt is both forgotten and kept.
@@ -76,4 +83,12 @@ class TrainData:
             )
         if any(not isinstance(t, str) or not t.strip() for t in self.general_text):
             raise DataError("general_text contains an empty or non-string entry")
+        if self.adversary_targets is not None:
+            if len(self.adversary_targets) != len(self.forget):
+                raise DataError(
+                    f"{len(self.adversary_targets)} adversary targets for "
+                    f"{len(self.forget)} forget pairs: give one per pair"
+                )
+            if any(not isinstance(t, str) or not t.strip() for t in self.adversary_targets):
+                raise DataError("adversary_targets contains an empty or non-string entry")
         return self

@@ -36,6 +36,13 @@ DPO (``defender_loss="dpo"``) replaces the toward and away terms by (Eq. 7 of Ra
    adversary active this is DPO-LAT; ``adversary=None`` is plain DPO. SFT is
    ``defender_loss="toward_away"`` with ``away_coef=0``.
 
+LAT on top of an editing or unlearning objective (Sec. 4.3: "LAT can augment existing unlearning
+methods") is ``ForgetLat``, a ``forget_perturbation`` of ``edit.trainer.train``: every step a
+latent adversary is trained on that step's forget batch toward the unwanted answer (the
+original answer when editing, the answer being removed when unlearning), and the objective's
+forget term (edit, unlearn, gradient ascent, NPO, RMU, ...) is computed under it; the maintain
+and LM terms run clean.
+
 ``adversary=None`` gives RT (same batches, same number of defender steps, no perturbation);
 with ``epsilon = 0`` LAT reduces exactly to RT (tested). EAT is ``layers=["embed"]``
 (``lat_baseline``).
@@ -69,6 +76,7 @@ from mechunlearn.attacks.latent import (
     resolve_sites,
     train_adversary,
 )
+from mechunlearn.edit.data import TrainData
 from mechunlearn.edit.objectives import DEFAULT_FLOOR, TargetBatch, edit_loss, token_logprobs
 from mechunlearn.edit.parametrization import Trainable
 from mechunlearn.edit.trainer import (
@@ -549,3 +557,59 @@ def train_lat(
         "reference_forwards": dpo_reference.n_forwards if dpo_reference is not None else 0,
     }
     return TrainResult(config.steps, history, seconds, trainable.n_params, info)
+
+
+class ForgetLat:
+    """Targeted LAT on the forget term of ``edit.trainer.train`` (see the module docstring).
+
+    The adversary's unwanted completions are ``data.adversary_targets`` (editing: the original
+    answers) or, when those are ``None``, the forget continuations themselves (unlearning); its
+    desired completions are the forget continuations. When the two coincide (unlearning) the
+    adversary can only push toward the answer, so ``away_coef`` must be 0.
+    """
+
+    def __init__(self, config: LatentAdversaryConfig) -> None:
+        self.config = config
+        self._examples: list[tuple[list[int], list[int], list[int]]] = []
+
+    def describe(self) -> dict[str, Any]:
+        return {"latent_adversary": self.config.model_dump(mode="json")}
+
+    def bind(self, hm: HookedModel, data: TrainData) -> None:
+        resolve_sites(hm, self.config.layers)  # layers out of range fail before training
+        same = data.adversary_targets is None
+        if same and self.config.away_coef > 0:
+            raise ConfigError(
+                "unlearning under LAT: the adversary pushes toward the answer being removed and "
+                "there is no other desired answer to push away from; set away_coef to 0"
+            )
+        unwanted = [c for _, c in data.forget] if same else data.adversary_targets
+        examples = []
+        for (prompt, target), bad in zip(data.forget, unwanted, strict=True):
+            p = hm.tokenize(prompt)
+            c = hm.tokenize(target, add_special_tokens=False)
+            u = c if same else hm.tokenize(bad, add_special_tokens=False)
+            if not (p and c and u):
+                raise TokenizationError(
+                    f"forget example {prompt!r} -> {target!r} tokenizes to nothing"
+                )
+            examples.append((p, c, u))
+        self._examples = examples
+
+    def perturb(
+        self, hm: HookedModel, forget_index: list[int], seed: int
+    ) -> tuple[TargetBatch, Any, dict[str, float]]:
+        if not self._examples:
+            raise ConfigError("ForgetLat.perturb before bind")
+        rows = [self._examples[i] for i in forget_index]
+        batch = LatBatch(
+            [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], hm.pad_id
+        )
+        seqs = batch.sequences(("desired",), hm.device)
+        tick = time.perf_counter()
+        adversary = train_adversary(hm, batch, self.config, seed=seed)
+        record = {"adv_seconds": time.perf_counter() - tick}
+        if adversary.losses:
+            record["adv_loss_first"] = adversary.losses[0]
+            record["adv_loss_last"] = adversary.losses[-1]
+        return seqs.batch, adversary.active(hm, seqs, exclusive=True), record

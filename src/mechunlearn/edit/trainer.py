@@ -7,7 +7,10 @@ Every step minimises (Guo et al. 2024, "Mechanistic Unlearning", arXiv:2410.1294
       + maintain_coef * CE(retain batch, true answers)   # keep the other facts
       + lm_coef       * next-token CE(general text)      # keep the language model
 
-A term is left out when its coefficient is 0 or it has no data. The objective is looked up by
+A term is left out when its coefficient is 0 or it has no data. With a ``forget_perturbation``
+(targeted LAT on the forget term, ``edit.lat.ForgetLat``) the objective is computed on each
+step's forget batch under a perturbation found for that batch; the maintain and LM terms stay
+clean. The objective is looked up by
 name in ``OBJECTIVES`` and bound to the data by ``bind_objective`` before any weight changes, so
 references (NPO's log-probs, RMU's activations) come from the unedited model.
 
@@ -31,10 +34,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +160,21 @@ class BatchStream:
         self.position = int(state["position"])
 
 
+class ForgetPerturbation(Protocol):
+    """Perturbs the forward of each step's forget batch (e.g. a latent adversary: targeted LAT
+    on top of any objective). ``bind`` runs once before training (tokenize, validate);
+    ``perturb`` returns the forget batch, a context applying the perturbation to forwards of
+    exactly that batch, and numbers for the step's history."""
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def bind(self, hm: HookedModel, data: TrainData) -> None: ...
+
+    def perturb(
+        self, hm: HookedModel, forget_index: list[int], seed: int
+    ) -> tuple[TargetBatch, AbstractContextManager, dict[str, float]]: ...
+
+
 def next_token_loss(hm: HookedModel, batch: Batch) -> torch.Tensor:
     """Mean next-token cross-entropy over real tokens of a left-padded batch."""
     logits = hm.forward(**batch.model_inputs()).logits[:, :-1].float()
@@ -183,6 +201,7 @@ class _Run:
     use_maintain: bool
     rank: int
     world: int
+    perturbation: ForgetPerturbation | None = None
 
     def shard(self, indices: list[int]) -> list[int]:
         return indices[self.rank :: self.world]
@@ -201,14 +220,21 @@ def _train_step(run: _Run, step: int) -> dict[str, float]:
         retain_batch = TargetBatch.from_pairs(
             hm, [run.data.retain[i] for i in retain_index], device=device
         )
+    extra: dict[str, float] = {}
     if run.objective is not None:
         forget_index = run.shard(run.streams["forget"].next())
-        forget_batch = TargetBatch.from_pairs(
-            hm, [run.data.forget[i] for i in forget_index], device=device
-        )
-        value = run.objective(
-            hm, ObjectiveStep(forget_batch, forget_index, retain_batch, retain_index)
-        )
+        if run.perturbation is None:
+            forget_batch = TargetBatch.from_pairs(
+                hm, [run.data.forget[i] for i in forget_index], device=device
+            )
+            perturbed: AbstractContextManager = nullcontext()
+        else:
+            seed = (cfg.seed * 1_000_003 + step) * 1_009 + run.rank
+            forget_batch, perturbed, extra = run.perturbation.perturb(hm, forget_index, seed)
+        with perturbed:
+            value = run.objective(
+                hm, ObjectiveStep(forget_batch, forget_index, retain_batch, retain_index)
+            )
         terms["forget"] = value
         loss = loss + cfg.forget_coef * value
     if run.use_maintain and retain_batch is not None:
@@ -226,7 +252,7 @@ def _train_step(run: _Run, step: int) -> dict[str, float]:
     values = torch.stack([loss.detach().float(), *(t.detach().float() for t in terms.values())])
     values = run.accelerator.reduce(values, "mean").tolist()
     record = {"loss": values[0], **dict(zip(terms, values[1:], strict=True))}
-    record.update(lr=lr, grad_norm=float(grad_norm))
+    record.update(lr=lr, grad_norm=float(grad_norm), **extra)
     return record
 
 
@@ -253,7 +279,12 @@ def _check_sizes(config: TrainConfig, data: TrainData, world: int, active: dict[
             )
 
 
-def _meta(config: TrainConfig, trainable: Trainable, names: list[str]) -> dict[str, Any]:
+def _meta(
+    config: TrainConfig,
+    trainable: Trainable,
+    names: list[str],
+    perturbation: ForgetPerturbation | None,
+) -> dict[str, Any]:
     cfg = config.model_dump(mode="json")
     cfg.pop("checkpoint_every")
     return {
@@ -261,6 +292,7 @@ def _meta(config: TrainConfig, trainable: Trainable, names: list[str]) -> dict[s
         "mode": trainable.mode,
         "components": trainable.components,
         "params": names,
+        "forget_perturbation": perturbation.describe() if perturbation is not None else None,
     }
 
 
@@ -276,6 +308,7 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = lambda _: None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    forget_perturbation: ForgetPerturbation | None = None,
 ) -> TrainResult:
     """Train ``trainable`` on ``data`` for ``config.steps`` steps (see the module docstring).
 
@@ -322,6 +355,10 @@ def train(
                 config.objective_options,
                 batch_size=config.batch_size,
             )
+        if forget_perturbation is not None:
+            if objective is None:
+                raise ConfigError("a forget perturbation needs an active forget term")
+            forget_perturbation.bind(hm, data)
         lm_tokens: list[list[int]] = []
         if active["lm"]:
             lm_tokens = [hm.tokenize(t)[: config.lm_max_tokens] for t in data.general_text]
@@ -362,7 +399,7 @@ def train(
 
         history: dict[str, list[float]] = {}
         start = 0
-        meta = _meta(config, trainable, names)
+        meta = _meta(config, trainable, names, forget_perturbation)
         if resume and (path := latest_checkpoint(checkpoint_dir)) is not None:
             start = _load(path, meta, named, optimizer, scheduler, streams, history)
             log(f"resumed from {path} at step {start}")
@@ -381,10 +418,12 @@ def train(
             active["maintain"],
             rank,
             world,
+            forget_perturbation,
         )
+        lat = " under a latent adversary (LAT)" if forget_perturbation is not None else ""
         log(
             f"training {trainable.mode} ({trainable.n_params:,} parameters) with "
-            f"{config.objective if objective else '(no objective)'}; terms: "
+            f"{config.objective if objective else '(no objective)'}{lat}; terms: "
             f"{', '.join(k for k in ('forget', 'maintain', 'lm') if active[k])}; "
             f"{config.steps} steps on {world} process(es), {hm.device}"
             + (f"; objective setup: {objective.info}" if objective and objective.info else "")

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mechunlearn.attacks.latent import LatentAdversaryConfig
 from mechunlearn.attacks.relearn import RelearnConfig
 from mechunlearn.attacks.soft_prompt import SoftPromptConfig
 from mechunlearn.edit.objectives import OBJECTIVES
@@ -25,7 +26,12 @@ class Strict(BaseModel):
 
 
 class LocalizationSpec(Strict):
-    """One row of the comparison: a localization method and how its weights are trained."""
+    """One row of the comparison: a localization method and how its weights are trained.
+
+    ``objective`` / ``objective_options`` replace the experiment's ``train`` ones for this row
+    (e.g. gradient ascent or RMU rows beside localized rows); ``latent_adversary`` trains the
+    row's forget term under targeted LAT (``edit.lat.ForgetLat``, Sheshadri et al. 2024).
+    """
 
     name: str = Field(description="label in tables and file names")
     method: Annotated[str, registered_name(LOCALIZERS)]
@@ -34,6 +40,23 @@ class LocalizationSpec(Strict):
         default=None, description="reuse this localization.json instead of computing it"
     )
     trainer: Literal["localized", "lora"] = "localized"
+    objective: str | None = Field(default=None, description="default: train.objective")
+    objective_options: dict[str, Any] | None = Field(
+        default=None, description="default: train.objective_options"
+    )
+    latent_adversary: LatentAdversaryConfig | None = Field(
+        default=None, description="targeted LAT on the forget term (a per-step latent adversary)"
+    )
+
+    def train_config(self, base: TrainConfig) -> TrainConfig:
+        """The experiment's ``train`` block with this row's objective (validated)."""
+        update: dict[str, Any] = {}
+        if self.objective is not None:
+            update["objective"] = self.objective
+            update["objective_options"] = {}
+        if self.objective_options is not None:
+            update["objective_options"] = self.objective_options
+        return TrainConfig.model_validate({**base.model_dump(), **update})
 
     @field_validator("name")
     @classmethod
@@ -190,15 +213,18 @@ class ExperimentConfig(Strict):
             raise ValueError("at least one localization is needed")
         if len(set(names)) != len(names):
             raise ValueError(f"localization names repeat: {names}")
-        OBJECTIVES.get(self.train.objective)
-        if self.mode == "edit" and self.train.objective != "edit":
-            raise ValueError(
-                f"mode 'edit' trains with objective 'edit', not {self.train.objective!r}"
-            )
-        if self.mode == "unlearn" and self.train.objective == "edit":
-            raise ValueError(
-                "mode 'unlearn' needs an unlearning objective (unlearn, gradient_ascent, npo, ...)"
-            )
+        for spec in self.localizations:
+            objective = spec.train_config(self.train).objective
+            OBJECTIVES.get(objective)
+            if self.mode == "edit" and objective != "edit":
+                raise ValueError(
+                    f"{spec.name}: mode 'edit' trains with objective 'edit', not {objective!r}"
+                )
+            if self.mode == "unlearn" and objective == "edit":
+                raise ValueError(
+                    f"{spec.name}: mode 'unlearn' needs an unlearning objective (unlearn, "
+                    "gradient_ascent, npo, rmu, ...)"
+                )
         if self.sweep is None:
             missing = [n for n in names if n not in self.hyperparameters]
             if missing:

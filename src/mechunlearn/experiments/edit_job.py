@@ -42,7 +42,11 @@ from mechunlearn.experiments.fact_sets import (
     with_targets,
 )
 from mechunlearn.experiments.localizations import compute_localizations, localization_facts
-from mechunlearn.experiments.sweep import sweep_localization, validation_score
+from mechunlearn.experiments.sweep import (
+    forget_perturbation,
+    sweep_localization,
+    validation_score,
+)
 from mechunlearn.io import atomic_write_json, atomic_write_yaml, move_into_place
 from mechunlearn.localize import Localization
 from mechunlearn.models.loading import load_model
@@ -85,10 +89,13 @@ def _prepare_sets(config: ExperimentConfig, sets: FactSets, seed: int) -> FactSe
 
 def train_data(config: ExperimentConfig, sets: FactSets, general_text: list[str]) -> TrainData:
     target = "new_answer" if config.mode == "edit" else "answer"
+    # under LAT the adversary pushes an edited fact back toward its original answer
+    originals = [c for _, c in fact_pairs(sets.forget, target="answer")]
     data = TrainData(
         forget=fact_pairs(sets.forget, target=target, prompt=config.train_prompt),
         retain=fact_pairs(sets.retain_train, target="answer", prompt=config.train_prompt),
         general_text=list(general_text),
+        adversary_targets=originals if config.mode == "edit" else None,
     )
     data.validate()
     return data
@@ -329,13 +336,21 @@ def _edit_and_measure(
     progress: bool,
     log,
 ) -> dict[str, Any]:
-    train_config = config.train.model_copy(
+    train_config = spec.train_config(config.train).model_copy(
         update={"lr": hp.lr, "forget_coef": hp.forget_coef, "seed": seed}
     )
     snapshot = WeightSnapshot(s.param for s in hm.parameters_of(loc.selected))
     trainable = make_trainable(hm, spec.trainer, loc.selected)
     try:
-        trained = train(hm, trainable, data, train_config, progress=progress, log=log)
+        trained = train(
+            hm,
+            trainable,
+            data,
+            train_config,
+            progress=progress,
+            log=log,
+            forget_perturbation=forget_perturbation(spec),
+        )
         if spec.trainer == "lora":
             trainable.merge()  # the battery's own LoRA attack then sits on plain weights
         battery = run_battery(
@@ -363,6 +378,8 @@ def _edit_and_measure(
         "n_params": loc.n_params,
         "trainable_parameters": trainable.n_params,
         "hyperparameters": hp.model_dump(),
+        "objective": train_config.objective,
+        "latent_adversary": spec.latent_adversary is not None,
         "train": {
             "steps": trained.steps,
             "seconds": round(trained.seconds, 1),

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mechunlearn.edit.data import TrainData
+from mechunlearn.edit.lat import ForgetLat
 from mechunlearn.edit.parametrization import WeightSnapshot, make_trainable
 from mechunlearn.edit.trainer import train
 from mechunlearn.evals.edit_metrics import edit_metrics
@@ -67,6 +68,11 @@ def validation_score(
     }
 
 
+def forget_perturbation(spec: LocalizationSpec) -> ForgetLat | None:
+    """The row's targeted LAT on the forget term, if it has one."""
+    return ForgetLat(spec.latent_adversary) if spec.latent_adversary is not None else None
+
+
 def sweep_localization(
     hm: HookedModel,
     spec: LocalizationSpec,
@@ -81,7 +87,7 @@ def sweep_localization(
     sweep = config.sweep
     points = []
     for lr, coef in itertools.product(sorted(sweep.lr), sweep.forget_coef):
-        train_config = config.train.model_copy(
+        train_config = spec.train_config(config.train).model_copy(
             update={
                 "lr": lr,
                 "forget_coef": coef,
@@ -92,7 +98,14 @@ def sweep_localization(
         snapshot = WeightSnapshot(s.param for s in hm.parameters_of(loc.selected))
         trainable = make_trainable(hm, spec.trainer, loc.selected)
         try:
-            history = train(hm, trainable, data, train_config, progress=False)
+            history = train(
+                hm,
+                trainable,
+                data,
+                train_config,
+                progress=False,
+                forget_perturbation=forget_perturbation(spec),
+            )
             numbers = validation_score(hm, sets, config, base_retain)
         finally:
             trainable.restore()
