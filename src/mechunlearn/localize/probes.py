@@ -19,7 +19,7 @@ and GPT-2's positions included), row ``L + 1`` is ``blocks.L.resid_post``.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -200,6 +200,40 @@ class Probe:
         return cls(state["weight"], state["bias"], state["mean"], state["scale"], tuple(classes))
 
 
+def fit_standardised_linear(
+    x: torch.Tensor,
+    n_outputs: int,
+    data_loss: Callable[[torch.Tensor], torch.Tensor],
+    l2: float = DEFAULT_L2,
+    max_iter: int = 200,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(weight [k, d], bias [k], mean [d], scale [d])`` minimising ``data_loss(z @ W.T + b)
+    + l2 * ||W||^2 / 2`` on features ``z`` standardised with their mean and std.
+
+    The shared core of every linear probe here (multinomial, multi-label): full-batch L-BFGS with
+    strong-Wolfe line search from zero, so fits are deterministic.
+    """
+    x = x.float()
+    mean = x.mean(0)
+    scale = x.std(0, unbiased=False).clamp_min(1e-6)
+    z = (x - mean) / scale
+    weight = torch.zeros(n_outputs, x.shape[1], device=x.device, requires_grad=True)
+    bias = torch.zeros(n_outputs, device=x.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = data_loss(z @ weight.T + bias) + 0.5 * l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach(), mean, scale
+
+
 def fit_probe(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -220,26 +254,10 @@ def fit_probe(
     k = int(n_classes) if n_classes is not None else int(y.max()) + 1
     if len(set(y.tolist())) < 2:
         raise DataError("a probe needs training facts with at least two different attributes")
-    x = x.float()
     y = y.to(x.device).long()
-    mean = x.mean(0)
-    scale = x.std(0, unbiased=False).clamp_min(1e-6)
-    z = (x - mean) / scale
-    weight = torch.zeros(k, x.shape[1], device=x.device, requires_grad=True)
-    bias = torch.zeros(k, device=x.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
+    weight, bias, mean, scale = fit_standardised_linear(
+        x, k, lambda logits: torch.nn.functional.cross_entropy(logits, y), l2, max_iter
     )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z @ weight.T + bias, y)
-        loss = loss + 0.5 * l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
     return Probe(weight.detach(), bias.detach(), mean, scale, tuple(classes))
 
 

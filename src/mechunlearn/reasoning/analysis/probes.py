@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from mechunlearn.localize.probes import fit_probe
+from mechunlearn.localize.probes import fit_probe, fit_standardised_linear
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.reasoning.analysis.common import (
     AnalysisSettings,
@@ -116,27 +117,11 @@ def fit_multilabel_probe(
 ) -> MultiLabelProbe:
     """One logistic regression per label column of ``y [n, k]`` (0/1), fitted jointly:
     ``mean BCE + l2 * ||W||^2 / 2`` with L-BFGS from zero (deterministic)."""
-    x = x.float()
     y = y.float()
-    mean = x.mean(0)
-    scale = x.std(0, unbiased=False).clamp_min(1e-6)
-    z = (x - mean) / scale
-    weight = torch.zeros(y.shape[1], x.shape[1], requires_grad=True)
-    bias = torch.zeros(y.shape[1], requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
+    weight, bias, mean, scale = fit_standardised_linear(
+        x, y.shape[1], lambda logits: F.binary_cross_entropy_with_logits(logits, y), l2, max_iter
     )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ weight.T + bias, y)
-        loss = loss + 0.5 * l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return MultiLabelProbe(weight.detach(), bias.detach(), mean, scale)
+    return MultiLabelProbe(weight, bias, mean, scale)
 
 
 def subset_accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
