@@ -193,6 +193,21 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
         load_tree_model(tmp_path / "nothing")
 
 
+def test_shipped_checkpoint_name_resolves_to_the_package_folder(tmp_path, monkeypatch):
+    from mechunlearn.reasoning import model as model_module
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(model_module, "shipped_checkpoint_folder", lambda: empty)
+    with pytest.raises(DataError, match="no shipped tree checkpoint"):
+        load_tree_model("shipped")
+    result = CliRunner().invoke(app, ["tree", "train", "--config", "shipped", "--quiet"])
+    assert result.exit_code == 2 and "ships no tree recipe" in result.output
+    folder = save_tree_model(build_model(TINY), TINY, TreeTaskConfig(n_nodes=N), tmp_path / "pkg")
+    monkeypatch.setattr(model_module, "shipped_checkpoint_folder", lambda: folder)
+    assert load_tree_model("shipped").config == TINY
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="differs from task.n_nodes"):
         TreeTrainConfig(model=TINY, task=TreeTaskConfig(n_nodes=7))

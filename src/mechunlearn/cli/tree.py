@@ -42,7 +42,12 @@ def _accuracy_table(accuracy: dict[str, Any], title: str) -> Table:
 @tree_app.command("train")
 @user_errors
 def tree_train(
-    config: ConfigOpt = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML recipe ('shipped': the shipped checkpoint's); command-line options override it"
+        ),
+    ] = None,
     out: Annotated[
         Path, typer.Option(help="run folder: state/ (resume), model/ (checkpoint), metrics.json")
     ] = Path("runs/tree"),
@@ -66,6 +71,8 @@ def tree_train(
     quiet: QuietOpt = False,
 ) -> None:
     """Train the path-finding model on fresh trees; writes OUT/model and OUT/metrics.json."""
+    from mechunlearn.errors import DataError
+    from mechunlearn.reasoning.model import SHIPPED, SHIPPED_RECIPE, shipped_checkpoint_folder
     from mechunlearn.reasoning.train import TreeTrainConfig, train_tree_model
 
     values = {
@@ -78,6 +85,10 @@ def tree_train(
         "compile": True if compile else None,
         "device": device,
     }
+    if config is not None and str(config) == SHIPPED:
+        config = shipped_checkpoint_folder() / SHIPPED_RECIPE
+        if not config.is_file():
+            raise DataError(f"this installation ships no tree recipe ({config})")
     cfg = build_config(TreeTrainConfig, config, values)
     result = train_tree_model(
         cfg, out, resume=resume, progress=show_progress(quiet), log=make_log(quiet), until=until
@@ -102,8 +113,12 @@ def tree_train(
 @user_errors
 def tree_eval(
     checkpoint: Annotated[
-        Path, typer.Option(help="a saved tree model folder (or a tree train --out folder)")
-    ],
+        str,
+        typer.Option(
+            help="a saved tree model folder (or a tree train --out folder); "
+            "'shipped': the checkpoint that comes with the package"
+        ),
+    ] = "shipped",
     per_length: Annotated[int, typer.Option(help="held-out trees per path length")] = 500,
     seed: Annotated[int, typer.Option(help="seed of the evaluation stream")] = 0,
     edge_order: Annotated[
@@ -141,8 +156,12 @@ def tree_eval(
 @user_errors
 def tree_analyze(
     checkpoint: Annotated[
-        Path, typer.Option(help="a saved tree model folder (or a tree train --out folder)")
-    ],
+        str,
+        typer.Option(
+            help="a saved tree model folder (or a tree train --out folder); "
+            "'shipped': the checkpoint that comes with the package"
+        ),
+    ] = "shipped",
     out: Annotated[
         Path, typer.Option(help="results folder: results.json, summary.md, figures/ (replaced)")
     ] = Path("runs/tree-analysis"),

@@ -209,8 +209,29 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+SHIPPED = "shipped"
+SHIPPED_RECIPE = "recipe.yaml"
+
+
+def shipped_checkpoint_folder() -> Path:
+    """The trained checkpoint shipped inside the package (``mechunlearn/reasoning/checkpoint``),
+    with the recipe (``recipe.yaml``) that ``mechunlearn tree train --config`` reproduces it from."""
+    from importlib import resources
+
+    return Path(str(resources.files("mechunlearn.reasoning").joinpath("checkpoint")))
+
+
 def resolve_checkpoint_folder(path: str | Path) -> Path:
-    """``path`` itself, or its ``model/`` subfolder (a ``tree train`` output folder)."""
+    """``path`` itself, or its ``model/`` subfolder (a ``tree train`` output folder);
+    ``"shipped"`` is the checkpoint shipped with the package."""
+    if str(path) == SHIPPED:
+        folder = shipped_checkpoint_folder()
+        if not (folder / META_FILE).is_file():
+            raise DataError(
+                f"this installation has no shipped tree checkpoint ({folder}); train one with "
+                "`mechunlearn tree train` and pass its folder"
+            )
+        return folder
     path = Path(path)
     for candidate in (path, path / "model"):
         if (candidate / META_FILE).is_file():
