@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mechunlearn.cli import app
@@ -236,6 +237,26 @@ def test_resume_is_exact_and_checks_the_config(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="cannot resume .*lr: saved 0.003"):
         train_tree_model(tiny_config(steps=20, lr=1e-3), half, resume=True, progress=False)
+
+
+def test_unfinished_run_exports_its_state(tmp_path):
+    config = tiny_config(steps=20, checkpoint_every=10)
+    run = tmp_path / "run"
+    train_tree_model(config, run, progress=False, until=10)
+    result = CliRunner().invoke(
+        app,
+        ["tree", "export", "--run", str(run), "--out", str(tmp_path / "ck"), "--per-length", "4"],
+    )
+    assert result.exit_code == 0, result.output
+    exported = load_tree_model(tmp_path / "ck")
+    assert exported.meta["step"] == 10 and 0 <= exported.meta["accuracy"]["overall"] <= 1
+    saved = load_file(str(run / "state" / "model.safetensors"))
+    assert all(torch.equal(exported.model.state_dict()[k], v) for k, v in saved.items())
+    result = CliRunner().invoke(
+        app, ["tree", "export", "--run", str(tmp_path / "none"), "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 2 and "no readable training state" in result.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_train_and_eval(tmp_path):

@@ -109,6 +109,29 @@ def tree_train(
     )
 
 
+@tree_app.command("export")
+@user_errors
+def tree_export(
+    run: Annotated[Path, typer.Option(help="a tree train --out folder (finished or not)")],
+    out: Annotated[Path, typer.Option(help="checkpoint folder to write (replaced)")],
+    per_length: Annotated[int, typer.Option(help="held-out trees per path length")] = 500,
+) -> None:
+    """Export a run's newest training state as a checkpoint (with its held-out accuracy), so a
+    long run can be evaluated, analysed or shipped before its last step."""
+    from mechunlearn.errors import ConfigError
+    from mechunlearn.reasoning.model import load_tree_model
+    from mechunlearn.reasoning.train import export_state
+    from mechunlearn.runtime import configure_threads
+
+    if per_length < 1:
+        raise ConfigError("--per-length must be at least 1")
+    configure_threads()
+    folder = export_state(run, out, per_length)
+    loaded = load_tree_model(folder)
+    accuracy = loaded.meta["accuracy"]
+    console.print(_accuracy_table(accuracy, f"{folder} (step {loaded.meta['step']})"))
+
+
 @tree_app.command("eval")
 @user_errors
 def tree_eval(

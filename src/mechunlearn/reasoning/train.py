@@ -476,6 +476,33 @@ def train_tree_model(
     return result
 
 
+def export_state(run: str | Path, folder: str | Path, per_length: int = 500) -> Path:
+    """Save the newest training state of ``run`` (a ``tree train --out`` folder, possibly
+    unfinished) as a tree model checkpoint in ``folder``, evaluated on the held-out split, so a
+    long run can be used (evaluated, analysed, shipped) before its last step."""
+    state_dir = Path(run) / STATE_DIR
+    try:
+        state = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
+        config = TreeTrainConfig.model_validate(state["config"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{state_dir} holds no readable training state: {exc}") from None
+    model = build_model(config.model, seed=config.seed)
+    load_state_checked(
+        model, load_file(str(state_dir / "model.safetensors")), f"training state {state_dir}"
+    )
+    model.eval()
+    trees = heldout_trees(config.task, per_length, seed=config.seed)
+    accuracy = evaluate_accuracy(model, trees, config.eval_batch_size)
+    meta = {
+        "recipe": config.model_dump(mode="json"),
+        "step": int(state["step"]),
+        "train_seconds": float(state["seconds"]),
+        "exported_from": str(state_dir),
+        "accuracy": accuracy.to_json(),
+    }
+    return save_tree_model(model, config.model, config.task, folder, meta)
+
+
 def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
