@@ -73,6 +73,7 @@ def test_run_writes_a_complete_report(saved_llama, tmp_path, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["order"] == ["base", "random", "ct_mlps", "all_mlps_lora"]
     assert summary["summary"]["random"]["lm_loss_delta"]["n"] == 2
+    assert summary["summary"]["random"]["train_seconds"]["mean"] > 0
     peaks = [
         max(
             p["completion.accuracy"]

@@ -102,7 +102,8 @@ def _order(folder: Path, results: dict[str, Any]) -> list[str]:
 
 
 def _add_deltas(results: dict[str, list[dict[str, Any]]]) -> None:
-    """LM-loss change relative to the base model of the same seed."""
+    """Derived metrics: LM-loss change relative to the base model of the same seed, the
+    relearning attack's best point, the edit's training seconds."""
     base = {r["seed"]: r["metrics"] for r in results.get(BASE, [])}
     for runs in results.values():
         for run in runs:
@@ -110,6 +111,9 @@ def _add_deltas(results: dict[str, list[dict[str, Any]]]) -> None:
             if "lm_loss" in run["metrics"] and "lm_loss" in ref:
                 run["metrics"]["lm_loss_delta"] = run["metrics"]["lm_loss"] - ref["lm_loss"]
             run["metrics"].update(relearn_peaks(run))
+            seconds = run.get("train", {}).get("seconds")
+            if seconds is not None:  # the edit's training compute (e.g. LAT vs its baseline)
+                run["metrics"]["train_seconds"] = float(seconds)
 
 
 def relearn_peaks(run: dict[str, Any]) -> dict[str, float]:
