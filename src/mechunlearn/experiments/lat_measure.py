@@ -117,9 +117,11 @@ def evaluate(
     layers: list,
     seed: int,
     progress: bool,
+    log: Log = lambda _: None,
 ) -> tuple[dict[str, float], dict[str, Any], float]:
     """``(metrics, details, seconds)`` of the current model on the seed's held-out requests."""
     tick = time.perf_counter()
+    log(f"evaluating: {config.application}")
     ev = config.evaluation
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {}
@@ -149,6 +151,7 @@ def evaluate(
     )
     for name, spec, default in attacks:
         if spec is not None:
+            log(f"evaluating: {name.replace('_', ' ')}")
             result = _attack(
                 hm, data.test_data, spec.resolve(default), seed, ev.attack_batch_size, progress
             )
@@ -159,11 +162,13 @@ def evaluate(
             details[name] = {k: v for k, v in result.items() if k != "losses"}
             details[name]["final_losses"] = [batch[-1] for batch in result["losses"] if batch]
     if config.application == "refusal" and ev.prefill is not None:
+        log("evaluating: prefilling attack")
         prefill = prefill_attack(hm, data.test_items, ev.prefill).to_json()
         metrics["prefill.success"] = prefill["compliance_rate"]
         metrics["prefill.baseline"] = prefill["baseline"]["rate"]
         metrics["prefill.rest_greedy"] = prefill["rest_greedy"]["rate"]
         details["prefill"] = prefill
+    log("evaluating: benign requests")
     benign = benign_compliance(hm, data.test_benign, ev.batch_size)
     metrics["benign.compliance"] = benign["compliance"]["rate"]
     metrics["benign.loss"] = benign["benign_loss"]
@@ -209,12 +214,12 @@ def measure_method(
         **(extra or {}),
     }
     if not method.train:
-        metrics, details, eval_seconds = evaluate(hm, config, data, layers, seed, progress)
+        metrics, details, eval_seconds = evaluate(hm, config, data, layers, seed, progress, log)
         out.update(defender_loss=None, lat_config=None, compute={"seconds": 0.0})
     else:
         lat_config = method.lat_config(config.train, layers, seed)
         with trained(hm, config.trainable, lat_config, data, progress, log) as (result, info):
-            metrics, details, eval_seconds = evaluate(hm, config, data, layers, seed, progress)
+            metrics, details, eval_seconds = evaluate(hm, config, data, layers, seed, progress, log)
         compute = compute_record(result, lat_config, data, info["mode"], info["wall_seconds"])
         out.update(
             defender_loss=lat_config.defender_loss,
