@@ -21,6 +21,14 @@ from mechunlearn.cli.common import (
     user_errors,
 )
 
+CheckpointOpt = Annotated[
+    str,
+    typer.Option(
+        help="a saved tree model folder (or a tree train --out folder); "
+        "'shipped': the checkpoint that comes with the package"
+    ),
+]
+
 tree_app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -135,13 +143,7 @@ def tree_export(
 @tree_app.command("eval")
 @user_errors
 def tree_eval(
-    checkpoint: Annotated[
-        str,
-        typer.Option(
-            help="a saved tree model folder (or a tree train --out folder); "
-            "'shipped': the checkpoint that comes with the package"
-        ),
-    ] = "shipped",
+    checkpoint: CheckpointOpt = "shipped",
     per_length: Annotated[int, typer.Option(help="held-out trees per path length")] = 500,
     seed: Annotated[int, typer.Option(help="seed of the evaluation stream")] = 0,
     edge_order: Annotated[
@@ -178,13 +180,7 @@ def tree_eval(
 @tree_app.command("analyze")
 @user_errors
 def tree_analyze(
-    checkpoint: Annotated[
-        str,
-        typer.Option(
-            help="a saved tree model folder (or a tree train --out folder); "
-            "'shipped': the checkpoint that comes with the package"
-        ),
-    ] = "shipped",
+    checkpoint: CheckpointOpt = "shipped",
     out: Annotated[
         Path, typer.Option(help="results folder: results.json, summary.md, figures/ (replaced)")
     ] = Path("runs/tree-analysis"),
