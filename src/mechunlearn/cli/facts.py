@@ -50,9 +50,6 @@ def models() -> None:
     console.print(table)
 
 
-# Options shared by several commands.
-
-
 @app.command("eval")
 @user_errors
 def eval_command(
