@@ -282,3 +282,35 @@ def test_cli_train_and_eval(tmp_path):
     bad.write_text("model: {n_nodes: 2}\ntask: {n_nodes: 2}\n")
     result = runner.invoke(app, ["tree", "train", "--config", str(bad), "--out", str(out)])
     assert result.exit_code == 2 and "too small" in result.output
+
+
+def test_curriculum_caps_path_lengths_then_releases_them(tmp_path):
+    from mechunlearn.reasoning.train import training_batch
+    from mechunlearn.reasoning.trees import training_trees
+
+    config = tiny_config(
+        curriculum=[{"until": 3, "max_path_length": 1}, {"until": 5, "max_path_length": 3}]
+    )
+    assert [config.max_path_length_at(s) for s in (0, 2, 3, 4, 5, 99)] == [1, 1, 3, 3, None, None]
+    lengths = {
+        step: training_trees(config.task, 64, 0, step, config.max_path_length_at(step)).path_length
+        for step in (0, 4, 7)
+    }
+    assert int(lengths[0].max()) == 1 and int(lengths[4].max()) == 3
+    assert int(lengths[7].max()) == N - 1
+    tokens, mask = training_batch(config, 0)
+    assert int(mask.sum(1).max()) == 1  # one predicted token per tree while paths have one edge
+    with pytest.raises(ConfigError, match="increasing"):
+        tiny_config(
+            curriculum=[{"until": 5, "max_path_length": 1}, {"until": 3, "max_path_length": 2}]
+        )
+    with pytest.raises(ConfigError, match="exceeds"):
+        tiny_config(curriculum=[{"until": 5, "max_path_length": N}])
+    # a state saved before the curriculum field existed still resumes with the default
+    run = tmp_path / "old"
+    train_tree_model(tiny_config(steps=20, checkpoint_every=10), run, progress=False, until=10)
+    state_file = run / "state" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["curriculum"]
+    state_file.write_text(json.dumps(state))
+    assert train_tree_model(tiny_config(steps=20), run, resume=True, progress=False).steps == 20

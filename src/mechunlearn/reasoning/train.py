@@ -26,7 +26,14 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from safetensors.torch import load_file, save_file
 
 from mechunlearn.errors import ConfigError, DataError
@@ -65,6 +72,15 @@ RESUMABLE_FIELDS = frozenset(
 )
 
 
+class CurriculumStage(BaseModel):
+    """Until step ``until`` (exclusive), train on paths of at most ``max_path_length`` edges."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    until: int = Field(ge=1)
+    max_path_length: int = Field(ge=1)
+
+
 class TreeTrainConfig(BaseModel):
     """The training recipe; ``model`` is a preset name (``paper``, ``cpu``) or the fields."""
 
@@ -95,6 +111,10 @@ class TreeTrainConfig(BaseModel):
     final_eval_per_length: int = Field(default=500, ge=1)
     eval_batch_size: int = Field(default=1024, ge=1)
     checkpoint_every: int = Field(default=1000, ge=1)
+    curriculum: list[CurriculumStage] = Field(
+        default_factory=list,
+        description="short paths first: stages of increasing `until`; afterwards all lengths",
+    )
 
     @field_validator("model", mode="before")
     @classmethod
@@ -107,7 +127,20 @@ class TreeTrainConfig(BaseModel):
             raise ConfigError(
                 f"model.n_nodes={self.model.n_nodes} differs from task.n_nodes={self.task.n_nodes}"
             )
+        untils = [stage.until for stage in self.curriculum]
+        if untils != sorted(set(untils)):
+            raise ConfigError(f"curriculum stages must have increasing `until`, got {untils}")
+        for stage in self.curriculum:
+            if stage.max_path_length > self.task.max_path_length:
+                raise ConfigError(
+                    f"curriculum max_path_length {stage.max_path_length} exceeds the task's "
+                    f"longest path ({self.task.max_path_length})"
+                )
         return self
+
+    def max_path_length_at(self, step: int) -> int | None:
+        """The curriculum's cap on path length at ``step`` (None: every length)."""
+        return next((s.max_path_length for s in self.curriculum if step < s.until), None)
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -250,7 +283,9 @@ def make_optimizer(model: torch.nn.Module, config: TreeTrainConfig) -> torch.opt
 
 def training_batch(config: TreeTrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens ``[B, 4n-1]`` and the loss mask of the targets ``[B, 4n-2]`` for ``step``."""
-    trees = training_trees(config.task, config.batch_size, config.seed, step)
+    trees = training_trees(
+        config.task, config.batch_size, config.seed, step, config.max_path_length_at(step)
+    )
     tokens = encode_batch(trees)
     return tokens, loss_mask(trees.path_length, config.task.n_nodes)[:, 1:]
 
@@ -317,6 +352,10 @@ def _save_state(
 
 def _check_resumable(saved: dict[str, Any], config: TreeTrainConfig, where: Path) -> None:
     current = config.model_dump(mode="json")
+    try:  # fields added since the state was saved take their defaults
+        saved = TreeTrainConfig.model_validate(saved).model_dump(mode="json")
+    except (ValidationError, ConfigError):
+        pass  # compared as saved: the differences are reported below
     diffs = [
         key
         for key in sorted(set(saved) | set(current))

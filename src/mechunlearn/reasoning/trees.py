@@ -199,12 +199,14 @@ def generate_trees(
     seed: int | torch.Generator = 0,
     *,
     path_lengths: torch.Tensor | int | None = None,
+    max_path_length: int | None = None,
     edge_order: EdgeOrder = "mixed",
     backward_fraction: float = 0.5,
     second_branch: bool = True,
 ) -> TreeBatch:
     """``batch_size`` random trees of ``n`` nodes (the paper's distribution, see the module
-    docstring); ``path_lengths`` fixes each tree's path length (default: uniform 1..n-1)."""
+    docstring); ``path_lengths`` fixes each tree's path length (default: uniform 1..n-1, or
+    1..``max_path_length``)."""
     check_n_nodes(n)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
@@ -214,8 +216,10 @@ def generate_trees(
         )
     gen = _generator(seed)
     B = batch_size
+    if max_path_length is not None and not 1 <= max_path_length <= n - 1:
+        raise ConfigError(f"max_path_length must lie in 1..{n - 1} for n={n}")
     if path_lengths is None:
-        plen = torch.randint(1, n, (B,), generator=gen)
+        plen = torch.randint(1, (max_path_length or n - 1) + 1, (B,), generator=gen)
     else:
         plen = torch.as_tensor(path_lengths, dtype=torch.long).expand(B).clone()
         if bool(((plen < 1) | (plen > n - 1)).any()):
@@ -330,9 +334,16 @@ def heldout_mask(hashes: torch.Tensor, fraction: float) -> torch.Tensor:
     return bucket < int(round(fraction * _HASH_BUCKETS))
 
 
-def training_trees(task: TreeTaskConfig, batch_size: int, seed: int, step: int) -> TreeBatch:
+def training_trees(
+    task: TreeTaskConfig,
+    batch_size: int,
+    seed: int,
+    step: int,
+    max_path_length: int | None = None,
+) -> TreeBatch:
     """Batch ``step`` of the training stream: fresh trees, held-out identities removed
-    (about ``heldout_fraction`` of them; the batch is topped up from the same stream)."""
+    (about ``heldout_fraction`` of them; the batch is topped up from the same stream).
+    ``max_path_length``: paths of 1..that many edges only (a curriculum stage)."""
     parts: list[TreeBatch] = []
     have = 0
     draw = 0
@@ -342,6 +353,7 @@ def training_trees(task: TreeTaskConfig, batch_size: int, seed: int, step: int) 
             task.n_nodes,
             batch_size - have + extra,
             stream_seed(seed, step, draw),
+            max_path_length=max_path_length,
             edge_order=task.edge_order,
             backward_fraction=task.backward_fraction,
             second_branch=task.second_branch,
