@@ -148,11 +148,9 @@ def test_refusal_run_writes_a_complete_report(saved_llama, tmp_path, monkeypatch
         return real(hm, trainable, *args, **kwargs)
 
     monkeypatch.setattr(lat_measure, "train_lat", check_start)
-    cfg = validate_config(
-        LatExperimentConfig,
-        lat_config(saved_llama, "refusal", trainable={"mode": "full", "layers": [1]}),
-        "t",
-    )
+    data = lat_config(saved_llama, "refusal", trainable={"mode": "full", "layers": [1]})
+    data["evaluation"]["latent_attack"]["curve_epsilons"] = [2.0, 0.0]
+    cfg = validate_config(LatExperimentConfig, data, "t")
     out = run_lat_experiment(cfg, tmp_path / "run", progress=False)
     assert starts == [True] * 6  # RT, LAT, EAT x 2 seeds
     assert not (tmp_path / "run.partial").exists()
@@ -166,6 +164,10 @@ def test_refusal_run_writes_a_complete_report(saved_llama, tmp_path, monkeypatch
                         "embed_attack.success", "benign.compliance", "benign.loss"):  # fmt: skip
                 assert key in m, (name, key)
             assert result["data"]["test"] == 6
+            # the curve's epsilon-0 point is the model without perturbation
+            assert m["latent_attack.success@0"] == m["latent_attack.success_before"]
+            assert 0 <= m["latent_attack.success@2"] <= 1
+            assert "embed_attack.success@0" not in m
     lat = json.loads((out / "results" / "LAT" / "seed0.json").read_text())
     assert lat["baseline"] == "RT" and lat["trainable"]["mode"] == "localized"
     assert lat["compute"]["passes"]["adversary_fwd_bwd"] == 2 * 2
@@ -185,6 +187,7 @@ def test_refusal_run_writes_a_complete_report(saved_llama, tmp_path, monkeypatch
     assert "| method | refusal rate (held-out templates) ↑" in table
     assert "| LAT | RT |" in table  # compute row with its baseline
     assert (out / "figures" / "metrics.png").stat().st_size > 1000
+    assert (out / "figures" / "attack_curves.png").stat().st_size > 1000
     (out / "results.md").unlink()
     result = CliRunner().invoke(app, ["report", str(out)])
     assert result.exit_code == 0, result.output

@@ -68,9 +68,24 @@ class AdversarySpec(LatentAdversaryConfig):
 
     def resolve(self, layers: list[Layer]) -> LatentAdversaryConfig:
         """A ``LatentAdversaryConfig`` with ``layers`` filled in when they were left ``null``."""
-        data = self.model_dump()
+        data = self.model_dump(exclude={"curve_epsilons"})
         data["layers"] = list(self.layers) if self.layers is not None else list(layers)
         return LatentAdversaryConfig.model_validate(data)
+
+
+class AttackSpec(AdversarySpec):
+    """An evaluation attack: the adversary at ``epsilon`` (the headline number) and, since one
+    bound can leave every method at 0% or 100%, the same attack at ``curve_epsilons`` too
+    (metrics ``<attack>.success@<eps>``): robustness as the bound an attack needs."""
+
+    curve_epsilons: list[float] = Field(default_factory=list)
+
+    @field_validator("curve_epsilons")
+    @classmethod
+    def _non_negative(cls, value: list[float]) -> list[float]:
+        if any(e < 0 for e in value):
+            raise ValueError(f"curve_epsilons must be >= 0, got {value}")
+        return sorted(set(value))
 
 
 class TrainableSpec(Strict):
@@ -263,12 +278,12 @@ class BackdoorSettings(Strict):
     greedy_tokens: int | None = Field(4, ge=1, description="greedy check: first N response tokens")
 
 
-def _default_attack() -> AdversarySpec:
-    return AdversarySpec(steps=32)
+def _default_attack() -> AttackSpec:
+    return AttackSpec(steps=32)
 
 
-def _default_embedding_attack() -> AdversarySpec:
-    return AdversarySpec(layers=["embed"], steps=32)
+def _default_embedding_attack() -> AttackSpec:
+    return AttackSpec(layers=["embed"], steps=32)
 
 
 class LatEvaluation(Strict):
@@ -276,8 +291,8 @@ class LatEvaluation(Strict):
     the final model) and stronger than the training adversary by default (more steps);
     ``latent_attack.layers: null`` attacks the training adversary's layers."""
 
-    latent_attack: AdversarySpec | None = Field(default_factory=_default_attack)
-    embedding_attack: AdversarySpec | None = Field(default_factory=_default_embedding_attack)
+    latent_attack: AttackSpec | None = Field(default_factory=_default_attack)
+    embedding_attack: AttackSpec | None = Field(default_factory=_default_embedding_attack)
     prefill: PrefillConfig | None = Field(default_factory=PrefillConfig)
     attack_batch_size: int = Field(16, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -285,7 +300,7 @@ class LatEvaluation(Strict):
 
     @field_validator("embedding_attack")
     @classmethod
-    def _embed_only(cls, value: AdversarySpec | None) -> AdversarySpec | None:
+    def _embed_only(cls, value: AttackSpec | None) -> AttackSpec | None:
         if value is not None and value.layers != ["embed"]:
             raise ValueError(f"the embedding attack perturbs layers ['embed'], not {value.layers}")
         return value

@@ -161,6 +161,11 @@ def evaluate(
             metrics[f"{name}.toward_loss"] = result["after"]["toward_loss"]
             details[name] = {k: v for k, v in result.items() if k != "losses"}
             details[name]["final_losses"] = [batch[-1] for batch in result["losses"] if batch]
+            for eps in spec.curve_epsilons:
+                log(f"evaluating: {name.replace('_', ' ')} at epsilon {eps:g}")
+                attack = spec.resolve(default).model_copy(update={"epsilon": eps})
+                point = _attack(hm, data.test_data, attack, seed, ev.attack_batch_size, progress)
+                metrics[f"{name}.success@{eps:g}"] = point["success_rate_after"]
     if config.application == "refusal" and ev.prefill is not None:
         log("evaluating: prefilling attack")
         prefill = prefill_attack(hm, data.test_items, ev.prefill).to_json()

@@ -343,6 +343,7 @@ def write_report(folder: str | Path) -> dict[str, Any]:
     if run_kind(folder) == "lat":
         atomic_write_text(folder / "results.md", _lat_markdown(folder, summary, order, results))
         metric_bars(summary, order, folder / "figures" / "metrics.png", lat_columns(folder))
+        attack_curves(summary, order, folder / "figures" / "attack_curves.png")
         return summary
     atomic_write_text(folder / "results.md", _markdown(folder, summary, order, results))
     figures = folder / "figures"
@@ -353,6 +354,39 @@ def write_report(folder: str | Path) -> dict[str, Any]:
 
 
 # ---- targeted LAT runs -----------------------------------------------------------------------
+ATTACKS = (("latent_attack", "latent attack"), ("embed_attack", "embedding attack"))
+
+
+def attack_curves(summary, order: list[str], path: Path) -> Path | None:
+    """Attack success against its L2 bound (``<attack>.success@<eps>``), one line per method:
+    robustness read as the bound an attack needs, when one bound saturates every method."""
+    panels = []
+    for prefix, title in ATTACKS:
+        keys = {
+            k for stats in summary.values() for k in stats if k.startswith(prefix + ".success@")
+        }
+        if keys:
+            eps = sorted(float(k.split("@", 1)[1]) for k in keys)
+            panels.append((prefix, title, eps))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (prefix, title, eps) in zip(axes[0], panels, strict=True):
+        for name in order:
+            stats = summary.get(name, {})
+            points = [(e, stats.get(f"{prefix}.success@{e:g}")) for e in eps]
+            points = [(e, s["mean"]) for e, s in points if s is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=name)
+        ax.set_xlabel("epsilon (per-token L2 bound)")
+        ax.set_ylabel("success rate (held-out)")
+        ax.set_title(title)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
 LAT_REFUSAL_COLUMNS = [
     ("refusal.rate", "refusal rate (held-out templates)", False),
     ("latent_attack.success", "compliance under latent attack", True),
