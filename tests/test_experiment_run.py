@@ -369,3 +369,26 @@ def test_unlearning_rows_with_their_own_objective_and_lat(saved_llama, tmp_path,
     assert not results["GA"]["latent_adversary"] and results["GA_LAT"]["latent_adversary"]
     assert "adv_loss_last" in results["GA_LAT"]["train"]["final"]
     assert "| GA_LAT |" in (out / "results.md").read_text()
+
+
+def test_whole_group_edit_probes_with_validation_facts_of_the_group(
+    saved_llama, tmp_path, monkeypatch
+):
+    """Editing every basketball player: no retain fact answers basketball, so the probe learns
+    that class from the validation players (never a seed's forget or retain fact)."""
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(saved_llama, seeds=[0]).model_dump(mode="json")
+    config |= {"target": {"kind": "fixed", "value": "golf"}}
+    config["facts"] |= {"n_forget": None, "forget_group": "basketball", "max_forget": 6}
+    config["localizations"] = [{"name": "all_mlps", "method": "all_mlps"}]
+    config["evaluation"] |= {"relearn": None, "soft_prompt": None}
+    out = tmp_path / "run"
+    run_experiment(validate_config(ExperimentConfig, config, "t"), out, progress=False)
+    facts = json.loads((out / "facts" / "seed0.json").read_text())
+    validation = json.loads((out / "run.json").read_text())["validation"]
+    for name in ("base", "all_mlps"):
+        result = json.loads((out / "results" / name / "seed0.json").read_text())
+        assert 0 <= result["metrics"]["probe.forget_accuracy"] <= 1
+        assert any("4 validation facts answering basketball" in n for n in result["notes"])
+        assert "basketball" in result["curves"]["probes"]["classes"]
+    assert not set(validation["forget"]) & set(facts["forget"])

@@ -114,11 +114,17 @@ def run_battery(
     general_text_eval: Sequence[str],
     general_text_train: Sequence[str],
     counterfact_records: Sequence[FactRecord] = (),
+    probe_reserve: Sequence[FactRecord] = (),
     attacks: bool = True,
     progress: bool = False,
     log: Callable[[str], None] = lambda _: None,
 ) -> BatteryResult:
-    """Measure the current model; ``attacks=False`` skips relearning and soft prompts (base model)."""
+    """Measure the current model; ``attacks=False`` skips relearning and soft prompts (base model).
+
+    ``probe_reserve``: facts outside every forget and retain set (the validation forget facts).
+    When the retain facts lack an answer the forget facts have (a whole group edited, e.g. every
+    basketball player), reserve facts with that answer join the probe's training facts, so the
+    original answer can still be probed for."""
     battery = config.evaluation
     out = BatteryResult()
     log(f"prompt formats on {len(sets.forget)} forget and {len(sets.retain_eval)} retain facts")
@@ -134,11 +140,21 @@ def run_battery(
         )
     if battery.probes:
         log("latent probes")
+        probe_facts = list(sets.retain_train) + list(sets.retain_eval)
+        missing = {r.answer for r in sets.forget} - {r.answer for r in probe_facts}
+        taken = {r.id for r in sets.forget} | {r.id for r in probe_facts}
+        extra = [r for r in probe_reserve if r.answer in missing and r.id not in taken]
+        if extra:
+            out.notes.append(
+                f"latent probes: {len(extra)} validation facts answering "
+                f"{', '.join(sorted({r.answer for r in extra}))} (no retain fact does) joined "
+                "the probe's training facts"
+            )
         try:
             probes = latent_probe_accuracy(
                 hm,
                 sets.forget,
-                list(sets.retain_train) + list(sets.retain_eval),
+                probe_facts + extra,
                 position=battery.probe_position,
                 seed=seed,
                 batch_size=battery.batch_size,

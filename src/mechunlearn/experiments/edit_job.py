@@ -211,6 +211,7 @@ def run_experiment(
     clock.save()
     hparams = _choose_hparams(hm, config, locs, validation, text_train, partial, log, clock)
 
+    probe_reserve = list(facts.validation.forget)  # never a seed's forget or retain fact
     for seed, sets in seed_sets.items():
         atomic_write_json(partial / "facts" / f"seed{seed}.json", sets.to_json())
         base_path = partial / "results" / "base" / f"seed{seed}.json"
@@ -224,6 +225,7 @@ def run_experiment(
                 general_text_eval=text_eval,
                 general_text_train=text_train,
                 counterfact_records=counterfact,
+                probe_reserve=probe_reserve,
                 attacks=False,
                 progress=progress,
             )
@@ -252,6 +254,7 @@ def run_experiment(
                 partial,
                 progress,
                 log,
+                probe_reserve,
             )
             atomic_write_json(path, result)
             clock.save()
@@ -335,6 +338,7 @@ def _edit_and_measure(
     partial: Path,
     progress: bool,
     log,
+    probe_reserve=(),
 ) -> dict[str, Any]:
     train_config = spec.train_config(config.train).model_copy(
         update={"lr": hp.lr, "forget_coef": hp.forget_coef, "seed": seed}
@@ -361,6 +365,7 @@ def _edit_and_measure(
             general_text_eval=text_eval,
             general_text_train=text_train,
             counterfact_records=counterfact,
+            probe_reserve=probe_reserve,
             attacks=True,
             progress=progress,
             log=log,
