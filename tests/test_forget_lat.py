@@ -69,7 +69,8 @@ def test_exclusive_perturbation_leaves_other_forwards_clean():
 
 
 @pytest.mark.parametrize(
-    ("data", "objective"), [(UNLEARN, "gradient_ascent"), (UNLEARN, "grad_diff"), (EDIT, "edit")]
+    ("data", "objective"),
+    [(UNLEARN, "gradient_ascent"), (UNLEARN, "grad_diff"), (UNLEARN, "rmu"), (EDIT, "edit")],
 )
 def test_zero_epsilon_is_exactly_plain_training(data, objective):
     zero = ADVERSARY.model_copy(update={"epsilon": 0.0, "init": "random"})
