@@ -7,12 +7,14 @@ Every step minimises (Guo et al. 2024, "Mechanistic Unlearning", arXiv:2410.1294
       + maintain_coef * CE(retain batch, true answers)   # keep the other facts
       + lm_coef       * next-token CE(general text)      # keep the language model
 
-A term is left out when its coefficient is 0 or it has no data. With a ``forget_perturbation``
-(targeted LAT on the forget term, ``edit.lat.ForgetLat``) the objective is computed on each
-step's forget batch under a perturbation found for that batch; the maintain and LM terms stay
-clean. The objective is looked up by
+A term is left out when its coefficient is 0 or it has no data. The objective is looked up by
 name in ``OBJECTIVES`` and bound to the data by ``bind_objective`` before any weight changes, so
 references (NPO's log-probs, RMU's activations) come from the unedited model.
+
+With a ``forget_perturbation`` (targeted LAT on the forget term, ``edit.lat.ForgetLat``) the
+objective is computed on each step's forget batch under a perturbation found for that batch;
+the maintain and LM terms stay clean. Its per-step numbers (e.g. the adversary's loss) go into
+the history as they are on each process (not averaged).
 
 Optimisation: AdamW over ``trainable.params``, linear warmup then cosine decay (or constant),
 gradient-norm clipping. Batches are drawn by seeded ``torch.Generator``s cycling through
