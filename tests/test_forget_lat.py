@@ -143,3 +143,16 @@ def test_rows_choose_their_objective_and_lat():
         ExperimentConfig(mode="edit", localizations=rows[:1])
     with pytest.raises(ConfigError, match="unknown objective 'nope'"):
         ExperimentConfig(localizations=[{"name": "x", "method": "random", "objective": "nope"}])
+    with pytest.raises(ConfigError, match="unknown option\\(s\\) layr for objective 'rmu'"):
+        ExperimentConfig(
+            mode="unlearn",
+            train={"objective": "unlearn"},
+            localizations=[
+                {
+                    "name": "x",
+                    "method": "random",
+                    "objective": "rmu",
+                    "objective_options": {"layr": 2},
+                }
+            ],
+        )

@@ -256,6 +256,18 @@ def check_options(fn: Callable, options: Mapping[str, Any], skip: int, what: str
         )
 
 
+def check_objective_options(name: str, options: Mapping[str, Any] | None) -> Objective:
+    """The objective registered as ``name``; ``ConfigError`` for an unknown name or option
+    (options are the setup's keyword parameters, or the objective's own when it has no setup)."""
+    objective = OBJECTIVES.get(name)
+    setup = getattr(objective, "setup", None)
+    if setup is None:
+        check_options(objective, dict(options or {}), skip=2, what=f"objective {name!r}")
+    else:
+        check_options(setup, dict(options or {}), skip=4, what=f"objective {name!r}")
+    return objective
+
+
 def bind_objective(
     hm: HookedModel,
     name: str,
@@ -269,13 +281,11 @@ def bind_objective(
     Call before any weight changes: NPO's reference log-probs and RMU's frozen activations are
     taken from the model as it is now. ``batch_size`` bounds the setup's forward passes.
     """
-    objective = OBJECTIVES.get(name)
+    objective = check_objective_options(name, options)
     options = dict(options or {})
     setup = getattr(objective, "setup", None)
     if setup is None:
-        check_options(objective, options, skip=2, what=f"objective {name!r}")
         return BoundObjective(name, objective, lambda step: options)
-    check_options(setup, options, skip=4, what=f"objective {name!r}")
     with torch.no_grad():
         step_args = setup(hm, list(forget), list(retain), batch_size, **options)
     return BoundObjective(name, objective, step_args, dict(getattr(step_args, "info", {})))

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mechunlearn.attacks.latent import LatentAdversaryConfig
 from mechunlearn.attacks.relearn import RelearnConfig
 from mechunlearn.attacks.soft_prompt import SoftPromptConfig
-from mechunlearn.edit.objectives import OBJECTIVES
+from mechunlearn.edit.objectives import check_objective_options
 from mechunlearn.edit.trainer import TrainConfig
 from mechunlearn.experiments.config import Seeds, TaskName, registered_name
 from mechunlearn.localize import LOCALIZERS, LocalizeOptions
@@ -214,8 +214,9 @@ class ExperimentConfig(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"localization names repeat: {names}")
         for spec in self.localizations:
-            objective = spec.train_config(self.train).objective
-            OBJECTIVES.get(objective)
+            row = spec.train_config(self.train)
+            objective = row.objective
+            check_objective_options(objective, row.objective_options)
             if self.mode == "edit" and objective != "edit":
                 raise ValueError(
                     f"{spec.name}: mode 'edit' trains with objective 'edit', not {objective!r}"
