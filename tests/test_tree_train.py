@@ -314,3 +314,24 @@ def test_curriculum_caps_path_lengths_then_releases_them(tmp_path):
     del state["config"]["curriculum"]
     state_file.write_text(json.dumps(state))
     assert train_tree_model(tiny_config(steps=20), run, resume=True, progress=False).steps == 20
+
+
+def test_extend_continues_a_run_with_a_longer_schedule(tmp_path):
+    from mechunlearn.reasoning.train import lr_at
+
+    run = tmp_path / "run"
+    train_tree_model(tiny_config(steps=10, checkpoint_every=5), run, progress=False, until=5)
+    longer = tiny_config(steps=30, checkpoint_every=5)
+    with pytest.raises(ConfigError, match="needs extend"):
+        train_tree_model(longer, run, resume=True, progress=False)
+    with pytest.raises(ConfigError, match="needs resume"):
+        train_tree_model(longer, run, extend=True, progress=False)
+    result = train_tree_model(longer, run, resume=True, extend=True, progress=False)
+    assert result.steps == 30
+    logged = dict(zip(result.history["step"], result.history["lr"], strict=True))
+    assert logged[10] == pytest.approx(lr_at(9, longer))  # the stretched schedule...
+    assert logged[10] != pytest.approx(lr_at(9, tiny_config(steps=10)))  # ...not the old one
+    meta = load_tree_model(run).meta
+    assert meta["schedule_extensions"] == [{"at_step": 5, "from_steps": 10, "to_steps": 30}]
+    with pytest.raises(ConfigError, match="already at step 30"):
+        train_tree_model(tiny_config(steps=20), run, resume=True, extend=True, progress=False)

@@ -76,6 +76,13 @@ def tree_train(
         int | None,
         typer.Option(help="stop after this step, state saved (continue later with --resume)"),
     ] = None,
+    extend: Annotated[
+        bool,
+        typer.Option(
+            "--extend",
+            help="with --resume: continue with a larger --steps (the schedule is stretched)",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train the path-finding model on fresh trees; writes OUT/model and OUT/metrics.json."""
@@ -99,7 +106,13 @@ def tree_train(
             raise DataError(f"this installation ships no tree recipe ({config})")
     cfg = build_config(TreeTrainConfig, config, values)
     result = train_tree_model(
-        cfg, out, resume=resume, progress=show_progress(quiet), log=make_log(quiet), until=until
+        cfg,
+        out,
+        resume=resume,
+        progress=show_progress(quiet),
+        log=make_log(quiet),
+        until=until,
+        extend=extend,
     )
     if result.accuracy is None:
         console.print(

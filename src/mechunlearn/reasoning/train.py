@@ -331,6 +331,7 @@ def _save_state(
     history: dict[str, list[float]],
     evals: list[dict[str, Any]],
     seconds: float,
+    extensions: list[dict[str, int]] | None = None,
 ) -> None:
     with atomic_directory(out / STATE_DIR) as tmp:
         save_file(
@@ -346,11 +347,14 @@ def _save_state(
                 "history": history,
                 "evals": evals,
                 "seconds": seconds,
+                "extensions": extensions or [],
             },
         )
 
 
-def _check_resumable(saved: dict[str, Any], config: TreeTrainConfig, where: Path) -> None:
+def _check_resumable(
+    saved: dict[str, Any], config: TreeTrainConfig, where: Path, extend: bool = False
+) -> None:
     current = config.model_dump(mode="json")
     try:  # fields added since the state was saved take their defaults
         saved = TreeTrainConfig.model_validate(saved).model_dump(mode="json")
@@ -359,27 +363,44 @@ def _check_resumable(saved: dict[str, Any], config: TreeTrainConfig, where: Path
     diffs = [
         key
         for key in sorted(set(saved) | set(current))
-        if key not in RESUMABLE_FIELDS and saved.get(key) != current.get(key)
+        if key not in RESUMABLE_FIELDS
+        and saved.get(key) != current.get(key)
+        and not (extend and key == "steps")
     ]
     if diffs:
         detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in diffs)
-        raise ConfigError(f"cannot resume {where} with another config ({detail})")
+        hint = " (a longer `steps` needs extend / --extend)" if diffs == ["steps"] else ""
+        raise ConfigError(f"cannot resume {where} with another config ({detail}){hint}")
 
 
 def _load_state(
-    out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TreeTrainConfig
-) -> tuple[int, dict[str, list[float]], list[dict[str, Any]], float]:
+    out: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: TreeTrainConfig,
+    extend: bool = False,
+) -> tuple[int, dict[str, list[float]], list[dict[str, Any]], float, list[dict[str, int]]]:
     folder = out / STATE_DIR
     try:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DataError(f"training state {folder} is unreadable: {exc}") from None
-    _check_resumable(state.get("config", {}), config, folder)
+    saved = state.get("config", {})
+    _check_resumable(saved, config, folder, extend)
+    step = int(state["step"])
+    extensions = list(state.get("extensions", []))
+    if extend and saved.get("steps") != config.steps:
+        if config.steps <= step:
+            raise ConfigError(
+                f"cannot extend {folder} to {config.steps} steps: it is already at step {step}"
+            )
+        # the cosine schedule is stretched from here on: recorded, since it changes the recipe
+        extensions.append({"at_step": step, "from_steps": saved["steps"], "to_steps": config.steps})
     load_state_checked(
         model, load_file(str(folder / "model.safetensors")), f"training state {folder}"
     )
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    return int(state["step"]), state["history"], state.get("evals", []), float(state["seconds"])
+    return step, state["history"], state.get("evals", []), float(state["seconds"]), extensions
 
 
 def train_tree_model(
@@ -391,14 +412,20 @@ def train_tree_model(
     log: Callable[[str], None] = lambda _: None,
     save_model: bool = True,
     until: int | None = None,
+    extend: bool = False,
 ) -> TreeTrainResult:
     """Train from scratch (or resume ``out/state``), evaluate on the held-out split, and write
     ``out/model`` (``save_tree_model``) and ``out/metrics.json``.
 
     ``until`` stops after that step with the state saved (no final evaluation or model), so a
-    long run can be done in slices with ``resume=True``; the schedule still spans ``steps``."""
+    long run can be done in slices with ``resume=True``; the schedule still spans ``steps``.
+    ``extend=True`` resumes with a larger ``steps`` than the run started with (the cosine
+    schedule is stretched from the resume point on; recorded as ``extensions`` in the state,
+    metrics and checkpoint)."""
     if until is not None and until < 1:
         raise ConfigError(f"until must be a positive step, got {until}")
+    if extend and not resume:
+        raise ConfigError("extend continues a saved run: it needs resume")
     stop = config.steps if until is None else min(until, config.steps)
     out = Path(out)
     configure_threads()
@@ -406,10 +433,14 @@ def train_tree_model(
     model = build_model(config.model, seed=config.seed).to(device)
     model.train()
     optimizer = make_optimizer(model, config)
-    step, history, evals, seconds = 0, _empty_history(), [], 0.0
+    step, history, evals, seconds, extensions = 0, _empty_history(), [], 0.0, []
     if resume and (out / STATE_DIR / "state.json").is_file():
-        step, history, evals, seconds = _load_state(out, model, optimizer, config)
+        step, history, evals, seconds, extensions = _load_state(
+            out, model, optimizer, config, extend
+        )
         log(f"resumed {out / STATE_DIR} at step {step}")
+        if extensions and extensions[-1]["at_step"] == step:
+            log(f"schedule extended to {config.steps} steps from step {step}")
     elif resume:
         log(f"no training state in {out}; starting from scratch")
     forward = torch.compile(model) if config.compile else model
@@ -472,7 +503,9 @@ def train_tree_model(
                 evals.append({"step": step, "seconds": seconds, **acc.to_json()})
                 log(f"step {step}: held-out path accuracy {acc.overall:.4f}")
             if step % config.checkpoint_every == 0 or step == stop:
-                _save_state(out, model, optimizer, config, step, history, evals, seconds)
+                _save_state(
+                    out, model, optimizer, config, step, history, evals, seconds, extensions
+                )
 
     n_params = count_parameters(model)
     if step < config.steps:
@@ -503,6 +536,7 @@ def train_tree_model(
     )
     meta = {
         "recipe": config.model_dump(mode="json"),
+        "schedule_extensions": extensions,
         "train_seconds": seconds,
         "sequences_per_s": result.sequences_per_s,
         "threads": torch.get_num_threads(),
@@ -534,6 +568,7 @@ def export_state(run: str | Path, folder: str | Path, per_length: int = 500) -> 
     accuracy = evaluate_accuracy(model, trees, config.eval_batch_size)
     meta = {
         "recipe": config.model_dump(mode="json"),
+        "schedule_extensions": state.get("extensions", []),
         "step": int(state["step"]),
         "train_seconds": float(state["seconds"]),
         "exported_from": str(state_dir),
