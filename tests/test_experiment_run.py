@@ -392,3 +392,12 @@ def test_whole_group_edit_probes_with_validation_facts_of_the_group(
         assert any("4 validation facts answering basketball" in n for n in result["notes"])
         assert "basketball" in result["curves"]["probes"]["classes"]
     assert not set(validation["forget"]) & set(facts["forget"])
+
+
+def test_remaining_time_is_estimated_from_finished_runs():
+    clock = iter([0.0, 1200.0])
+    eta = edit_job.RemainingTime(4, clock=lambda: next(clock))
+    assert eta.describe() == "run 1 of 4"
+    eta.done_one()
+    eta.done_one()
+    assert eta.describe() == "run 3 of 4, 10 min each so far, about 0.3 h left"

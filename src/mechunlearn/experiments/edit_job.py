@@ -78,6 +78,27 @@ class RunClock:
         atomic_write_json(self.path, {"seconds": round(self.seconds, 1)})
 
 
+class RemainingTime:
+    """``run k of n``, and once one is done the time left at the mean pace so far (a run of
+    several hours is planned around it)."""
+
+    def __init__(self, total: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.done = total, 0
+        self.clock = clock
+        self.started = clock()
+
+    def done_one(self) -> None:
+        self.done += 1
+
+    def describe(self) -> str:
+        text = f"run {self.done + 1} of {self.total}"
+        if self.done:
+            pace = (self.clock() - self.started) / self.done
+            left = pace * (self.total - self.done)
+            text += f", {pace / 60:.0f} min each so far, about {left / 3600:.1f} h left"
+        return text
+
+
 def _prepare_sets(config: ExperimentConfig, sets: FactSets, seed: int) -> FactSets:
     """Give forget facts their new answers (editing); unlearning keeps the records as they are."""
     if config.mode != "edit":
@@ -212,6 +233,13 @@ def run_experiment(
     hparams = _choose_hparams(hm, config, locs, validation, text_train, partial, log, clock)
 
     probe_reserve = list(facts.validation.forget)  # never a seed's forget or retain fact
+    todo = [
+        (seed, spec.name)
+        for seed in seed_sets
+        for spec in config.localizations
+        if not (partial / "results" / spec.name / f"seed{seed}.json").is_file()
+    ]
+    eta = RemainingTime(len(todo))
     for seed, sets in seed_sets.items():
         atomic_write_json(partial / "facts" / f"seed{seed}.json", sets.to_json())
         base_path = partial / "results" / "base" / f"seed{seed}.json"
@@ -237,7 +265,8 @@ def run_experiment(
             if path.is_file():
                 continue
             log(
-                f"seed {seed}: {spec.name} (lr {hparams[spec.name].lr:g}, forget_coef {hparams[spec.name].forget_coef:g})"
+                f"seed {seed}: {spec.name} (lr {hparams[spec.name].lr:g}, forget_coef "
+                f"{hparams[spec.name].forget_coef:g}); {eta.describe()}"
             )
             result = _edit_and_measure(
                 hm,
@@ -258,6 +287,7 @@ def run_experiment(
             )
             atomic_write_json(path, result)
             clock.save()
+            eta.done_one()
 
     atomic_write_json(
         partial / "run.json",
