@@ -39,10 +39,13 @@ from mechunlearn.edit.data import TrainData
 from mechunlearn.edit.parametrization import WeightSnapshot, make_trainable
 from mechunlearn.edit.trainer import TrainConfig, train
 from mechunlearn.errors import ConfigError
-from mechunlearn.evals.refusal import backdoor_success_rate
 from mechunlearn.experiments.lat_config import LatExperimentConfig
 from mechunlearn.experiments.lat_data import SeedData, load_file_items, seed_data
-from mechunlearn.experiments.lat_measure import backdoor_metrics, measure_method
+from mechunlearn.experiments.lat_measure import (
+    backdoor_metrics,
+    measure_backdoor,
+    measure_method,
+)
 from mechunlearn.io import atomic_write_json, atomic_write_yaml, move_into_place
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.loading import load_model
@@ -115,15 +118,7 @@ def _backdoor_seed(hm, config, data, layers, seed, partial, progress, log) -> No
     try:
         log(f"seed {seed}: installing the backdoor ({bd.install.steps} steps)")
         install = install_backdoor(hm, config, data, seed, progress, log)
-        measured = backdoor_success_rate(
-            hm,
-            data.test_items,
-            bd.backdoor.trigger,
-            bd.backdoor.response,
-            bd.backdoor.position,
-            bd.greedy_tokens,
-            config.evaluation.batch_size,
-        )
+        measured = measure_backdoor(hm, config, data)
         rates = backdoor_metrics(measured, "install")
         installed = (
             rates["install.triggered"] >= bd.min_triggered

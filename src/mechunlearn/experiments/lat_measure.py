@@ -133,16 +133,7 @@ def evaluate(
         metrics["refusal.refusal_loss"] = refusal["refusal_loss"]
         details["refusal"] = refusal
     else:
-        bd = config.backdoor
-        measured = backdoor_success_rate(
-            hm,
-            data.test_items,
-            bd.backdoor.trigger,
-            bd.backdoor.response,
-            bd.backdoor.position,
-            bd.greedy_tokens,
-            ev.batch_size,
-        )
+        measured = measure_backdoor(hm, config, data)
         metrics.update(backdoor_metrics(measured, "backdoor"))
         details["backdoor"] = measured
     attacks = (
@@ -180,6 +171,22 @@ def evaluate(
     metrics["benign.refusal_greedy"] = benign["refusal_greedy"]["rate"]
     details["benign"] = benign
     return metrics, details, time.perf_counter() - tick
+
+
+def measure_backdoor(
+    hm: HookedModel, config: LatExperimentConfig, data: SeedData
+) -> dict[str, Any]:
+    """The backdoor's success with and without its trigger on the seed's held-out requests."""
+    bd = config.backdoor
+    return backdoor_success_rate(
+        hm,
+        data.test_items,
+        bd.backdoor.trigger,
+        bd.backdoor.response,
+        bd.backdoor.position,
+        bd.greedy_tokens,
+        config.evaluation.batch_size,
+    )
 
 
 def backdoor_metrics(measured: dict[str, Any], prefix: str) -> dict[str, float]:

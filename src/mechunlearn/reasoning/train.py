@@ -352,14 +352,20 @@ def _save_state(
         )
 
 
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the fields added since it was saved at their defaults; an invalid
+    one as it is (its differences from the current config are then reported field by field)."""
+    try:
+        return TreeTrainConfig.model_validate(saved).model_dump(mode="json")
+    except (ValidationError, ConfigError):
+        return saved
+
+
 def _check_resumable(
     saved: dict[str, Any], config: TreeTrainConfig, where: Path, extend: bool = False
 ) -> None:
     current = config.model_dump(mode="json")
-    try:  # fields added since the state was saved take their defaults
-        saved = TreeTrainConfig.model_validate(saved).model_dump(mode="json")
-    except (ValidationError, ConfigError):
-        pass  # compared as saved: the differences are reported below
+    saved = _with_defaults(saved)
     diffs = [
         key
         for key in sorted(set(saved) | set(current))
