@@ -417,7 +417,8 @@ def _edit_and_measure(
         "latent_adversary": spec.latent_adversary is not None,
         "train": {
             "steps": trained.steps,
-            "seconds": round(trained.seconds, 1),
+            # milliseconds: a tiny model's edit can take well under 0.1 s
+            "seconds": round(trained.seconds, 3),
             "final": {k: v[-1] for k, v in trained.history.items() if v},
         },
         **battery.to_json(),
