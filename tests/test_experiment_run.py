@@ -92,7 +92,10 @@ def test_run_writes_a_complete_report(saved_llama, tmp_path, monkeypatch):
     for figure in ("metrics.png", "relearning.png", "probes.png"):
         assert (out / "figures" / figure).stat().st_size > 1000
     table = (out / "results.md").read_text()
-    assert "| random |" in table and "edit success: completion" in table
+    assert "| random |" in table and "edit success: completion ↑" in table
+    every_metric = table.split("## Every metric")[1]
+    # raw metrics have no desired direction: no arrows there (P(original) must not read "higher is better")
+    assert "↑" not in every_metric and "↓" not in every_metric
     # seeds 0 and 1 edit different facts
     f0 = json.loads((out / "facts" / "seed0.json").read_text())["forget"]
     f1 = json.loads((out / "facts" / "seed1.json").read_text())["forget"]

@@ -151,18 +151,17 @@ def _cell(stat: dict[str, float] | None, key: str) -> str:
 def _table(
     summary,
     order: list[str],
-    columns: list[tuple[str, str, bool]],
+    columns: list[tuple[str, str, bool | None]],
     label: str = "localization",
     cell=_cell,
 ) -> str:
+    """``columns``: (metric key, title, lower is better); ``None``: no desired direction
+    (raw metrics such as P(new) or the LM loss itself), so no arrow."""
     present = [c for c in columns if any(c[0] in summary[n] for n in order)]
     if not present:
         return ""
-    head = (
-        f"| {label} | "
-        + " | ".join(f"{title} {'↓' if low else '↑'}" for _, title, low in present)
-        + " |"
-    )
+    arrow = {True: " ↓", False: " ↑", None: ""}
+    head = f"| {label} | " + " | ".join(f"{title}{arrow[low]}" for _, title, low in present) + " |"
     rule = "|---|" + "---|" * len(present)
     rows = [
         "| "
@@ -207,7 +206,7 @@ def _markdown(folder: Path, summary, order: list[str], results) -> str:
             f"{first.get('n_params', 0):,} | {', '.join(first.get('components', []))[:120]} |"
         )
     all_keys = sorted({k for s in summary.values() for k in s})
-    lines += ["", "## Every metric", "", _table(summary, order, [(k, k, False) for k in all_keys])]
+    lines += ["", "## Every metric", "", _table(summary, order, [(k, k, None) for k in all_keys])]
     notes = sorted({n for runs in results.values() for r in runs for n in r.get("notes", [])})
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
@@ -216,7 +215,7 @@ def _markdown(folder: Path, summary, order: list[str], results) -> str:
             "",
             f"Wall time: {run['seconds'] / 60:.1f} min ({run.get('device', '?')}, {run.get('threads', '?')} threads).",
         ]
-    return "\n".join(lines).replace("↑ |", "↑ |").strip() + "\n"
+    return "\n".join(lines).strip() + "\n"
 
 
 def metric_bars(
@@ -528,7 +527,7 @@ def _lat_markdown(folder: Path, summary, order: list[str], results) -> str:
         "",
         "## Every metric",
         "",
-        _table(summary, order, [(k, k, False) for k in all_keys], label="method", cell=_lat_cell),
+        _table(summary, order, [(k, k, None) for k in all_keys], label="method", cell=_lat_cell),
     ]
     notes = sorted({n for runs in results.values() for r in runs for n in r.get("notes", [])})
     if notes:
