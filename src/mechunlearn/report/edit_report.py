@@ -1,0 +1,213 @@
+"""The report of an editing or unlearning experiment (Mechanistic Unlearning comparison):
+the headline table (edit success or forget accuracy per prompt format, the robustness battery,
+retain accuracy and side effects), hyper-parameters per localization, every metric, and the
+figures: bar charts per metric, relearning curves, latent-probe accuracy by layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mechunlearn.io import atomic_write_text  # noqa: E402
+from mechunlearn.report.figures import save_figure  # noqa: E402
+from mechunlearn.report.results import BASE, markdown_table  # noqa: E402
+
+# (metric key, column title, lower is better?) in table order; missing keys are left out.
+EDIT_COLUMNS = [
+    ("forget.completion.edit_success", "edit success: completion", False),
+    ("forget.question.edit_success", "edit success: question", False),
+    ("forget.paraphrase.edit_success", "edit success: paraphrase", False),
+    ("forget.mcq.edit_success", "edit success: MCQ", False),
+    ("forget.completion.p_original", "P(original): completion", True),
+    ("forget.mcq.p_original", "P(original): MCQ", True),
+]
+UNLEARN_COLUMNS = [
+    ("forget.completion.original_accuracy", "forget acc: completion", True),
+    ("forget.question.original_accuracy", "forget acc: question", True),
+    ("forget.paraphrase.original_accuracy", "forget acc: paraphrase", True),
+    ("forget.mcq.original_accuracy", "forget acc: MCQ", True),
+    ("forget.completion.p_original", "P(original): completion", True),
+    ("forget.mcq.p_original", "P(original): MCQ", True),
+]
+ROBUSTNESS_COLUMNS = [
+    ("relearn.completion.accuracy", "after relearning: completion acc (held-out)", True),
+    ("relearn.mcq.accuracy", "after relearning: MCQ acc (held-out)", True),
+    ("relearn_peak.completion.accuracy", "relearning, best step: completion acc (held-out)", True),
+    ("soft_prompt.accuracy_after", "after soft prompt: acc (held-out)", True),
+    ("probe.forget_accuracy", "latent probe acc on forget", True),
+    ("retain.completion.accuracy", "retain acc: completion", False),
+    ("retain.question.accuracy", "retain acc: question", False),
+    ("retain.paraphrase.accuracy", "retain acc: paraphrase", False),
+    ("retain.mcq.accuracy", "retain acc: MCQ", False),
+    ("lm_loss_delta", "LM loss change (nats)", True),
+    ("counterfact.score", "CounterFact score S", False),
+    ("side_effects.counterfact_neighborhood", "unrelated CounterFact neighbourhood score", False),
+]
+
+
+def headline_columns(summary) -> list[tuple[str, str, bool]]:
+    edit = any(k.endswith("edit_success") for s in summary.values() for k in s)
+    return (EDIT_COLUMNS if edit else UNLEARN_COLUMNS) + ROBUSTNESS_COLUMNS
+
+
+def _markdown(folder: Path, summary, order: list[str], results) -> str:
+    run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    seeds = sorted({r["seed"] for runs in results.values() for r in runs})
+    lines = [
+        f"# {run.get('name', folder.name)}",
+        "",
+        f"Model {run.get('model', '?')}; seeds {seeds}; percentages are mean ± std over seeds "
+        "(std omitted with one seed). ↑/↓: higher/lower is the desired direction after an edit. "
+        "`base` is the unedited model on the same facts.",
+        "",
+        markdown_table(summary, order, headline_columns(summary)),
+        "",
+        "## Hyper-parameters and trainable parameters",
+        "",
+        "| localization | lr | forget coef | trainable parameters | components |",
+        "|---|---|---|---|---|",
+    ]
+    for name in order:
+        if name == BASE:
+            continue
+        first = results[name][0]
+        hp = first.get("hyperparameters", {})
+        lines.append(
+            f"| {name} | {hp.get('lr', '-')} | {hp.get('forget_coef', '-')} | "
+            f"{first.get('n_params', 0):,} | {', '.join(first.get('components', []))[:120]} |"
+        )
+    all_keys = sorted({k for s in summary.values() for k in s})
+    lines += [
+        "",
+        "## Every metric",
+        "",
+        markdown_table(summary, order, [(k, k, None) for k in all_keys]),
+    ]
+    notes = sorted({n for runs in results.values() for r in runs for n in r.get("notes", [])})
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    if run.get("seconds") is not None:
+        lines += [
+            "",
+            f"Wall time: {run['seconds'] / 60:.1f} min ({run.get('device', '?')}, {run.get('threads', '?')} threads).",
+        ]
+    return "\n".join(lines).strip() + "\n"
+
+
+def metric_bars(
+    summary, order: list[str], path: Path, columns: list[tuple[str, str, bool]] | None = None
+) -> Path | None:
+    """One panel per headline metric: a bar per localization with its std over seeds."""
+    columns = columns if columns is not None else headline_columns(summary)
+    columns = [c for c in columns if any(c[0] in summary[n] for n in order)]
+    if not columns:
+        return None
+    ncols = 4
+    nrows = math.ceil(len(columns) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    colors = plt.cm.tab10(np.arange(len(order)) % 10)
+    for ax, (key, title, low) in zip(axes.flat, columns, strict=False):
+        means = [summary[n].get(key, {}).get("mean", np.nan) for n in order]
+        stds = [summary[n].get(key, {}).get("std", np.nan) for n in order]
+        ax.bar(range(len(order)), means, yerr=np.nan_to_num(stds), color=colors, capsize=3)
+        ax.set_title(f"{title} {'↓' if low else '↑'}", fontsize=9)
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels(order, rotation=60, ha="right", fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(columns) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _curve_key(points: list[dict[str, Any]]) -> str | None:
+    keys = [k for k in points[0] if k != "step" and isinstance(points[0][k], int | float)]
+    preferred = [k for k in keys if "completion" in k and "accuracy" in k]
+    return (preferred or [k for k in keys if "accuracy" in k] or keys or [None])[0]
+
+
+def relearn_curves(results, order: list[str], path: Path) -> Path | None:
+    """Held-out forget accuracy during the relearning attack, mean over seeds per localization."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn, label = 0, ""
+    for name in order:
+        curves = [
+            r["curves"]["relearn"]["curve"]
+            for r in results[name]
+            if "relearn" in r.get("curves", {})
+        ]
+        if not curves or not curves[0]:
+            continue
+        key = _curve_key(curves[0])
+        if key is None:
+            continue
+        steps = [p["step"] for p in curves[0]]
+        values = np.array(
+            [[p.get(key, np.nan) for p in c[: len(steps)]] for c in curves if len(c) >= len(steps)]
+        )
+        ax.plot(steps, np.nanmean(values, 0), marker="o", label=name)
+        drawn, label = drawn + 1, key
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("relearning step (LoRA, true answers, train half)")
+    ax.set_ylabel(f"held-out forget facts: {label}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def probe_curves(results, order: list[str], path: Path) -> Path | None:
+    """Latent-probe accuracy for the original answer on forget facts, by layer."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = 0
+    chance = None
+    for name in order:
+        probes = [r["curves"]["probes"] for r in results[name] if "probes" in r.get("curves", {})]
+        if not probes:
+            continue
+        values = np.array([p["forget_accuracy"] for p in probes], dtype=float)
+        ax.plot(
+            range(values.shape[1]),
+            np.nanmean(values, 0),
+            marker=".",
+            label=name,
+            linestyle="--" if name == BASE else "-",
+        )
+        labels = probes[0].get("layers", [])
+        chance = probes[0].get("chance", chance)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    if labels:
+        step = max(1, len(labels) // 10)
+        ax.set_xticks(range(0, len(labels), step))
+        ax.set_xticklabels(labels[::step])
+    if chance is not None:
+        ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":", label="chance")
+    ax.set_xlabel("residual stream after layer")
+    ax.set_ylabel("probe accuracy (original answer) on forget facts")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def write_edit_report(folder: Path, summary, order: list[str], results) -> None:
+    """results.md and figures/ of an editing or unlearning run."""
+    atomic_write_text(folder / "results.md", _markdown(folder, summary, order, results))
+    figures = folder / "figures"
+    metric_bars(summary, order, figures / "metrics.png")
+    relearn_curves(results, order, figures / "relearning.png")
+    probe_curves(results, order, figures / "probes.png")

@@ -1,0 +1,217 @@
+"""The report of a targeted-LAT experiment (Sheshadri et al. 2024): per application (refusal
+or backdoor) its headline columns, a compute table (training time and forward/backward passes
+of every method and their ratio to the method's baseline), the backdoor as measured before
+removal, attack success against the L2 bound, and a bar figure per headline metric.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import yaml
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from mechunlearn.io import atomic_write_text  # noqa: E402
+from mechunlearn.report.edit_report import metric_bars  # noqa: E402
+from mechunlearn.report.figures import save_figure  # noqa: E402
+from mechunlearn.report.results import markdown_table  # noqa: E402
+
+ATTACKS = (("latent_attack", "latent attack"), ("embed_attack", "embedding attack"))
+
+
+def attack_curves(summary, order: list[str], path: Path) -> Path | None:
+    """Attack success against its L2 bound (``<attack>.success@<eps>``), one line per method:
+    robustness read as the bound an attack needs, when one bound saturates every method."""
+    panels = []
+    for prefix, title in ATTACKS:
+        keys = {
+            k for stats in summary.values() for k in stats if k.startswith(prefix + ".success@")
+        }
+        if keys:
+            eps = sorted(float(k.split("@", 1)[1]) for k in keys)
+            panels.append((prefix, title, eps))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (prefix, title, eps) in zip(axes[0], panels, strict=True):
+        for name in order:
+            stats = summary.get(name, {})
+            points = [(e, stats.get(f"{prefix}.success@{e:g}")) for e in eps]
+            points = [(e, s["mean"]) for e, s in points if s is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=name)
+        ax.set_xlabel("epsilon (per-token L2 bound)")
+        ax.set_ylabel("success rate (held-out)")
+        ax.set_title(title)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+LAT_REFUSAL_COLUMNS = [
+    ("refusal.rate", "refusal rate (held-out templates)", False),
+    ("latent_attack.success", "compliance under latent attack", True),
+    ("prefill.success", "compliance under prefilling", True),
+    ("embed_attack.success", "compliance under embedding attack", True),
+    ("benign.compliance", "benign compliance", False),
+    ("benign.loss", "benign loss (nats)", True),
+]
+LAT_BACKDOOR_COLUMNS = [
+    ("backdoor.triggered", "backdoor success with trigger", True),
+    ("backdoor.triggered_greedy", "greedy backdoor with trigger", True),
+    ("backdoor.clean", "backdoor success without trigger", True),
+    ("latent_attack.success", "backdoor under latent attack", True),
+    ("embed_attack.success", "backdoor under embedding attack", True),
+    ("benign.compliance", "benign compliance", False),
+    ("benign.loss", "benign loss (nats)", True),
+]
+
+
+def _lat_run(folder: Path) -> dict[str, Any]:
+    run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    if "application" not in run and (folder / "config.yaml").is_file():
+        run["application"] = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get(
+            "application"
+        )
+    return run
+
+
+def lat_columns(folder: Path) -> list[tuple[str, str, bool]]:
+    """The headline columns of a LAT run's application."""
+    backdoor = _lat_run(folder).get("application") == "backdoor"
+    return LAT_BACKDOOR_COLUMNS if backdoor else LAT_REFUSAL_COLUMNS
+
+
+def _lat_cell(stat: dict[str, float] | None, key: str) -> str:
+    """Rates in percent; losses, log-prob margins, seconds and pass counts as they are."""
+    if stat is None:
+        return "-"
+    if key.startswith("compute."):
+        scale, digits = 1, (0 if "passes" in key else 1)
+    elif "loss" in key or "margin" in key:
+        scale, digits = 1, 3
+    else:
+        scale, digits = 100, 1
+    text = f"{scale * stat['mean']:.{digits}f}"
+    if not math.isnan(stat["std"]):
+        text += f" ± {scale * stat['std']:.{digits}f}"
+    return text
+
+
+def _ratio(summary, name: str, base: str | None, key: str) -> str:
+    if base is None or key not in summary.get(name, {}) or key not in summary.get(base, {}):
+        return "-"
+    denominator = summary[base][key]["mean"]
+    return f"{summary[name][key]['mean'] / denominator:.2f}" if denominator else "-"
+
+
+def _compute_lines(summary, order: list[str], results) -> list[str]:
+    lines = [
+        "## Compute (training)",
+        "",
+        "Passes are forward+backward passes over a batch (adversary PGD steps, defender steps, "
+        "benign-term steps); the ratios compare mean training time and passes with the "
+        "method's baseline (the same training without an adversary).",
+        "",
+        "| method | baseline | train seconds | fwd+bwd passes | adversary seconds | "
+        "time / baseline | passes / baseline |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in order:
+        first = results[name][0]
+        if not first.get("trained", True):
+            continue
+        base = first.get("baseline")
+        stats = summary[name]
+        lines.append(
+            f"| {name} | {base or '-'} | "
+            f"{_lat_cell(stats.get('compute.train_seconds'), 'compute.train_seconds')} | "
+            f"{_lat_cell(stats.get('compute.fwd_bwd_passes'), 'compute.fwd_bwd_passes')} | "
+            f"{_lat_cell(stats.get('compute.adversary_seconds'), 'compute.adversary_seconds')} | "
+            f"{_ratio(summary, name, base, 'compute.train_seconds')} | "
+            f"{_ratio(summary, name, base, 'compute.fwd_bwd_passes')} |"
+        )
+    return lines
+
+
+def _install_lines(folder: Path) -> list[str]:
+    """The backdoor as measured after installation, before any removal (per seed)."""
+    files = sorted((folder / "install").glob("seed*.json"), key=lambda p: int(p.stem[4:]))
+    if not files:
+        return []
+    lines = [
+        "## Backdoor before removal",
+        "",
+        "Measured on held-out requests right after the poisoned SFT (response preferred to the "
+        "normal completion; greedy: the response's first tokens are the greedy choice).",
+        "",
+        "| seed | installed | with trigger | greedy with trigger | without trigger |",
+        "|---|---|---|---|---|",
+    ]
+    for path in files:
+        record = json.loads(path.read_text())
+        m = record["metrics"]
+        lines.append(
+            f"| {record['seed']} | {'yes' if record['installed'] else 'NO'} | "
+            f"{100 * m['install.triggered']:.1f} | {100 * m['install.triggered_greedy']:.1f} | "
+            f"{100 * m['install.clean']:.1f} |"
+        )
+    return ["", *lines]
+
+
+def _lat_markdown(folder: Path, summary, order: list[str], results) -> str:
+    run = _lat_run(folder)
+    seeds = sorted({r["seed"] for runs in results.values() for r in runs})
+    application = run.get("application", "?")
+    reference = (
+        "`base` is the untrained model"
+        if application == "refusal"
+        else "`backdoored` is the model before removal"
+    )
+    lines = [
+        f"# {run.get('name', folder.name)}",
+        "",
+        f"Targeted LAT, {application}: model {run.get('model', '?')}; seeds {seeds}; "
+        f"adversary layers {run.get('adversary_layers', '?')}. Rates in percent, mean ± std "
+        f"over seeds (std omitted with one seed); ↑/↓: the desired direction. {reference}; "
+        "attack rates are the share of held-out requests where the unwanted completion is "
+        "preferred.",
+        "",
+        markdown_table(summary, order, lat_columns(folder), label="method", cell=_lat_cell),
+        "",
+        *_compute_lines(summary, order, results),
+        *_install_lines(folder),
+    ]
+    all_keys = sorted({k for s in summary.values() for k in s})
+    lines += [
+        "",
+        "## Every metric",
+        "",
+        markdown_table(
+            summary, order, [(k, k, None) for k in all_keys], label="method", cell=_lat_cell
+        ),
+    ]
+    notes = sorted({n for runs in results.values() for r in runs for n in r.get("notes", [])})
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    if run.get("seconds") is not None:
+        lines += [
+            "",
+            f"Wall time: {run['seconds'] / 60:.1f} min ({run.get('device', '?')}, "
+            f"{run.get('threads', '?')} threads).",
+        ]
+    return "\n".join(lines).strip() + "\n"
+
+
+def write_lat_report(folder: Path, summary, order: list[str], results) -> None:
+    """results.md and figures/ of a targeted-LAT run."""
+    atomic_write_text(folder / "results.md", _lat_markdown(folder, summary, order, results))
+    metric_bars(summary, order, folder / "figures" / "metrics.png", lat_columns(folder))
+    attack_curves(summary, order, folder / "figures" / "attack_curves.png")
