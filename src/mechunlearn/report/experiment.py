@@ -10,7 +10,10 @@ results.
 Targeted-LAT runs (``kind: lat`` in ``run.json``, or in ``config.yaml`` while partial) get their
 own columns (per application: refusal or backdoor), a compute table (training time and
 forward/backward passes of every method, and their ratio to the method's baseline), the
-backdoor installation measured before removal, and one bar figure.
+backdoor installation measured before removal, a bar figure and attack-success curves.
+
+This module only dispatches: aggregation lives in ``results``, rendering in ``edit_report``
+and ``lat_report``.
 
 The ``report`` command calls it again on a finished run, so tables and plots can be
 regenerated (or restyled) without retraining anything.
