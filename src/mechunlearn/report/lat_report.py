@@ -7,7 +7,6 @@ removal, attack success against the L2 bound, and a bar figure per headline metr
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mechunlearn.io import atomic_write_text  # noqa: E402
 from mechunlearn.report.edit_report import metric_bars  # noqa: E402
 from mechunlearn.report.figures import save_figure  # noqa: E402
-from mechunlearn.report.results import markdown_table  # noqa: E402
+from mechunlearn.report.results import format_stat, markdown_table  # noqa: E402
 
 ATTACKS = (("latent_attack", "latent attack"), ("embed_attack", "embedding attack"))
 
@@ -99,10 +98,7 @@ def _lat_cell(stat: dict[str, float] | None, key: str) -> str:
         scale, digits = 1, 3
     else:
         scale, digits = 100, 1
-    text = f"{scale * stat['mean']:.{digits}f}"
-    if not math.isnan(stat["std"]):
-        text += f" ± {scale * stat['std']:.{digits}f}"
-    return text
+    return format_stat(stat, scale, digits)
 
 
 def _ratio(summary, name: str, base: str | None, key: str) -> str:

@@ -96,6 +96,11 @@ def format_cell(stat: dict[str, float] | None, key: str) -> str:
         scale, digits = 1, 1
     else:
         scale, digits = 100, 1
+    return format_stat(stat, scale, digits)
+
+
+def format_stat(stat: dict[str, float], scale: float, digits: int) -> str:
+    """``mean ± std`` scaled; the std is left out when there was one seed (NaN)."""
     text = f"{scale * stat['mean']:.{digits}f}"
     if not math.isnan(stat["std"]):
         text += f" ± {scale * stat['std']:.{digits}f}"
