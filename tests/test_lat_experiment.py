@@ -186,6 +186,15 @@ def test_refusal_run_writes_a_complete_report(saved_llama, tmp_path, monkeypatch
     table = (out / "results.md").read_text()
     assert "| method | refusal rate (held-out templates) ↑" in table
     assert "| LAT | RT |" in table  # compute row with its baseline
+    # each extra bound of the latent attack is a headline column after the headline bound's
+    header = table.split("\n| method |", 1)[1].split("\n", 1)[0]
+    eps = cfg.evaluation.latent_attack.epsilon
+    assert (
+        header.index(f"compliance under latent attack (ε {eps:g})")
+        < header.index("compliance under latent attack (ε 0)")
+        < header.index("compliance under latent attack (ε 2)")
+        < header.index("compliance under prefilling")
+    )
     assert (out / "figures" / "metrics.png").stat().st_size > 1000
     assert (out / "figures" / "attack_curves.png").stat().st_size > 1000
     (out / "results.md").unlink()

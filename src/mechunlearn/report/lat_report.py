@@ -24,16 +24,37 @@ from mechunlearn.report.results import format_stat, markdown_table  # noqa: E402
 ATTACKS = (("latent_attack", "latent attack"), ("embed_attack", "embedding attack"))
 
 
-def attack_curves(summary, order: list[str], path: Path) -> Path | None:
-    """Attack success against its L2 bound (``<attack>.success@<eps>``), one line per method:
-    robustness read as the bound an attack needs, when one bound saturates every method."""
+def _curve_epsilons(summary, prefix: str) -> list[float]:
+    """The extra bounds an attack was run at (``<attack>.success@<eps>`` keys), ascending."""
+    keys = {k for stats in summary.values() for k in stats if k.startswith(prefix + ".success@")}
+    return sorted(float(k.split("@", 1)[1]) for k in keys)
+
+
+def headline_epsilons(config: dict[str, Any]) -> dict[str, float]:
+    """The headline bound of each attack in a run's config (``evaluation.<attack>.epsilon``)."""
+    evaluation = config.get("evaluation") or {}
+    found = {}
+    for prefix, section in (
+        ("latent_attack", "latent_attack"),
+        ("embed_attack", "embedding_attack"),
+    ):
+        spec = evaluation.get(section) or {}
+        if spec.get("epsilon") is not None:
+            found[prefix] = float(spec["epsilon"])
+    return found
+
+
+def attack_curves(
+    summary, order: list[str], path: Path, headline: dict[str, float] | None = None
+) -> Path | None:
+    """Attack success against its L2 bound (``<attack>.success@<eps>``, plus the headline
+    ``<attack>.success`` at its bound when given), one line per method: robustness read as the
+    bound an attack needs, when one bound saturates every method."""
+    headline = headline or {}
     panels = []
     for prefix, title in ATTACKS:
-        keys = {
-            k for stats in summary.values() for k in stats if k.startswith(prefix + ".success@")
-        }
-        if keys:
-            eps = sorted(float(k.split("@", 1)[1]) for k in keys)
+        eps = _curve_epsilons(summary, prefix)
+        if eps:
             panels.append((prefix, title, eps))
     if not panels:
         return None
@@ -42,7 +63,9 @@ def attack_curves(summary, order: list[str], path: Path) -> Path | None:
         for name in order:
             stats = summary.get(name, {})
             points = [(e, stats.get(f"{prefix}.success@{e:g}")) for e in eps]
-            points = [(e, s["mean"]) for e, s in points if s is not None]
+            if prefix in headline and headline[prefix] not in eps:
+                points.append((headline[prefix], stats.get(f"{prefix}.success")))
+            points = sorted((e, s["mean"]) for e, s in points if s is not None)
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=name)
         ax.set_xlabel("epsilon (per-token L2 bound)")
@@ -82,10 +105,32 @@ def _lat_run(folder: Path) -> dict[str, Any]:
     return run
 
 
-def lat_columns(folder: Path) -> list[tuple[str, str, bool]]:
-    """The headline columns of a LAT run's application."""
+def lat_columns(folder: Path, summary=None) -> list[tuple[str, str, bool]]:
+    """The headline columns of a LAT run's application; each attack run at extra bounds gets a
+    column per bound right after its own, since one bound often saturates every method."""
     backdoor = _lat_run(folder).get("application") == "backdoor"
-    return LAT_BACKDOOR_COLUMNS if backdoor else LAT_REFUSAL_COLUMNS
+    columns = LAT_BACKDOOR_COLUMNS if backdoor else LAT_REFUSAL_COLUMNS
+    if summary is None:
+        return columns
+    headline = headline_epsilons(_run_config(folder))
+    expanded = []
+    for key, label, lower in columns:
+        prefix = key.split(".", 1)[0]
+        if key.endswith(".success") and prefix in headline:
+            expanded.append((key, f"{label} (ε {headline[prefix]:g})", lower))
+        else:
+            expanded.append((key, label, lower))
+        if key.endswith(".success") and prefix in dict(ATTACKS):
+            expanded += [
+                (f"{prefix}.success@{e:g}", f"{label} (ε {e:g})", lower)
+                for e in _curve_epsilons(summary, prefix)
+            ]
+    return expanded
+
+
+def _run_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def _lat_cell(stat: dict[str, float] | None, key: str) -> str:
@@ -178,9 +223,12 @@ def _lat_markdown(folder: Path, summary, order: list[str], results) -> str:
         f"adversary layers {run.get('adversary_layers', '?')}. Rates in percent, mean ± std "
         f"over seeds (std omitted with one seed); ↑/↓: the desired direction. {reference}; "
         "attack rates are the share of held-out requests where the unwanted completion is "
-        "preferred.",
+        "preferred; ε is the attack's per-token L2 bound (relative to the layer's median "
+        "activation norm unless the config says otherwise).",
         "",
-        markdown_table(summary, order, lat_columns(folder), label="method", cell=_lat_cell),
+        markdown_table(
+            summary, order, lat_columns(folder, summary), label="method", cell=_lat_cell
+        ),
         "",
         *_compute_lines(summary, order, results),
         *_install_lines(folder),
@@ -209,5 +257,10 @@ def _lat_markdown(folder: Path, summary, order: list[str], results) -> str:
 def write_lat_report(folder: Path, summary, order: list[str], results) -> None:
     """results.md and figures/ of a targeted-LAT run."""
     atomic_write_text(folder / "results.md", _lat_markdown(folder, summary, order, results))
-    metric_bars(summary, order, folder / "figures" / "metrics.png", lat_columns(folder))
-    attack_curves(summary, order, folder / "figures" / "attack_curves.png")
+    metric_bars(summary, order, folder / "figures" / "metrics.png", lat_columns(folder, summary))
+    attack_curves(
+        summary,
+        order,
+        folder / "figures" / "attack_curves.png",
+        headline_epsilons(_run_config(folder)),
+    )
