@@ -371,7 +371,11 @@ def test_unlearning_rows_with_their_own_objective_and_lat(saved_llama, tmp_path,
     assert results["GA"]["objective"] == results["GA_LAT"]["objective"] == "gradient_ascent"
     assert not results["GA"]["latent_adversary"] and results["GA_LAT"]["latent_adversary"]
     assert "adv_loss_last" in results["GA_LAT"]["train"]["final"]
-    assert "| GA_LAT |" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert "| GA_LAT |" in report
+    # the LAT row's training time is compared with the same row trained without the adversary
+    assert "## Training compute of the LAT rows" in report
+    assert "| GA_LAT | GA |" in report
 
 
 def test_whole_group_edit_probes_with_validation_facts_of_the_group(

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 from mechunlearn.io import atomic_write_text  # noqa: E402
 from mechunlearn.report.figures import save_figure  # noqa: E402
-from mechunlearn.report.results import BASE, markdown_table  # noqa: E402
+from mechunlearn.report.results import BASE, format_stat, markdown_table  # noqa: E402
 
 # (metric key, column title, lower is better?) in table order; missing keys are left out.
 EDIT_COLUMNS = [
@@ -85,6 +85,7 @@ def _markdown(folder: Path, summary, order: list[str], results) -> str:
             f"| {name} | {hp.get('lr', '-')} | {hp.get('forget_coef', '-')} | "
             f"{first.get('n_params', 0):,} | {', '.join(first.get('components', []))[:120]} |"
         )
+    lines += _lat_compute_lines(summary, order, results)
     all_keys = sorted({k for s in summary.values() for k in s})
     lines += [
         "",
@@ -101,6 +102,48 @@ def _markdown(folder: Path, summary, order: list[str], results) -> str:
             f"Wall time: {run['seconds'] / 60:.1f} min ({run.get('device', '?')}, {run.get('threads', '?')} threads).",
         ]
     return "\n".join(lines).strip() + "\n"
+
+
+def lat_baselines(order: list[str], results) -> dict[str, str]:
+    """Each row trained with a latent adversary -> the row with the same localization method
+    and objective trained without one (its compute baseline)."""
+
+    def key(name: str) -> tuple[Any, Any]:
+        first = results[name][0]
+        return first.get("method"), first.get("objective")
+
+    plain = {key(n): n for n in order if n != BASE and not results[n][0].get("latent_adversary")}
+    return {
+        n: plain[key(n)]
+        for n in order
+        if n != BASE and results[n][0].get("latent_adversary") and key(n) in plain
+    }
+
+
+def _lat_compute_lines(summary, order: list[str], results) -> list[str]:
+    """Training time of every LAT row against its baseline row (Sheshadri et al. 2024 report
+    LAT's cost as a multiple of the same training without the adversary)."""
+    pairs = lat_baselines(order, results)
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "## Training compute of the LAT rows",
+        "",
+        "Seconds of the edit's training loop (mean ± std over seeds); the ratio divides the means.",
+        "",
+        "| row | baseline | train seconds | baseline train seconds | time / baseline |",
+        "|---|---|---|---|---|",
+    ]
+    for name, base in pairs.items():
+        lat, plain = summary[name].get("train_seconds"), summary[base].get("train_seconds")
+        if lat is None or plain is None:
+            continue
+        ratio = f"{lat['mean'] / plain['mean']:.2f}" if plain["mean"] else "-"
+        lines.append(
+            f"| {name} | {base} | {format_stat(lat, 1, 1)} | {format_stat(plain, 1, 1)} | {ratio} |"
+        )
+    return lines
 
 
 def metric_bars(
