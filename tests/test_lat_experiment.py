@@ -299,11 +299,14 @@ def test_interrupted_run_resumes_without_redoing_finished_work(saved_llama, tmp_
     run_lat_experiment(cfg, tmp_path / "run", resume=True, progress=False)
     assert calls == ["RT", "LAT"]
     assert (tmp_path / "run" / "results.md").is_file() and not partial.exists()
-    # a finished run extends to another seed; a different config is refused
+    # a finished run extends to another seed, and its wall time adds to the earlier parts'
     calls.clear()
+    (tmp_path / "run" / "time.json").write_text(json.dumps({"seconds": 1000.0}))
     two = validate_config(LatExperimentConfig, data | {"seeds": [0, 1]}, "t")
     run_lat_experiment(two, tmp_path / "run", resume=True, progress=False)
     assert calls == ["base", "RT", "LAT"]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["seconds"] > 1000
+    # a different config is refused
     other = validate_config(LatExperimentConfig, data | {"name": "other"}, "t")
     with pytest.raises(Exception, match="another config"):
         run_lat_experiment(other, tmp_path / "run", resume=True, progress=False)

@@ -14,6 +14,10 @@ def test_cells_use_each_metric_kinds_unit():
     assert format_cell(stat(0.5, 0.125), "forget.completion.edit_success") == "50.0 ± 12.5"
     assert format_cell(stat(-0.2104), "lm_loss_delta") == "-0.210"
     assert format_cell(stat(263.74, 10.0), "train_seconds") == "263.7 ± 10.0"
+    assert format_cell(stat(1.2345), "benign.loss") == "1.234"  # nats
+    assert format_cell(stat(-1.8041, 0.275), "refusal.margin") == "-1.804 ± 0.275"
+    assert format_cell(stat(810.66, 3.4), "compute.train_seconds") == "810.7 ± 3.4"
+    assert format_cell(stat(192.0, 0.0), "compute.fwd_bwd_passes") == "192 ± 0"
     assert format_cell(None, "anything") == "-"
 
 

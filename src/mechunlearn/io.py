@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,3 +68,20 @@ def move_into_place(finished: str | Path, final: str | Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
     else:
         os.replace(finished, final)
+
+
+class RunClock:
+    """Wall time of a run summed over its interrupted and resumed parts (``time.json``), so the
+    reported time of a run that took several sessions is still its total."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "time.json"
+        self.before = json.loads(self.path.read_text())["seconds"] if self.path.is_file() else 0.0
+        self.started = time.time()
+
+    @property
+    def seconds(self) -> float:
+        return self.before + time.time() - self.started
+
+    def save(self) -> None:
+        atomic_write_json(self.path, {"seconds": round(self.seconds, 1)})

@@ -47,7 +47,7 @@ from mechunlearn.experiments.sweep import (
     sweep_localization,
     validation_score,
 )
-from mechunlearn.io import atomic_write_json, atomic_write_yaml, move_into_place
+from mechunlearn.io import RunClock, atomic_write_json, atomic_write_yaml, move_into_place
 from mechunlearn.localize import Localization
 from mechunlearn.models.loading import load_model
 from mechunlearn.report.experiment import write_report
@@ -59,23 +59,6 @@ from mechunlearn.tasks.records import FactRecord
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
-
-
-class RunClock:
-    """Wall time of a run summed over its interrupted and resumed parts (``time.json``), so the
-    reported time of a run that took several sessions is still its total."""
-
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / "time.json"
-        self.before = _read_json(self.path)["seconds"] if self.path.is_file() else 0.0
-        self.started = time.time()
-
-    @property
-    def seconds(self) -> float:
-        return self.before + time.time() - self.started
-
-    def save(self) -> None:
-        atomic_write_json(self.path, {"seconds": round(self.seconds, 1)})
 
 
 class RemainingTime:

@@ -46,7 +46,7 @@ from mechunlearn.experiments.lat_measure import (
     measure_backdoor,
     measure_method,
 )
-from mechunlearn.io import atomic_write_json, atomic_write_yaml, move_into_place
+from mechunlearn.io import RunClock, atomic_write_json, atomic_write_yaml, move_into_place
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.loading import load_model
 from mechunlearn.report.experiment import write_report
@@ -197,9 +197,12 @@ def run_lat_experiment(
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     atomic_write_yaml(partial / "config.yaml", config.model_dump(mode="json"))
+    clock = RunClock(partial)  # wall time summed over resumed parts
+    clock.started = started  # loading the model and building the data count
     run_seed = _refusal_seed if config.application == "refusal" else _backdoor_seed
     for seed, data in seeds.items():
         run_seed(hm, config, data, layers, seed, partial, progress, log)
+        clock.save()
 
     atomic_write_json(
         partial / "run.json",
@@ -212,7 +215,7 @@ def run_lat_experiment(
             "adversary_layers": layers,
             "methods": [m.name for m in config.methods],
             "baselines": {m.name: config.baseline_of(m) for m in config.methods},
-            "seconds": round(time.time() - started, 1),
+            "seconds": round(clock.seconds, 1),
             "mechunlearn": __version__,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),

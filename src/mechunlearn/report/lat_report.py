@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mechunlearn.io import atomic_write_text  # noqa: E402
 from mechunlearn.report.edit_report import metric_bars  # noqa: E402
 from mechunlearn.report.figures import save_figure  # noqa: E402
-from mechunlearn.report.results import format_stat, markdown_table  # noqa: E402
+from mechunlearn.report.results import format_cell, markdown_table  # noqa: E402
 
 ATTACKS = (("latent_attack", "latent attack"), ("embed_attack", "embedding attack"))
 
@@ -133,19 +133,6 @@ def _run_config(folder: Path) -> dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
-def _lat_cell(stat: dict[str, float] | None, key: str) -> str:
-    """Rates in percent; losses, log-prob margins, seconds and pass counts as they are."""
-    if stat is None:
-        return "-"
-    if key.startswith("compute."):
-        scale, digits = 1, (0 if "passes" in key else 1)
-    elif "loss" in key or "margin" in key:
-        scale, digits = 1, 3
-    else:
-        scale, digits = 100, 1
-    return format_stat(stat, scale, digits)
-
-
 def _ratio(summary, name: str, base: str | None, key: str) -> str:
     if base is None or key not in summary.get(name, {}) or key not in summary.get(base, {}):
         return "-"
@@ -173,9 +160,9 @@ def _compute_lines(summary, order: list[str], results) -> list[str]:
         stats = summary[name]
         lines.append(
             f"| {name} | {base or '-'} | "
-            f"{_lat_cell(stats.get('compute.train_seconds'), 'compute.train_seconds')} | "
-            f"{_lat_cell(stats.get('compute.fwd_bwd_passes'), 'compute.fwd_bwd_passes')} | "
-            f"{_lat_cell(stats.get('compute.adversary_seconds'), 'compute.adversary_seconds')} | "
+            f"{format_cell(stats.get('compute.train_seconds'), 'compute.train_seconds')} | "
+            f"{format_cell(stats.get('compute.fwd_bwd_passes'), 'compute.fwd_bwd_passes')} | "
+            f"{format_cell(stats.get('compute.adversary_seconds'), 'compute.adversary_seconds')} | "
             f"{_ratio(summary, name, base, 'compute.train_seconds')} | "
             f"{_ratio(summary, name, base, 'compute.fwd_bwd_passes')} |"
         )
@@ -227,7 +214,7 @@ def _lat_markdown(folder: Path, summary, order: list[str], results) -> str:
         "activation norm unless the config says otherwise).",
         "",
         markdown_table(
-            summary, order, lat_columns(folder, summary), label="method", cell=_lat_cell
+            summary, order, lat_columns(folder, summary), label="method", cell=format_cell
         ),
         "",
         *_compute_lines(summary, order, results),
@@ -239,7 +226,7 @@ def _lat_markdown(folder: Path, summary, order: list[str], results) -> str:
         "## Every metric",
         "",
         markdown_table(
-            summary, order, [(k, k, None) for k in all_keys], label="method", cell=_lat_cell
+            summary, order, [(k, k, None) for k in all_keys], label="method", cell=format_cell
         ),
     ]
     notes = sorted({n for runs in results.values() for r in runs for n in r.get("notes", [])})

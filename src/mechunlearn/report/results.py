@@ -87,13 +87,16 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, d
 
 
 def format_cell(stat: dict[str, float] | None, key: str) -> str:
-    """Rates and probabilities in percent; losses (nats) and seconds as they are."""
+    """Rates and probabilities in percent; losses and log-probability margins (nats), seconds
+    and pass counts as they are."""
     if stat is None:
         return "-"
-    if key.startswith("lm_loss"):
-        scale, digits = 1, 3
-    elif key.endswith("seconds"):
+    if "passes" in key:
+        scale, digits = 1, 0
+    elif "seconds" in key:
         scale, digits = 1, 1
+    elif "loss" in key or "margin" in key:
+        scale, digits = 1, 3
     else:
         scale, digits = 100, 1
     return format_stat(stat, scale, digits)
