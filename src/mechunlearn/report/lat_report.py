@@ -48,13 +48,14 @@ def attack_curves(
     summary, order: list[str], path: Path, headline: dict[str, float] | None = None
 ) -> Path | None:
     """Attack success against its L2 bound (``<attack>.success@<eps>``, plus the headline
-    ``<attack>.success`` at its bound when given), one line per method: robustness read as the
+    ``<attack>.success`` at its bound when given and ``success_before`` at 0), one line per method: robustness read as the
     bound an attack needs, when one bound saturates every method."""
     headline = headline or {}
     panels = []
     for prefix, title in ATTACKS:
         eps = _curve_epsilons(summary, prefix)
-        if eps:
+        measured = any(f"{prefix}.success" in stats for stats in summary.values())
+        if eps or (measured and prefix in headline):
             panels.append((prefix, title, eps))
     if not panels:
         return None
@@ -65,6 +66,8 @@ def attack_curves(
             points = [(e, stats.get(f"{prefix}.success@{e:g}")) for e in eps]
             if prefix in headline and headline[prefix] not in eps:
                 points.append((headline[prefix], stats.get(f"{prefix}.success")))
+            if 0 not in eps:  # bound 0: the model without perturbation
+                points.append((0.0, stats.get(f"{prefix}.success_before")))
             points = sorted((e, s["mean"]) for e, s in points if s is not None)
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=name)
