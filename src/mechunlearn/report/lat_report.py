@@ -47,9 +47,9 @@ def headline_epsilons(config: dict[str, Any]) -> dict[str, float]:
 def attack_curves(
     summary, order: list[str], path: Path, headline: dict[str, float] | None = None
 ) -> Path | None:
-    """Attack success against its L2 bound (``<attack>.success@<eps>``, plus the headline
-    ``<attack>.success`` at its bound when given and ``success_before`` at 0), one line per method: robustness read as the
-    bound an attack needs, when one bound saturates every method."""
+    """Attack success against its L2 bound, one line per method: ``<attack>.success@<eps>``,
+    the headline ``<attack>.success`` at its bound when given, and ``success_before`` at 0.
+    Robustness is read as the bound an attack needs, when one bound saturates every method."""
     headline = headline or {}
     panels = []
     for prefix, title in ATTACKS:
