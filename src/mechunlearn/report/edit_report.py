@@ -19,7 +19,12 @@ import numpy as np  # noqa: E402
 
 from mechunlearn.io import atomic_write_text  # noqa: E402
 from mechunlearn.report.figures import save_figure  # noqa: E402
-from mechunlearn.report.results import BASE, format_stat, markdown_table  # noqa: E402
+from mechunlearn.report.results import (  # noqa: E402
+    BASE,
+    format_cell,
+    markdown_table,
+    mean_ratio,
+)
 
 # (metric key, column title, lower is better?) in table order; missing keys are left out.
 EDIT_COLUMNS = [
@@ -139,9 +144,10 @@ def _lat_compute_lines(summary, order: list[str], results) -> list[str]:
         lat, plain = summary[name].get("train_seconds"), summary[base].get("train_seconds")
         if lat is None or plain is None:
             continue
-        ratio = f"{lat['mean'] / plain['mean']:.2f}" if plain["mean"] else "-"
         lines.append(
-            f"| {name} | {base} | {format_stat(lat, 1, 1)} | {format_stat(plain, 1, 1)} | {ratio} |"
+            f"| {name} | {base} | {format_cell(lat, 'train_seconds')} | "
+            f"{format_cell(plain, 'train_seconds')} | "
+            f"{mean_ratio(summary, name, base, 'train_seconds')} |"
         )
     return lines
 

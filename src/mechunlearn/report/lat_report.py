@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mechunlearn.io import atomic_write_text  # noqa: E402
 from mechunlearn.report.edit_report import metric_bars  # noqa: E402
 from mechunlearn.report.figures import save_figure  # noqa: E402
-from mechunlearn.report.results import format_cell, markdown_table  # noqa: E402
+from mechunlearn.report.results import format_cell, markdown_table, mean_ratio  # noqa: E402
 
 ATTACKS = (("latent_attack", "latent attack"), ("embed_attack", "embedding attack"))
 
@@ -136,13 +136,6 @@ def _run_config(folder: Path) -> dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
-def _ratio(summary, name: str, base: str | None, key: str) -> str:
-    if base is None or key not in summary.get(name, {}) or key not in summary.get(base, {}):
-        return "-"
-    denominator = summary[base][key]["mean"]
-    return f"{summary[name][key]['mean'] / denominator:.2f}" if denominator else "-"
-
-
 def _compute_lines(summary, order: list[str], results) -> list[str]:
     lines = [
         "## Compute (training)",
@@ -166,8 +159,8 @@ def _compute_lines(summary, order: list[str], results) -> list[str]:
             f"{format_cell(stats.get('compute.train_seconds'), 'compute.train_seconds')} | "
             f"{format_cell(stats.get('compute.fwd_bwd_passes'), 'compute.fwd_bwd_passes')} | "
             f"{format_cell(stats.get('compute.adversary_seconds'), 'compute.adversary_seconds')} | "
-            f"{_ratio(summary, name, base, 'compute.train_seconds')} | "
-            f"{_ratio(summary, name, base, 'compute.fwd_bwd_passes')} |"
+            f"{mean_ratio(summary, name, base, 'compute.train_seconds')} | "
+            f"{mean_ratio(summary, name, base, 'compute.fwd_bwd_passes')} |"
         )
     return lines
 

@@ -102,6 +102,15 @@ def format_cell(stat: dict[str, float] | None, key: str) -> str:
     return format_stat(stat, scale, digits)
 
 
+def mean_ratio(summary, name: str, base: str | None, key: str) -> str:
+    """``name``'s mean of ``key`` over ``base``'s, two decimals ("-" when either is missing or
+    the base is 0): how LAT's cost is compared with its baseline's."""
+    if base is None or key not in summary.get(name, {}) or key not in summary.get(base, {}):
+        return "-"
+    denominator = summary[base][key]["mean"]
+    return f"{summary[name][key]['mean'] / denominator:.2f}" if denominator else "-"
+
+
 def format_stat(stat: dict[str, float], scale: float, digits: int) -> str:
     """``mean ± std`` scaled; the std is left out when there was one seed (NaN)."""
     text = f"{scale * stat['mean']:.{digits}f}"
