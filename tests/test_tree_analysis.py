@@ -30,7 +30,12 @@ from mechunlearn.reasoning.analysis import (
     scrubbing_analysis,
     summarize,
 )
-from mechunlearn.reasoning.analysis.attention import edge_merging_mass, goal_copying_mass
+from mechunlearn.reasoning.analysis.attention import (
+    AttentionResult,
+    edge_merging_mass,
+    goal_copying_mass,
+    separator_merging_mass,
+)
 from mechunlearn.reasoning.analysis.deduction import deduction_result, deduction_sums
 from mechunlearn.reasoning.analysis.patterns import attention_from_residual
 from mechunlearn.reasoning.analysis.probes import fit_multilabel_probe, micro_f1, subset_accuracy
@@ -172,12 +177,45 @@ def test_planted_previous_token_head_is_edge_merging_not_goal_copying():
     assert found["edge merging (layer 0)"] is False
 
 
+def test_edge_merged_at_the_separator_is_found_there_and_not_at_the_target():
+    data = analysis_trees(TASK, AnalysisSettings(n_trees=30))
+    T = data.layout.n_positions
+    pattern = torch.eye(T).expand(len(data), 1, T, T).clone()
+    commas = torch.arange(N - 2) * 3 + 2
+    pattern[:, 0, commas, commas] = 0.0
+    pattern[:, 0, commas, commas - 2] = 0.4  # source
+    pattern[:, 0, commas, commas - 1] = 0.6  # target
+    patterns = {0: pattern}
+    assert separator_merging_mass(patterns, data)[0, 0] == pytest.approx(len(data) * (N - 2))
+    assert edge_merging_mass(patterns, data)[0, 0] == 0.0
+
+    def result(edge: float, separator: float) -> AttentionResult:
+        return AttentionResult(
+            edge_merging=[[edge]],
+            edge_merging_uniform=0.1,
+            separator_merging=[[separator]],
+            separator_merging_uniform=0.2,
+            goal_copying=[[0.0]],
+            goal_copying_uniform=0.1,
+            n_trees=len(data),
+            edge_order="backward",
+        )
+
+    finding = {f.name: f for f in summarize(attention=result(0.0, 1.0)).findings}
+    assert finding["edge merging (layer 0)"].found is True
+    assert finding["edge merging (layer 0)"].evidence["site"] == "separator"
+    finding = {f.name: f for f in summarize(attention=result(0.0, 0.5)).findings}
+    assert finding["edge merging (layer 0)"].found is False  # 0.5 < 3 x uniform 0.2
+    assert finding["edge merging (layer 0)"].evidence["site"] is None
+
+
 # ---- deduction: planted patterns ----------------------------------------------------------
 
 
-def planted_chain_patterns(data, n_layers: int):
-    """Layer 0: queries attend to the goal; layer l >= 1: to the edge into a_{l-1} while the
-    chain still climbs (else to themselves)."""
+def planted_chain_patterns(data, n_layers: int, offset: int = 0):
+    """Layer 0: queries attend to the goal; layer l >= 1: to the edge into a_{l-1} (its target
+    token, or with ``offset=1`` the separator after it) while the chain still climbs (else to
+    themselves)."""
     B, T = len(data), data.layout.n_positions
     q = data.queries
     patterns = {}
@@ -186,7 +224,7 @@ def planted_chain_patterns(data, n_layers: int):
         if layer == 0:
             keys = torch.full_like(q.positions, data.layout.goal)
         else:
-            edge = data.target_position_of(q.rows, data.chain_node(layer - 1))
+            edge = data.target_position_of(q.rows, data.chain_node(layer - 1)) + offset
             keys = torch.where(q.distance - 1 >= layer, edge, q.positions)
         pattern[q.rows, 0, q.positions, q.positions] = 0.0
         pattern[q.rows, 0, q.positions, keys] = 1.0
@@ -220,6 +258,25 @@ def test_deduction_scores_of_planted_and_uniform_patterns():
     assert summarize(deduction=flat).findings[0].found is False
 
 
+def test_deduction_read_at_the_separator_is_found_at_that_site_only():
+    data = analysis_trees(TASK, AnalysisSettings(n_trees=60))
+    patterns = planted_chain_patterns(data, 3, offset=1)
+    at_target = deduction_result(deduction_sums(patterns, data), len(data), "backward")
+    at_separator = deduction_result(
+        deduction_sums(patterns, data, "separator"), len(data), "backward", site="separator"
+    )
+    assert at_separator.scores[1][0] == pytest.approx(1.0)
+    assert at_separator.scores[2][0] == pytest.approx(1.0)
+    assert at_target.scores[1][0] == pytest.approx(0.0)
+    finding = summarize(deduction=at_target).findings[0]
+    assert finding.found is False
+    at_target.separator = at_separator
+    finding = summarize(deduction=at_target).findings[0]
+    assert finding.found is True
+    assert finding.evidence["chaining layers"] == []
+    assert finding.evidence["separator chaining layers"] == [1, 2]
+
+
 def test_deduction_analysis_is_well_formed_on_a_random_model():
     result = deduction_analysis(tiny_hm(), TASK, SETTINGS)
     assert result.scores[0] == [None, None]
@@ -248,6 +305,7 @@ def test_probes_decode_the_token_but_not_the_goal_at_embed():
     assert result.rows == ["embed", "L0", "L1"]
     assert set(result.curves) == {
         "source_at_target",
+        "source_at_separator",
         "goal_at_path",
         "current_at_path",
         "next_at_path",
@@ -258,6 +316,8 @@ def test_probes_decode_the_token_but_not_the_goal_at_embed():
     assert result.curves["current_at_path"].test_accuracy[0] > 0.95  # the token itself
     goal = result.curves["goal_at_path"]
     assert goal.test_accuracy[0] < goal.chance + 0.35  # the goal is not at the query
+    separator = result.curves["source_at_separator"]  # a comma at embed knows only its position
+    assert separator.position == "commas" and separator.test_accuracy[0] < separator.chance + 0.1
     assert result.curves["chain_at_path"].test_accuracy[0] is None
     children = result.curves["children_at_path"]
     assert children.kind == "multilabel" and len(children.test_f1) == 3

@@ -335,3 +335,39 @@ def test_extend_continues_a_run_with_a_longer_schedule(tmp_path):
     assert meta["schedule_extensions"] == [{"at_step": 5, "from_steps": 10, "to_steps": 30}]
     with pytest.raises(ConfigError, match="already at step 30"):
         train_tree_model(tiny_config(steps=20), run, resume=True, extend=True, progress=False)
+    saved = json.loads((run / "state" / "state.json").read_text())["config"]
+    assert saved["schedule_restarts"] == [[5, 10]]
+
+
+def test_schedule_restarts_train_an_extended_run_in_one_go(tmp_path):
+    extended = tmp_path / "extended"
+    train_tree_model(tiny_config(steps=10, checkpoint_every=5), extended, progress=False)
+    two_parts = train_tree_model(
+        tiny_config(steps=20, checkpoint_every=5), extended, resume=True, extend=True,
+        progress=False,
+    )  # fmt: skip
+    recipe = tiny_config(steps=20, checkpoint_every=5, schedule_restarts=[[10, 10]])
+    one_go = train_tree_model(recipe, tmp_path / "one_go", progress=False)
+    assert one_go.history["lr"] == two_parts.history["lr"]
+    assert (
+        one_go.history["lr"]
+        != train_tree_model(tiny_config(steps=20), tmp_path / "plain", progress=False).history["lr"]
+    )
+    a = load_file(str(extended / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "one_go" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    # the extended run's saved config is that recipe; resuming it with the recipe agrees
+    saved = json.loads((extended / "state" / "state.json").read_text())["config"]
+    assert saved["schedule_restarts"] == [[10, 10]]
+    train_tree_model(recipe, extended, resume=True, progress=False)
+    with pytest.raises(ConfigError, match="schedule_restarts"):
+        train_tree_model(
+            tiny_config(steps=20, schedule_restarts=[[12, 12]]), extended, resume=True,
+            progress=False,
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match="schedule_restarts"):
+        tiny_config(steps=20, schedule_restarts=[[10, 5]])
+    with pytest.raises(ConfigError, match="schedule_restarts"):
+        tiny_config(steps=20, schedule_restarts=[[20, 20]])

@@ -115,6 +115,12 @@ class TreeTrainConfig(BaseModel):
         default_factory=list,
         description="short paths first: stages of increasing `until`; afterwards all lengths",
     )
+    schedule_restarts: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="[at_step, decayed_towards] pairs: before at_step the cosine decays towards "
+        "step decayed_towards, then it is re-stretched (finally to `steps`); what resuming with "
+        "--extend does, written as one recipe",
+    )
 
     @field_validator("model", mode="before")
     @classmethod
@@ -126,6 +132,17 @@ class TreeTrainConfig(BaseModel):
         if self.model.n_nodes != self.task.n_nodes:
             raise ConfigError(
                 f"model.n_nodes={self.model.n_nodes} differs from task.n_nodes={self.task.n_nodes}"
+            )
+        at = [pair[0] for pair in self.schedule_restarts]
+        if (
+            at != sorted(set(at))
+            or any(not 0 < a < self.steps for a in at)
+            or any(towards < a for a, towards in self.schedule_restarts)
+        ):
+            raise ConfigError(
+                "schedule_restarts must be [at_step, decayed_towards] pairs with at_step "
+                f"increasing strictly within (0, steps={self.steps}) and decayed_towards >= "
+                f"at_step, got {self.schedule_restarts}"
             )
         untils = [stage.until for stage in self.curriculum]
         if untils != sorted(set(untils)):
@@ -259,10 +276,13 @@ def greedy_paths(model: torch.nn.Module, trees: TreeBatch) -> list[list[int]]:
 
 
 def lr_at(step: int, config: TreeTrainConfig) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at the last step; with
+    ``schedule_restarts``, the decay targets the first restart after ``step`` instead (an
+    extended run's schedule: its earlier parts decayed towards their own last step)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps)
+    end = next((towards for at, towards in config.schedule_restarts if step < at), config.steps)
+    span = max(1, end - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
     floor = config.min_lr_ratio
     return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
@@ -372,11 +392,37 @@ def _check_resumable(
         if key not in RESUMABLE_FIELDS
         and saved.get(key) != current.get(key)
         and not (extend and key == "steps")
+        and key != "schedule_restarts"  # checked by _resumed_restarts
     ]
     if diffs:
         detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in diffs)
         hint = " (a longer `steps` needs extend / --extend)" if diffs == ["steps"] else ""
         raise ConfigError(f"cannot resume {where} with another config ({detail}){hint}")
+
+
+def _resumed_restarts(
+    saved: dict[str, Any],
+    extensions: list[dict[str, int]],
+    config: TreeTrainConfig,
+    step: int,
+    extended: bool,
+    where: Path,
+) -> list[tuple[int, int]]:
+    """The ``schedule_restarts`` of a resumed run: the saved ones (or, for states saved before
+    the field existed, the recorded extensions), plus ``(step, old steps)`` when this resume
+    extends the run. A config that names restarts must agree; one that names none adopts them."""
+    saved_restarts = saved.get("schedule_restarts")
+    if saved_restarts is None:
+        saved_restarts = [(e["at_step"], e["from_steps"]) for e in extensions]
+    restarts = [(int(at), int(towards)) for at, towards in saved_restarts]
+    if extended:
+        restarts.append((step, int(saved["steps"])))
+    if config.schedule_restarts and list(config.schedule_restarts) != restarts:
+        raise ConfigError(
+            f"cannot resume {where}: its schedule_restarts are {restarts}, the config names "
+            f"{config.schedule_restarts}"
+        )
+    return restarts
 
 
 def _load_state(
@@ -385,7 +431,10 @@ def _load_state(
     optimizer: torch.optim.Optimizer,
     config: TreeTrainConfig,
     extend: bool = False,
-) -> tuple[int, dict[str, list[float]], list[dict[str, Any]], float, list[dict[str, int]]]:
+) -> tuple[
+    TreeTrainConfig, int, dict[str, list[float]], list[dict[str, Any]], float, list[dict[str, int]]
+]:
+    """The saved state, and ``config`` with the run's ``schedule_restarts``."""
     folder = out / STATE_DIR
     try:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
@@ -395,18 +444,24 @@ def _load_state(
     _check_resumable(saved, config, folder, extend)
     step = int(state["step"])
     extensions = list(state.get("extensions", []))
-    if extend and saved.get("steps") != config.steps:
-        if config.steps <= step:
-            raise ConfigError(
-                f"cannot extend {folder} to {config.steps} steps: it is already at step {step}"
-            )
+    extended = extend and saved.get("steps") != config.steps
+    if extended and config.steps <= step:
+        raise ConfigError(
+            f"cannot extend {folder} to {config.steps} steps: it is already at step {step}"
+        )
+    restarts = _resumed_restarts(saved, extensions, config, step, extended, folder)
+    if extended:
         # the cosine schedule is stretched from here on: recorded, since it changes the recipe
         extensions.append({"at_step": step, "from_steps": saved["steps"], "to_steps": config.steps})
     load_state_checked(
         model, load_file(str(folder / "model.safetensors")), f"training state {folder}"
     )
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    return step, state["history"], state.get("evals", []), float(state["seconds"]), extensions
+    config = TreeTrainConfig.model_validate(
+        {**config.model_dump(mode="json"), "schedule_restarts": restarts}
+    )
+    history, evals = state["history"], state.get("evals", [])
+    return config, step, history, evals, float(state["seconds"]), extensions
 
 
 def train_tree_model(
@@ -425,9 +480,9 @@ def train_tree_model(
 
     ``until`` stops after that step with the state saved (no final evaluation or model), so a
     long run can be done in slices with ``resume=True``; the schedule still spans ``steps``.
-    ``extend=True`` resumes with a larger ``steps`` than the run started with (the cosine
-    schedule is stretched from the resume point on; recorded as ``extensions`` in the state,
-    metrics and checkpoint)."""
+    ``extend=True`` resumes a finished run with a larger ``steps`` (the cosine schedule is
+    stretched from the resume point on: recorded as ``extensions`` in the state and metrics,
+    and as ``schedule_restarts`` in the saved config, which then trains the same run in one go)."""
     if until is not None and until < 1:
         raise ConfigError(f"until must be a positive step, got {until}")
     if extend and not resume:
@@ -441,7 +496,7 @@ def train_tree_model(
     optimizer = make_optimizer(model, config)
     step, history, evals, seconds, extensions = 0, _empty_history(), [], 0.0, []
     if resume and (out / STATE_DIR / "state.json").is_file():
-        step, history, evals, seconds, extensions = _load_state(
+        config, step, history, evals, seconds, extensions = _load_state(
             out, model, optimizer, config, extend
         )
         log(f"resumed {out / STATE_DIR} at step {step}")

@@ -2,7 +2,10 @@
 2024, arXiv:2402.11917, Fig. 1 A/B):
 
 - *edge merging*: in layer 0 each edge's target token ``>B`` (position ``3e + 1``) attends to
-  its source token ``A`` (``3e``), so the target position holds the whole edge;
+  its source token ``A`` (``3e``), so the target position holds the whole edge. A model may
+  merge the edge one position later instead, at its separator ``,`` (``3e + 2``, which sees
+  both tokens); small models trained here do, so that site is scored too (``separator_merging``:
+  the separator's weight on its own source plus target, against a uniform ``2 / (pos + 1)``);
 - *goal copying*: the query positions (the path tokens from the root on, which predict the
   next node) attend to the goal token (position ``3n - 3``) and copy the goal.
 
@@ -26,6 +29,7 @@ from mechunlearn.reasoning.analysis.common import (
     TreeData,
     analysis_trees,
     check_tree_model,
+    separator_positions,
 )
 from mechunlearn.reasoning.analysis.patterns import run_patterns
 from mechunlearn.reasoning.trees import TreeTaskConfig
@@ -37,6 +41,8 @@ class AttentionResult:
 
     edge_merging: list[list[float]]
     edge_merging_uniform: float
+    separator_merging: list[list[float]]
+    separator_merging_uniform: float
     goal_copying: list[list[float]]
     goal_copying_uniform: float
     n_trees: int
@@ -60,10 +66,15 @@ class AttentionResult:
         return {
             "edge_merging": self.edge_merging,
             "edge_merging_uniform": self.edge_merging_uniform,
+            "separator_merging": self.separator_merging,
+            "separator_merging_uniform": self.separator_merging_uniform,
             "goal_copying": self.goal_copying,
             "goal_copying_uniform": self.goal_copying_uniform,
             "best_edge_merging": dict(
                 zip(("layer", "head", "score"), self.best("edge_merging"), strict=True)
+            ),
+            "best_separator_merging": dict(
+                zip(("layer", "head", "score"), self.best("separator_merging"), strict=True)
             ),
             "best_goal_copying": dict(
                 zip(("layer", "head", "score"), self.best("goal_copying"), strict=True)
@@ -80,6 +91,20 @@ def edge_merging_mass(patterns: dict[int, torch.Tensor], data: TreeData) -> torc
     return torch.stack(
         [
             patterns[layer].cpu()[:, :, targets, targets - 1].sum(dim=(0, 2))
+            for layer in sorted(patterns)
+        ]
+    )
+
+
+def separator_merging_mass(patterns: dict[int, torch.Tensor], data: TreeData) -> torch.Tensor:
+    """``[layers, heads]`` summed attention from every comma to its own edge (source + target)."""
+    commas = separator_positions(data.n)
+    return torch.stack(
+        [
+            (
+                patterns[layer].cpu()[:, :, commas, commas - 2]
+                + patterns[layer].cpu()[:, :, commas, commas - 1]
+            ).sum(dim=(0, 2))
             for layer in sorted(patterns)
         ]
     )
@@ -103,21 +128,25 @@ def attention_analysis(
     check_tree_model(hm, task)
     data = analysis_trees(task, settings)
     L, H = hm.dims.n_layers, hm.dims.n_heads
-    merge, goal = torch.zeros(L, H), torch.zeros(L, H)
+    merge, separator, goal = torch.zeros(L, H), torch.zeros(L, H), torch.zeros(L, H)
     pattern_sum: torch.Tensor | None = None
     for _, part in data.batches(settings.batch_size):
         _, patterns = run_patterns(hm, part.inputs)
         merge += edge_merging_mass(patterns, part)
+        separator += separator_merging_mass(patterns, part)
         goal += goal_copying_mass(patterns, part)
         total = torch.stack([patterns[layer].float().sum(0).cpu() for layer in range(L)])
         pattern_sum = total if pattern_sum is None else pattern_sum + total
     n_edges = len(data) * (data.n - 1)
     n_queries = len(data.queries)
     targets = torch.arange(data.n - 1) * 3 + 1
+    commas = separator_positions(data.n)
     assert pattern_sum is not None
     return AttentionResult(
         edge_merging=(merge / n_edges).tolist(),
         edge_merging_uniform=float((1.0 / (targets + 1).float()).mean()),
+        separator_merging=(separator / (len(data) * len(commas))).tolist(),
+        separator_merging_uniform=float((2.0 / (commas + 1).float()).mean()),
         goal_copying=(goal / n_queries).tolist(),
         goal_copying_uniform=float((1.0 / (data.queries.positions + 1).float()).mean()),
         n_trees=len(data),

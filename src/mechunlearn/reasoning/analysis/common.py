@@ -171,6 +171,11 @@ def check_tree_model(hm: HookedModel, task: TreeTaskConfig) -> None:
     layout.check_model_positions(hm.model.config.n_positions)
 
 
+def separator_positions(n: int) -> torch.Tensor:
+    """The commas after edges ``0..n-3`` (the last edge's separator is ``|``, another token)."""
+    return torch.arange(n - 2) * 3 + 2
+
+
 def residual_sites(n_layers: int) -> list[str]:
     """Residual rows: ``embed`` (= ``blocks.0.resid_pre``), then ``blocks.L.resid_post``."""
     return ["blocks.0.resid_pre"] + [f"blocks.{layer}.resid_post" for layer in range(n_layers)]

@@ -18,12 +18,16 @@ Scores, for every layer and head:
   (queries where ``a_k`` exists); its arg-max shows which chain step each layer performs, so a
   chain that starts a layer late, or does two steps in one layer with two heads, is visible;
 - ``answer_edge[l][h]``: the weight on the edge ``p_i -> p_{i+1}`` (the answer's own edge).
+
+The edge is read where edge merging put it: at its target token (the paper's model), or at the
+separator after it (``3e + 2``: a comma, or ``|`` after the last edge), where the small models
+trained here merge edges. Both sites are scored; ``separator`` holds the second result.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -48,6 +52,8 @@ class DeductionResult:
     answer_edge: list[list[float]]  # [layer][head]
     n_trees: int
     edge_order: str
+    site: str = "target"
+    separator: DeductionResult | None = None  # the same scores at the separator site
 
     def layer_score(self, layer: int) -> float | None:
         """The best head's score in ``layer``."""
@@ -78,7 +84,12 @@ class DeductionResult:
             "answer_edge": self.answer_edge,
             "n_trees": self.n_trees,
             "edge_order": self.edge_order,
+            "site": self.site,
+            "separator": None if self.separator is None else self.separator.to_json(),
         }
+
+
+EdgeSite = Literal["target", "separator"]
 
 
 @dataclass
@@ -98,9 +109,12 @@ class _Sums:
         )
 
 
-def deduction_sums(patterns: dict[int, torch.Tensor], data: TreeData) -> _Sums:
-    """The statistics of the module docstring, summed over the queries of ``data``;
-    ``patterns``: layer -> ``[B, H, T, T]`` (all layers)."""
+def deduction_sums(
+    patterns: dict[int, torch.Tensor], data: TreeData, site: EdgeSite = "target"
+) -> _Sums:
+    """The statistics of the module docstring, summed over the queries of ``data``, with each
+    edge read at ``site``; ``patterns``: layer -> ``[B, H, T, T]`` (all layers)."""
+    offset = 0 if site == "target" else 1
     q = data.queries
     d = q.distance
     n_layers = len(patterns)
@@ -112,7 +126,7 @@ def deduction_sums(patterns: dict[int, torch.Tensor], data: TreeData) -> _Sums:
     for k in range(K):
         valid = d - 1 >= k
         exists[:, k] = valid
-        position = data.target_position_of(q.rows, data.chain_node(k)).clamp(min=0)
+        position = (data.target_position_of(q.rows, data.chain_node(k)) + offset).clamp(min=0)
         for layer in range(n_layers):
             pattern = patterns[layer].cpu().float()
             weights[layer, :, :, k] = torch.where(
@@ -138,20 +152,27 @@ def deduction_sums(patterns: dict[int, torch.Tensor], data: TreeData) -> _Sums:
 def deduction_analysis(
     hm: HookedModel, task: TreeTaskConfig, settings: AnalysisSettings | None = None
 ) -> DeductionResult:
-    """Per layer and head: attention on the next backward-chaining edge (see module docstring)."""
+    """Per layer and head: attention on the next backward-chaining edge (see module docstring),
+    at the target site; ``.separator`` holds the separator site."""
     settings = settings or AnalysisSettings()
     check_tree_model(hm, task)
     data = analysis_trees(task, settings)
-    total: _Sums | None = None
+    totals: dict[EdgeSite, _Sums] = {}
     for _, part in data.batches(settings.batch_size):
         _, patterns = run_patterns(hm, part.inputs)
-        sums = deduction_sums(patterns, part)
-        total = sums if total is None else total + sums
-    assert total is not None
-    return deduction_result(total, len(data), settings.edge_order)
+        for site in ("target", "separator"):
+            sums = deduction_sums(patterns, part, site)
+            totals[site] = totals[site] + sums if site in totals else sums
+    result = deduction_result(totals["target"], len(data), settings.edge_order)
+    result.separator = deduction_result(
+        totals["separator"], len(data), settings.edge_order, site="separator"
+    )
+    return result
 
 
-def deduction_result(total: _Sums, n_trees: int, edge_order: str) -> DeductionResult:
+def deduction_result(
+    total: _Sums, n_trees: int, edge_order: str, site: EdgeSite = "target"
+) -> DeductionResult:
     L, H = total.step.shape
     K = total.profile.shape[-1]
     scores = [
@@ -191,4 +212,5 @@ def deduction_result(total: _Sums, n_trees: int, edge_order: str) -> DeductionRe
         answer_edge=(total.answer / n_queries).tolist(),
         n_trees=n_trees,
         edge_order=edge_order,
+        site=site,
     )

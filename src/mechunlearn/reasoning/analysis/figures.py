@@ -43,13 +43,14 @@ def accuracy_figure(result: AccuracyResult, path: Path) -> Path:
 
 def attention_figure(result: AttentionResult, path: Path) -> Path:
     n_layers = len(result.edge_merging)
-    columns = max(2, n_layers)
+    columns = max(3, n_layers)
     fig, axes = plt.subplots(
         2, columns, figsize=(3.2 * columns, 6.5), squeeze=False, layout="constrained"
     )
     for ax, kind, uniform in (
         (axes[0, 0], "edge_merging", result.edge_merging_uniform),
-        (axes[0, 1], "goal_copying", result.goal_copying_uniform),
+        (axes[0, 1], "separator_merging", result.separator_merging_uniform),
+        (axes[0, 2], "goal_copying", result.goal_copying_uniform),
     ):
         data = np.asarray(getattr(result, kind))
         image = ax.imshow(data, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1)
@@ -59,7 +60,7 @@ def attention_figure(result: AttentionResult, path: Path) -> Path:
         ax.set_ylabel("layer")
         ax.set_title(f"{kind.replace('_', ' ')} (uniform {uniform:.2f})")
         fig.colorbar(image, ax=ax)
-    for ax in axes[0, 2:]:
+    for ax in axes[0, 3:]:
         ax.axis("off")
     for layer in range(n_layers):
         ax = axes[1, layer]
@@ -89,8 +90,8 @@ def probes_figure(result: ProbeResult, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def deduction_figure(result: DeductionResult, path: Path) -> Path:
-    profile = np.array(
+def _best_head_profile(result: DeductionResult) -> np.ndarray:
+    return np.array(
         [
             [
                 max((h[k] for h in layer if h[k] is not None), default=np.nan)
@@ -100,17 +101,28 @@ def deduction_figure(result: DeductionResult, path: Path) -> Path:
         ],
         dtype=float,
     )
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    image = ax.imshow(profile, aspect="auto", origin="lower", cmap="magma", vmin=0)
-    layers = np.arange(1, profile.shape[0])
-    layers = layers[layers - 1 < profile.shape[1]]
-    ax.set_yticks(range(profile.shape[0]))
-    ax.plot(layers - 1, layers, "c*", markersize=10, label="expected: edge into a_(l-1)")
-    ax.set_xlabel("k: edge into chain node a_k (a_0 = goal)")
-    ax.set_ylabel("layer")
-    ax.set_title("attention from the path position (best head)")
-    ax.legend(fontsize=7, loc="upper right")
-    fig.colorbar(image, ax=ax)
+
+
+def deduction_figure(result: DeductionResult, path: Path) -> Path:
+    sites = [result] + ([result.separator] if result.separator is not None else [])
+    profiles = [_best_head_profile(site) for site in sites]
+    vmax = max(
+        1e-6, float(np.nanmax([np.nanmax(p) if np.isfinite(p).any() else 0 for p in profiles]))
+    )
+    fig, axes = plt.subplots(
+        1, len(sites), figsize=(6 * len(sites), 3.5), squeeze=False, layout="constrained"
+    )
+    for ax, site, profile in zip(axes[0], sites, profiles, strict=True):
+        image = ax.imshow(profile, aspect="auto", origin="lower", cmap="magma", vmin=0, vmax=vmax)
+        layers = np.arange(1, profile.shape[0])
+        layers = layers[layers - 1 < profile.shape[1]]
+        ax.set_yticks(range(profile.shape[0]))
+        ax.plot(layers - 1, layers, "c*", markersize=10, label="expected: edge into a_(l-1)")
+        ax.set_xlabel("k: edge into chain node a_k (a_0 = goal)")
+        ax.set_ylabel("layer")
+        ax.set_title(f"path position -> edge at its {site.site} (best head)")
+        ax.legend(fontsize=7, loc="upper right")
+    fig.colorbar(image, ax=axes[0].tolist())
     return save_figure(fig, path)
 
 

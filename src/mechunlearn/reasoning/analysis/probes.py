@@ -7,6 +7,7 @@ Each probe reads one variable from one kind of position at every residual row (`
 
 - ``source_at_target``: at every edge's target token, the edge's source (edge merging puts it
   there in layer 0; at ``embed`` it is at chance);
+- ``source_at_separator``: the same at the comma after each edge (the other merging site);
 - ``goal_at_path``: at the query positions, the goal (goal copying);
 - ``current_at_path`` / ``next_at_path``: the current node ``p_i`` (the token itself: a sanity
   check, decodable from ``embed``) and the answer ``p_{i+1}``;
@@ -40,6 +41,7 @@ from mechunlearn.reasoning.analysis.common import (
     check_tree_model,
     residual_labels,
     residual_sites,
+    separator_positions,
 )
 from mechunlearn.reasoning.trees import TreeTaskConfig
 
@@ -139,19 +141,24 @@ def micro_f1(pred: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _gather(hm: HookedModel, data: TreeData, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual rows at edge target tokens ``[R, B*(n-1), d]`` and at queries ``[R, Q, d]``."""
+def _gather(
+    hm: HookedModel, data: TreeData, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Residual rows at edge target tokens ``[R, B*(n-1), d]``, at the commas after edges
+    ``[R, B*(n-2), d]`` and at queries ``[R, Q, d]``."""
     sites = residual_sites(hm.dims.n_layers)
     targets = torch.arange(data.n - 1) * 3 + 1
-    at_targets, at_queries = [], []
+    commas = separator_positions(data.n)
+    at_targets, at_commas, at_queries = [], [], []
     for _, part in data.batches(batch_size):
         with hm.hooks(cache=sites) as cache:
             hm.model(input_ids=part.inputs.to(hm.device))
         q = part.queries
         stacked = torch.stack([cache[site].float().cpu() for site in sites])  # [R, b, T, d]
         at_targets.append(stacked[:, :, targets].flatten(1, 2))
+        at_commas.append(stacked[:, :, commas].flatten(1, 2))
         at_queries.append(stacked[:, q.rows, q.positions])
-    return torch.cat(at_targets, 1), torch.cat(at_queries, 1)
+    return torch.cat(at_targets, 1), torch.cat(at_commas, 1), torch.cat(at_queries, 1)
 
 
 def _split(n_trees: int, seed: int) -> torch.Tensor:
@@ -243,7 +250,7 @@ def probe_analysis(
     check_tree_model(hm, task)
     data = analysis_trees(task, settings)
     n, n_rows = data.n, hm.dims.n_layers + 1
-    at_targets, at_queries = _gather(hm, data, settings.batch_size)
+    at_targets, at_commas, at_queries = _gather(hm, data, settings.batch_size)
     train_trees = _split(len(data), settings.seed)
     q = data.queries
     train_q = train_trees[q.rows]
@@ -255,6 +262,11 @@ def probe_analysis(
     sources = trees.edges[..., 0].flatten()
     curves["source_at_target"] = _multiclass_curve(
         "source_at_target", "edge targets", at_targets, [sources] * n_rows, train_t, n, l2
+    )
+    comma_sources = trees.edges[:, : n - 2, 0].flatten()
+    train_c = train_trees.repeat_interleave(n - 2)
+    curves["source_at_separator"] = _multiclass_curve(
+        "source_at_separator", "commas", at_commas, [comma_sources] * n_rows, train_c, n, l2
     )
     goal = trees.goal[q.rows]
     current = path[q.rows, q.step]

@@ -180,24 +180,32 @@ def summarize(
 def _attention_findings(
     attention: AttentionResult, probes: ProbeResult | None, t: SummaryThresholds
 ) -> list[Finding]:
-    merge_layer0 = max(attention.edge_merging[0])
-    source = _probe_gain(probes, "source_at_target", row=1)  # row 1 = after layer 0
-    source_embed = _probe_gain(probes, "source_at_target", row=0)
-    merge_ok = _attention_ok(merge_layer0, attention.edge_merging_uniform, t)
+    at_target = max(attention.edge_merging[0])
+    at_separator = max(attention.separator_merging[0])
+    target_ok = _attention_ok(at_target, attention.edge_merging_uniform, t)
+    separator_ok = _attention_ok(at_separator, attention.separator_merging_uniform, t)
+    site = "target" if target_ok or not separator_ok else "separator"
+    probe_name = "source_at_target" if site == "target" else "source_at_separator"
+    source = _probe_gain(probes, probe_name, row=1)  # row 1 = after layer 0
+    source_embed = _probe_gain(probes, probe_name, row=0)
+    probe_ok = probes is None or _gain_ok(source, t)
     layer, head, goal_score = attention.best("goal_copying")
     goal_probe = _probe_gain(probes, "goal_at_path")
     return [
         Finding(
             "edge merging (layer 0)",
-            "each edge's target token attends to its source in layer 0, and the source becomes "
-            "decodable there",
-            merge_ok and (probes is None or _gain_ok(source, t)),
-            f"layer-0 weight target->source >= {t.min_attention} and >= "
-            f"{t.min_attention_ratio}x uniform; source probe after layer 0 - chance >= "
-            f"{t.min_probe_gain}",
+            "in layer 0 one position of each edge gathers the whole edge: the target token "
+            "attends to its source (the paper), or the separator after it attends to both",
+            (target_ok or separator_ok) and probe_ok,
+            f"layer-0 weight target->source (or separator->source+target) >= "
+            f"{t.min_attention} and >= {t.min_attention_ratio}x uniform; source probe at that "
+            f"site after layer 0 - chance >= {t.min_probe_gain}",
             {
-                "layer-0 weight": merge_layer0,
+                "site": site if target_ok or separator_ok else None,
+                "layer-0 weight": at_target,
                 "uniform": attention.edge_merging_uniform,
+                "separator weight": at_separator,
+                "separator uniform": attention.separator_merging_uniform,
                 "probe after L0": source.get("accuracy"),
                 "probe at embed": source_embed.get("accuracy"),
                 "chance": source.get("chance"),
@@ -227,28 +235,37 @@ def _attention_findings(
 def _deduction_finding(
     deduction: DeductionResult, probes: ProbeResult | None, t: SummaryThresholds
 ) -> Finding:
-    layer_scores = [deduction.layer_score(layer) for layer in range(len(deduction.scores))]
-    chaining = [
-        layer
-        for layer in range(1, len(layer_scores))
-        if _attention_ok(layer_scores[layer], deduction.uniform[layer], t)
-    ]
+    def chaining_layers(result: DeductionResult) -> list[int]:
+        return [
+            layer
+            for layer in range(1, len(result.scores))
+            if _attention_ok(result.layer_score(layer), result.uniform[layer], t)
+        ]
+
+    sites = [deduction] + ([deduction.separator] if deduction.separator is not None else [])
+    chaining = {result.site: chaining_layers(result) for result in sites}
     chain_probe = _probe_gain(probes, "chain_at_path")
+    evidence: dict[str, Any] = {"chaining layers": chaining["target"]}
+    for result in sites:
+        prefix = "" if result.site == "target" else "separator "
+        if prefix:
+            evidence["separator chaining layers"] = chaining[result.site]
+        evidence[f"{prefix}layer scores"] = [
+            result.layer_score(layer) for layer in range(len(result.scores))
+        ]
+        evidence[f"{prefix}uniform"] = result.uniform
+        evidence[f"{prefix}chain step attended most per layer"] = result.best_steps()
+    evidence["chain-node probe"] = chain_probe.get("accuracy")
+    evidence["probe row"] = chain_probe.get("row")
     return Finding(
         "deduction heads (backward chaining)",
-        "in layer l >= 1 the path position attends to the target token of the edge into the "
-        "(l-1)-th ancestor of the goal, climbing one level per layer",
-        bool(chaining),
+        "in layer l >= 1 the path position attends to the edge into the (l-1)-th ancestor of "
+        "the goal (at its target token, or at the separator after it), climbing one level per "
+        "layer",
+        any(chaining.values()),
         f"at least one layer l >= 1 whose best head puts >= {t.min_attention} and >= "
-        f"{t.min_attention_ratio}x uniform weight on that edge",
-        {
-            "chaining layers": chaining,
-            "layer scores": layer_scores,
-            "uniform": deduction.uniform,
-            "chain step attended most per layer": deduction.best_steps(),
-            "chain-node probe": chain_probe.get("accuracy"),
-            "probe row": chain_probe.get("row"),
-        },
+        f"{t.min_attention_ratio}x uniform weight on that edge (target or separator site)",
+        evidence,
     )
 
 
