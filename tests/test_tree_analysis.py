@@ -40,6 +40,7 @@ from mechunlearn.reasoning.analysis.deduction import deduction_result, deduction
 from mechunlearn.reasoning.analysis.patterns import attention_from_residual
 from mechunlearn.reasoning.analysis.probes import fit_multilabel_probe, micro_f1, subset_accuracy
 from mechunlearn.reasoning.analysis.registers import position_kinds, trace_subpaths
+from mechunlearn.reasoning.analysis.roles import ROLES, key_roles, role_sums, role_uniform_sums
 from mechunlearn.reasoning.analysis.scrubbing import chain_value
 from mechunlearn.reasoning.model import (
     TreeModelConfig,
@@ -207,6 +208,26 @@ def test_edge_merged_at_the_separator_is_found_there_and_not_at_the_target():
     finding = {f.name: f for f in summarize(attention=result(0.0, 0.5)).findings}
     assert finding["edge merging (layer 0)"].found is False  # 0.5 < 3 x uniform 0.2
     assert finding["edge merging (layer 0)"].evidence["site"] is None
+
+
+def test_key_roles_partition_the_visible_keys_and_count_the_remaining_path():
+    data = analysis_trees(TASK, AnalysisSettings(n_trees=40))
+    roles = key_roles(data)
+    q = data.queries
+    assert ((roles >= 0).sum(1) == q.positions + 1).all()  # every visible key has one role
+    remaining_targets = (roles == ROLES.index("remaining path edges: target")).sum(1)
+    assert torch.equal(remaining_targets, q.distance)  # the edges p_i -> ... -> goal
+    # a planted head reading the separator after the answer's edge puts all its mass there
+    T = data.layout.n_positions
+    pattern = torch.eye(T).expand(len(data), 1, T, T).clone()
+    keys = data.target_position_of(q.rows, data.trees.path[q.rows, q.step + 1]) + 1
+    pattern[q.rows, 0, q.positions, q.positions] = 0.0
+    pattern[q.rows, 0, q.positions, keys] = 1.0
+    mass = role_sums({0: pattern}, data)[0, 0] / len(q)
+    assert mass[ROLES.index("remaining path edges: separator")] == pytest.approx(1.0)
+    assert mass.sum() == pytest.approx(1.0)
+    uniform = role_uniform_sums(data) / len(q)
+    assert uniform.sum() == pytest.approx(1.0) and (uniform > 0).all()
 
 
 # ---- deduction: planted patterns ----------------------------------------------------------
@@ -418,7 +439,7 @@ def test_cli_analyze_writes_results_and_rejects_bad_checkpoints(tmp_path):
     assert result.exit_code == 0, result.output
     assert "mechanisms" in result.output and "deduction heads" in result.output
     saved = json.loads((out / "results.json").read_text())
-    for key in ("accuracy", "attention", "probes", "deduction", "scrubbing", "registers"):
+    for key in ("accuracy", "attention", "roles", "probes", "deduction", "scrubbing", "registers"):
         assert key in saved and key in saved["seconds"]
     names = [f["name"] for f in saved["summary"]["findings"]]
     assert "edge merging (layer 0)" in names and "register tokens" in names
@@ -430,9 +451,13 @@ def test_cli_analyze_writes_results_and_rejects_bad_checkpoints(tmp_path):
         "deduction.png",
         "probes.png",
         "registers.png",
+        "roles.png",
         "scrubbing.png",
     ]
-    assert (out / "summary.md").read_text().startswith("# Mechanisms of")
+    summary = (out / "summary.md").read_text()
+    assert (
+        summary.startswith("# Mechanisms of") and "| remaining path edges: separator |" in summary
+    )
 
     too_few = runner.invoke(app, [*args, "--n-trees", "2"])
     assert too_few.exit_code == 2 and "n_trees" in too_few.output

@@ -1,6 +1,7 @@
 """Mechanistic analyses of the path-finding tree model (Brinkmann et al. 2024, "A Mechanistic
 Analysis of a Transformer Trained on a Symbolic Multi-Step Reasoning Task", arXiv:2402.11917):
-accuracy by path length and edge order, attention patterns (edge merging, goal copying), linear
+accuracy by path length and edge order, attention patterns (edge merging, goal copying), the
+attention mass by key role, linear
 probes, deduction heads, causal scrubbing (the depth bound), register tokens, and a summary of
 which mechanisms the model shows. ``analyze_checkpoint`` runs them all (``tree analyze``)."""
 
@@ -15,6 +16,7 @@ from mechunlearn.reasoning.analysis.registers import (
     RegisterSettings,
     register_analysis,
 )
+from mechunlearn.reasoning.analysis.roles import RoleResult, role_analysis
 from mechunlearn.reasoning.analysis.run import (
     TreeAnalysis,
     TreeAnalysisConfig,
@@ -44,6 +46,7 @@ __all__ = [
     "ProbeResult",
     "RegisterResult",
     "RegisterSettings",
+    "RoleResult",
     "ScrubbingResult",
     "ScrubbingSettings",
     "SummaryThresholds",
@@ -59,6 +62,7 @@ __all__ = [
     "deduction_analysis",
     "probe_analysis",
     "register_analysis",
+    "role_analysis",
     "run_patterns",
     "scrubbing_analysis",
     "summarize",

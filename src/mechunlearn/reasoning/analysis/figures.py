@@ -1,7 +1,7 @@
 """Figures of the tree-model analyses (one PNG per analysis, written atomically), in the style
 of Brinkmann et al. 2024 (arXiv:2402.11917): accuracy by path length, attention scores and
 mean patterns, probe accuracy by layer, the deduction profile, loss recovered by path length,
-and the register knockout scan."""
+the register knockout scan, and the attention mass by key role."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from mechunlearn.reasoning.analysis.attention import AttentionResult  # noqa: E4
 from mechunlearn.reasoning.analysis.deduction import DeductionResult  # noqa: E402
 from mechunlearn.reasoning.analysis.probes import ProbeResult  # noqa: E402
 from mechunlearn.reasoning.analysis.registers import RegisterResult  # noqa: E402
+from mechunlearn.reasoning.analysis.roles import RoleResult  # noqa: E402
 from mechunlearn.reasoning.analysis.scrubbing import ScrubbingResult  # noqa: E402
 from mechunlearn.report.figures import save_figure  # noqa: E402
 
@@ -174,4 +175,26 @@ def registers_figure(result: RegisterResult, path: Path) -> Path:
     ax2.set_ylabel("whole-path accuracy")
     ax2.set_ylim(-0.02, 1.02)
     ax2.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def roles_figure(result: RoleResult, path: Path) -> Path:
+    """Stacked bars: per layer and head, the attention mass of the path positions by role."""
+    columns = [
+        (f"L{layer}" if len(heads) == 1 else f"L{layer}H{head}", mass)
+        for layer, heads in enumerate(result.mass)
+        for head, mass in enumerate(heads)
+    ] + [("uniform", result.uniform)]
+    fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 4.5, 4), layout="constrained")
+    bottom = np.zeros(len(columns))
+    colours = plt.get_cmap("tab10")
+    for index, role in enumerate(result.roles):
+        values = np.array([mass[index] for _, mass in columns])
+        ax.bar(range(len(columns)), values, bottom=bottom, color=colours(index), label=role)
+        bottom += values
+    ax.set_xticks(range(len(columns)), [name for name, _ in columns])
+    ax.set_ylabel("attention mass from the path positions")
+    ax.set_ylim(0, 1.0)
+    ax.set_title("where the path positions read")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return save_figure(fig, path)

@@ -25,6 +25,7 @@ from mechunlearn.reasoning.analysis.registers import (
     RegisterSettings,
     register_analysis,
 )
+from mechunlearn.reasoning.analysis.roles import RoleResult, role_analysis
 from mechunlearn.reasoning.analysis.scrubbing import (
     ScrubbingResult,
     ScrubbingSettings,
@@ -38,7 +39,7 @@ from mechunlearn.reasoning.analysis.summary import (
 from mechunlearn.reasoning.trees import TreeTaskConfig
 from mechunlearn.report.progress import progress_bar
 
-STEPS = ("accuracy", "attention", "probes", "deduction", "scrubbing", "registers")
+STEPS = ("accuracy", "attention", "roles", "probes", "deduction", "scrubbing", "registers")
 
 
 class TreeAnalysisConfig(BaseModel):
@@ -70,6 +71,7 @@ class TreeAnalysisConfig(BaseModel):
 class TreeAnalysis:
     accuracy: AccuracyResult
     attention: AttentionResult
+    roles: RoleResult
     probes: ProbeResult
     deduction: DeductionResult
     scrubbing: ScrubbingResult
@@ -106,6 +108,7 @@ def analyze_tree_model(
             hm, task, config.per_length, config.seed, max(config.batch_size, 256)
         ),
         "attention": lambda: attention_analysis(hm, task, settings),
+        "roles": lambda: role_analysis(hm, task, settings),
         "probes": lambda: probe_analysis(hm, task, settings, l2=config.probe_l2),
         "deduction": lambda: deduction_analysis(hm, task, settings),
         "scrubbing": lambda: scrubbing_analysis(
@@ -130,7 +133,9 @@ def analyze_tree_model(
             seconds[step] = time.perf_counter() - started
             log(f"{step}: {seconds[step]:.1f} s")
             advance(1)
-    summary = summarize(**results, thresholds=config.thresholds)
+    summary = summarize(
+        **{k: v for k, v in results.items() if k != "roles"}, thresholds=config.thresholds
+    )
     return TreeAnalysis(**results, summary=summary, config=config, seconds=seconds)
 
 
@@ -143,11 +148,16 @@ def write_analysis(analysis: TreeAnalysis, out: str | Path) -> Path:
         atomic_write_json(tmp / "results.json", analysis.to_json())
         title = analysis.meta.get("checkpoint", "tree model")
         atomic_write_text(
-            tmp / "summary.md", f"# Mechanisms of {title}\n\n" + analysis.summary.markdown()
+            tmp / "summary.md",
+            f"# Mechanisms of {title}\n\n"
+            + analysis.summary.markdown()
+            + "\n## Where the path positions read (attention mass by key role, %)\n\n"
+            + analysis.roles.markdown(),
         )
         folder = tmp / "figures"
         figures.accuracy_figure(analysis.accuracy, folder / "accuracy.png")
         figures.attention_figure(analysis.attention, folder / "attention.png")
+        figures.roles_figure(analysis.roles, folder / "roles.png")
         figures.probes_figure(analysis.probes, folder / "probes.png")
         figures.deduction_figure(analysis.deduction, folder / "deduction.png")
         figures.scrubbing_figure(analysis.scrubbing, folder / "scrubbing.png")

@@ -1,0 +1,158 @@
+"""Where the path positions read: attention mass by key role, per layer and head.
+
+The mechanism analyses of Brinkmann et al. 2024 (arXiv:2402.11917) each test one expected read
+(the goal token, the target of one chain edge). A model that solves the task another way
+fails them all without saying what it does instead. This map partitions every visible key of
+a query position (``common``: the path token ``p_i`` predicting ``p_{i+1}``) into roles and
+reports the attention mass on each, so the rows of a layer sum to one:
+
+- ``remaining path edges (source | target | separator)``: the tokens of the edges
+  ``p_i -> p_{i+1} -> ... -> goal`` still to be walked, i.e. what backward chaining climbs;
+  the separator is the comma after the edge (``|`` after the last edge);
+- ``other edges (source | target | separator)``: every other edge's tokens;
+- ``goal``, ``colon`` and ``path so far`` (the root and the path tokens up to the query).
+
+A deduction head of the paper shows up as mass on remaining-path targets concentrated in one
+chain step per layer (``deduction``); a model that reads the whole remaining path at once puts
+the mass here without passing the per-step test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mechunlearn.models.handle import HookedModel
+from mechunlearn.reasoning.analysis.common import (
+    AnalysisSettings,
+    TreeData,
+    analysis_trees,
+    check_tree_model,
+)
+from mechunlearn.reasoning.analysis.patterns import run_patterns
+from mechunlearn.reasoning.trees import TreeTaskConfig
+
+ROLES = (
+    "remaining path edges: source",
+    "remaining path edges: target",
+    "remaining path edges: separator",
+    "other edges: source",
+    "other edges: target",
+    "other edges: separator",
+    "goal",
+    "colon",
+    "path so far",
+)
+
+
+@dataclass
+class RoleResult:
+    """``mass[layer][head][role]``: mean attention mass from the query positions on each role
+    (``ROLES``); ``uniform[role]``: the same for a head that spreads evenly over visible keys."""
+
+    roles: list[str]
+    mass: list[list[list[float]]]
+    uniform: list[float]
+    n_queries: int
+    edge_order: str
+
+    def markdown(self) -> str:
+        """Roles as rows, one column per (layer, head), the uniform head last (percent)."""
+        columns = [
+            (f"L{layer}" if len(heads) == 1 else f"L{layer}H{head}", mass)
+            for layer, heads in enumerate(self.mass)
+            for head, mass in enumerate(heads)
+        ] + [("uniform", self.uniform)]
+        rows = [
+            "| key role | " + " | ".join(name for name, _ in columns) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
+        for index, role in enumerate(self.roles):
+            cells = " | ".join(f"{100 * mass[index]:.0f}" for _, mass in columns)
+            rows.append(f"| {role} | {cells} |")
+        return "\n".join(rows) + "\n"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "roles": self.roles,
+            "mass": self.mass,
+            "uniform": self.uniform,
+            "n_queries": self.n_queries,
+            "edge_order": self.edge_order,
+        }
+
+
+def key_roles(data: TreeData) -> torch.Tensor:
+    """``[Q, T]`` role index (into ``ROLES``) of every key position for every query; keys
+    after the query get -1 (invisible)."""
+    q = data.queries
+    layout = data.layout
+    n, T = data.n, layout.n_positions
+    edge_count = n - 1
+    # on_path[Q, v]: v is one of p_{i+1} .. p_L (path padding past the goal is -1: never v)
+    steps = torch.arange(n)
+    later = (steps[None, :] > q.step[:, None]) & (steps[None, :] <= q.length[:, None])
+    nodes = data.trees.path[q.rows]  # [Q, n]
+    on_path = ((nodes[:, :, None] == steps) & later[:, :, None]).any(1)
+    # remaining[Q, e]: edge e leads into a remaining path node
+    targets = data.trees.edges[q.rows, :, 1]  # [Q, E]
+    remaining = on_path.gather(1, targets)  # [Q, E]
+    roles = torch.full((len(q), T), -1, dtype=torch.long)
+    for part in range(3):  # source, target, separator
+        positions = torch.arange(edge_count) * 3 + part
+        roles[:, positions] = torch.where(remaining, part, 3 + part)
+    roles[:, layout.goal] = 6
+    roles[:, layout.colon] = 7
+    path_positions = torch.arange(layout.root, T)
+    roles[:, path_positions] = 8
+    visible = torch.arange(T)[None, :] <= q.positions[:, None]
+    return torch.where(visible, roles, -1)
+
+
+def role_sums(patterns: dict[int, torch.Tensor], data: TreeData) -> torch.Tensor:
+    """``[L, H, R]`` attention mass summed over the queries of ``data``."""
+    q = data.queries
+    roles = key_roles(data)  # [Q, T]
+    one_hot = torch.zeros(*roles.shape, len(ROLES))
+    valid = roles >= 0
+    one_hot[valid.nonzero(as_tuple=True) + (roles[valid],)] = 1.0
+    return torch.stack(
+        [
+            torch.einsum(
+                "qht,qtr->hr", patterns[layer].cpu().float()[q.rows, :, q.positions], one_hot
+            )
+            for layer in sorted(patterns)
+        ]
+    )
+
+
+def role_uniform_sums(data: TreeData) -> torch.Tensor:
+    """``[R]``: the mass a uniform causal head would give each role, summed over queries."""
+    roles = key_roles(data)
+    counts = torch.stack([(roles == r).sum(1) for r in range(len(ROLES))], 1).float()
+    return (counts / counts.sum(1, keepdim=True)).sum(0)
+
+
+def role_analysis(
+    hm: HookedModel, task: TreeTaskConfig, settings: AnalysisSettings | None = None
+) -> RoleResult:
+    """Attention mass of every layer and head on each key role (module docstring)."""
+    settings = settings or AnalysisSettings()
+    check_tree_model(hm, task)
+    data = analysis_trees(task, settings)
+    total = torch.zeros(hm.dims.n_layers, hm.dims.n_heads, len(ROLES))
+    uniform = torch.zeros(len(ROLES))
+    for _, part in data.batches(settings.batch_size):
+        _, patterns = run_patterns(hm, part.inputs)
+        total += role_sums(patterns, part)
+        uniform += role_uniform_sums(part)
+    n_queries = len(data.queries)
+    return RoleResult(
+        roles=list(ROLES),
+        mass=(total / n_queries).tolist(),
+        uniform=(uniform / n_queries).tolist(),
+        n_queries=n_queries,
+        edge_order=settings.edge_order,
+    )
