@@ -209,6 +209,22 @@ def test_shipped_checkpoint_name_resolves_to_the_package_folder(tmp_path, monkey
     assert load_tree_model("shipped").config == TINY
 
 
+def test_the_shipped_checkpoint_solves_held_out_trees_and_its_recipe_is_its_own():
+    import yaml
+
+    from mechunlearn.reasoning.model import SHIPPED_RECIPE, shipped_checkpoint_folder
+
+    loaded = load_tree_model("shipped")
+    assert loaded.config.n_layers < loaded.task.max_path_length  # the depth-bound regime
+    assert loaded.meta["accuracy"]["overall"] >= 0.99  # measured at training time, 3,500 trees
+    trees = heldout_trees(loaded.task, 40, seed=7)  # a fresh held-out sample, not the same one
+    assert evaluate_accuracy(loaded.model, trees, 512).overall >= 0.95
+    recipe = TreeTrainConfig.model_validate(
+        yaml.safe_load((shipped_checkpoint_folder() / SHIPPED_RECIPE).read_text())
+    )
+    assert recipe.model_dump(mode="json") == loaded.meta["recipe"]
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="differs from task.n_nodes"):
         TreeTrainConfig(model=TINY, task=TreeTaskConfig(n_nodes=7))
@@ -361,7 +377,10 @@ def test_schedule_restarts_train_an_extended_run_in_one_go(tmp_path):
     # the extended run's saved config is that recipe; resuming it with the recipe agrees
     saved = json.loads((extended / "state" / "state.json").read_text())["config"]
     assert saved["schedule_restarts"] == [[10, 10]]
-    train_tree_model(recipe, extended, resume=True, progress=False)
+    again = train_tree_model(recipe, extended, resume=True, progress=False)  # nothing to train
+    assert again.steps == 20 and again.sequences_per_s == pytest.approx(
+        20 * recipe.batch_size / again.seconds
+    )  # the whole run's rate, not 0
     with pytest.raises(ConfigError, match="schedule_restarts"):
         train_tree_model(
             tiny_config(steps=20, schedule_restarts=[[12, 12]]), extended, resume=True,

@@ -569,12 +569,17 @@ def train_tree_model(
                 )
 
     n_params = count_parameters(model)
+    # this invocation's throughput; a resume that trained no step reports the whole run's
+    if run_seconds:
+        rate = sequences / run_seconds
+    else:
+        rate = step * config.batch_size / seconds if seconds else 0.0
     if step < config.steps:
         log(f"stopped at step {step} of {config.steps}; continue with resume")
         return TreeTrainResult(
             steps=step,
             seconds=seconds,
-            sequences_per_s=sequences / run_seconds if run_seconds else 0.0,
+            sequences_per_s=rate,
             history=history,
             evals=evals,
             accuracy=None,
@@ -588,7 +593,7 @@ def train_tree_model(
     result = TreeTrainResult(
         steps=step,
         seconds=seconds,
-        sequences_per_s=sequences / run_seconds if run_seconds else 0.0,
+        sequences_per_s=rate,
         history=history,
         evals=evals,
         accuracy=accuracy,
