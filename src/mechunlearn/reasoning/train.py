@@ -480,7 +480,7 @@ def train_tree_model(
 
     ``until`` stops after that step with the state saved (no final evaluation or model), so a
     long run can be done in slices with ``resume=True``; the schedule still spans ``steps``.
-    ``extend=True`` resumes a finished run with a larger ``steps`` (the cosine schedule is
+    ``extend=True`` resumes with a larger ``steps`` than the run had (the cosine schedule is
     stretched from the resume point on: recorded as ``extensions`` in the state and metrics,
     and as ``schedule_restarts`` in the saved config, which then trains the same run in one go)."""
     if until is not None and until < 1:
