@@ -245,7 +245,7 @@ def _deduction_finding(
     sites = [deduction] + ([deduction.separator] if deduction.separator is not None else [])
     chaining = {result.site: chaining_layers(result) for result in sites}
     chain_probe = _probe_gain(probes, "chain_at_path")
-    evidence: dict[str, Any] = {"chaining layers": chaining["target"]}
+    evidence: dict[str, Any] = {"chaining layers": chaining.get("target", [])}
     for result in sites:
         prefix = "" if result.site == "target" else "separator "
         if prefix:
