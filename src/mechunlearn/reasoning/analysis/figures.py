@@ -180,11 +180,7 @@ def registers_figure(result: RegisterResult, path: Path) -> Path:
 
 def roles_figure(result: RoleResult, path: Path) -> Path:
     """Stacked bars: per layer and head, the attention mass of the path positions by role."""
-    columns = [
-        (f"L{layer}" if len(heads) == 1 else f"L{layer}H{head}", mass)
-        for layer, heads in enumerate(result.mass)
-        for head, mass in enumerate(heads)
-    ] + [("uniform", result.uniform)]
+    columns = result.columns()
     fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 4.5, 4), layout="constrained")
     bottom = np.zeros(len(columns))
     colours = plt.get_cmap("tab10")

@@ -58,13 +58,17 @@ class RoleResult:
     n_queries: int
     edge_order: str
 
-    def markdown(self) -> str:
-        """Roles as rows, one column per (layer, head), the uniform head last (percent)."""
-        columns = [
+    def columns(self) -> list[tuple[str, list[float]]]:
+        """(label, mass per role) for every (layer, head), then the uniform head."""
+        return [
             (f"L{layer}" if len(heads) == 1 else f"L{layer}H{head}", mass)
             for layer, heads in enumerate(self.mass)
             for head, mass in enumerate(heads)
         ] + [("uniform", self.uniform)]
+
+    def markdown(self) -> str:
+        """Roles as rows, one column per (layer, head), the uniform head last (percent)."""
+        columns = self.columns()
         rows = [
             "| key role | " + " | ".join(name for name, _ in columns) + " |",
             "|---|" + "---|" * len(columns),
