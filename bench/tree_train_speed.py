@@ -2,7 +2,8 @@
 straightforward reference loop on the same model config, from one run.
 
     .venv/bin/python bench/tree_train_speed.py [--model cpu|paper] [--batch-size 256]
-        [--steps 10] [--warmup 2] [--precision fp32|bf16] [--compile] [--json out.json]
+        [--steps 10] [--warmup 2] [--precision fp32|bf16] [--compile] [--device cuda]
+        [--json out.json]
 
 Toolkit: ``train_tree_model`` itself (vectorised batch generation of fresh trees, fixed-shape
 masked loss, AdamW with the cosine schedule; evaluation and checkpoints pushed past the run).
@@ -13,7 +14,10 @@ parents, breadth-first topological edge order reversed or shuffled, the text
 standard step: logits at the masked positions, ``CrossEntropyLoss``, AdamW. Both train the same
 architecture with the same batch size; the first ``--warmup`` steps are not timed.
 ``--precision`` and ``--compile`` apply to the toolkit only (the reference stays plain fp32
-eager), so the printed speedup then includes them.
+eager), so the printed speedup then includes them. ``--device`` (default: the toolkit's
+default, ``MECHUNLEARN_DEVICE`` or the best available) applies to both; on an accelerator
+each timed reference step ends with a synchronisation, and the toolkit's times are read at its
+per-step log points, which wait for the device.
 
 On a CPU the model step dominates: vectorised generation takes under 1% of a step, the
 per-tree Python generation a few percent, so in fp32 the two run at about the same rate; the
@@ -23,8 +27,9 @@ FLOP/s: training FLOPs per step are estimated as ``6 * N * tokens`` (Kaplan et a
 the weight-matrix parameters outside the embeddings (blocks + unembedding), tokens = batch x
 (4n - 2) positions read. Attention's score and mixing products add ``12 * layers * T * d_model``
 per token (about 8% for the paper's config at T = 62); they are reported separately, not in
-the fraction. The peak is a measured large fp32 matmul (``2 m^3`` FLOPs per ``m x m`` product,
-best of several) on the same threads.
+the fraction. The peak is a measured large matmul (``2 m^3`` FLOPs per ``m x m`` product,
+best of several) on the same device and threads, in fp32 and, for a bf16 run, in bf16 too; the
+toolkit's fraction is taken against the peak of its own precision.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import torch
 
 from mechunlearn.reasoning.model import build_model, count_parameters, resolve_model_config
 from mechunlearn.reasoning.train import TreeTrainConfig, train_tree_model
-from mechunlearn.runtime import configure_threads
+from mechunlearn.runtime import configure_threads, resolve_device
 
 
 def reference_example(n: int, rng: random.Random) -> str:
@@ -98,12 +103,22 @@ def reference_tokenize(text: str, vocab: list[str], length: int) -> tuple[list[i
     return ids + [0] * (length - len(ids)), mask
 
 
-def reference_rate(model_cfg, batch_size: int, steps: int, warmup: int, lr: float) -> float:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work, so that a wall-clock interval covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def reference_rate(
+    model_cfg, batch_size: int, steps: int, warmup: int, lr: float, device: torch.device
+) -> float:
     """Sequences per second of the straightforward loop."""
     n = model_cfg.n_nodes
     vocab = reference_vocab(n)
     length = 4 * n - 1
-    model = build_model(model_cfg).train()
+    model = build_model(model_cfg).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     loss_fn = torch.nn.CrossEntropyLoss()
     rng = random.Random(0)
@@ -113,14 +128,15 @@ def reference_rate(model_cfg, batch_size: int, steps: int, warmup: int, lr: floa
         rows = [
             reference_tokenize(reference_example(n, rng), vocab, length) for _ in range(batch_size)
         ]
-        tokens = torch.tensor([r[0] for r in rows])
-        mask = torch.tensor([r[1] for r in rows])
+        tokens = torch.tensor([r[0] for r in rows], device=device)
+        mask = torch.tensor([r[1] for r in rows], device=device)
         inputs, targets, target_mask = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
         logits = model(input_ids=inputs).logits[target_mask]
         loss = loss_fn(logits, targets[target_mask])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        synchronize(device)
         if step >= warmup:
             timed += time.perf_counter() - started
     return steps * batch_size / timed
@@ -135,14 +151,19 @@ def toolkit_rate(config: TreeTrainConfig, warmup: int) -> float:
     return (config.steps - warmup) * config.batch_size / timed
 
 
-def matmul_peak(size: int, repeats: int = 5) -> float:
-    """FLOP/s of the best of ``repeats`` fp32 ``size x size`` matmuls."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak(
+    size: int, device: torch.device, dtype: torch.dtype = torch.float32, repeats: int = 5
+) -> float:
+    """FLOP/s of the best of ``repeats`` ``size x size`` matmuls in ``dtype`` on ``device``."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best
 
@@ -155,11 +176,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--device", help="cpu, cuda, mps (default: the toolkit's default)")
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
     threads = configure_threads()
+    device = resolve_device(args.device)
     model_cfg = resolve_model_config(args.model)
     total = args.warmup + args.steps
     config = TreeTrainConfig(
@@ -175,10 +198,18 @@ def main() -> None:
         final_eval_per_length=1,
         precision=args.precision,
         compile=args.compile,
+        device=str(device),
     )
     toolkit = toolkit_rate(config, args.warmup)
-    reference = reference_rate(model_cfg, args.batch_size, args.steps, args.warmup, config.lr)
-    peak = matmul_peak(args.matmul_size)
+    reference = reference_rate(
+        model_cfg, args.batch_size, args.steps, args.warmup, config.lr, device
+    )
+    peak_fp32 = matmul_peak(args.matmul_size, device)
+    peak = (
+        matmul_peak(args.matmul_size, device, torch.bfloat16)
+        if args.precision == "bf16"
+        else peak_fp32
+    )
 
     n_params = count_parameters(build_model(model_cfg))
     positions = 4 * model_cfg.n_nodes - 2
@@ -186,6 +217,7 @@ def main() -> None:
     attention_per_seq = 12 * model_cfg.n_layers * positions * model_cfg.d_model * positions
     results = {
         "model": model_cfg.model_dump(),
+        "device": str(device),
         "threads": threads,
         "batch_size": args.batch_size,
         "timed_steps": args.steps,
@@ -199,19 +231,21 @@ def main() -> None:
         "attention_flops_per_sequence": attention_per_seq,
         "toolkit_flop_per_s": toolkit * flops_per_seq,
         "reference_flop_per_s": reference * flops_per_seq,
+        "matmul_peak_fp32_flop_per_s": peak_fp32,
         "matmul_peak_flop_per_s": peak,
         "toolkit_fraction_of_peak": toolkit * flops_per_seq / peak,
-        "reference_fraction_of_peak": reference * flops_per_seq / peak,
+        "reference_fraction_of_peak": reference * flops_per_seq / peak_fp32,
     }
     print(
-        f"{args.model} ({n_params['total']:,} params), batch {args.batch_size}, {threads} "
-        f"thread(s), {args.precision}{' compiled' if args.compile else ''}:\n"
-        f"  toolkit   {toolkit:8.1f} seq/s  {toolkit * flops_per_seq / 1e9:7.2f} GFLOP/s "
-        f"({100 * results['toolkit_fraction_of_peak']:.1f}% of matmul peak)\n"
-        f"  reference {reference:8.1f} seq/s  {reference * flops_per_seq / 1e9:7.2f} GFLOP/s "
-        f"({100 * results['reference_fraction_of_peak']:.1f}% of matmul peak)\n"
-        f"  speedup {results['speedup']:.2f}x; matmul peak {peak / 1e9:.1f} GFLOP/s "
-        f"({args.matmul_size}^2 fp32)"
+        f"{args.model} ({n_params['total']:,} params), batch {args.batch_size}, {device}, "
+        f"{threads} thread(s), {args.precision}{' compiled' if args.compile else ''}:\n"
+        f"  toolkit   {toolkit:8.1f} seq/s  {toolkit * flops_per_seq / 1e9:9.2f} GFLOP/s "
+        f"({100 * results['toolkit_fraction_of_peak']:.1f}% of the {args.precision} matmul peak)\n"
+        f"  reference {reference:8.1f} seq/s  {reference * flops_per_seq / 1e9:9.2f} GFLOP/s "
+        f"({100 * results['reference_fraction_of_peak']:.1f}% of the fp32 matmul peak)\n"
+        f"  speedup {results['speedup']:.2f}x; matmul peak {peak_fp32 / 1e9:.1f} GFLOP/s fp32"
+        + (f", {peak / 1e9:.1f} GFLOP/s bf16" if args.precision == "bf16" else "")
+        + f" ({args.matmul_size}^2)"
     )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -16,6 +16,9 @@ from mechunlearn.models.testing import TINY_CONFIGS, tiny_model, tiny_tokenizer 
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FAMILIES = list(TINY_CONFIGS)
+# The tiny-model fixtures live here; MECHUNLEARN_TEST_DEVICE=cuda runs them on a GPU
+# (scripts/gpu_check.sh), so that the hook layer and trainers are exercised off the CPU.
+TEST_DEVICE = torch.device(os.environ.get("MECHUNLEARN_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(params=FAMILIES)
@@ -25,12 +28,12 @@ def family(request) -> str:
 
 @pytest.fixture
 def tiny(family) -> HookedModel:
-    return HookedModel(tiny_model(family), tiny_tokenizer(), name=f"tiny-{family}")
+    return HookedModel(tiny_model(family).to(TEST_DEVICE), tiny_tokenizer(), name=f"tiny-{family}")
 
 
 @pytest.fixture
 def tiny_llama() -> HookedModel:
-    return HookedModel(tiny_model("llama"), tiny_tokenizer(), name="tiny-llama")
+    return HookedModel(tiny_model("llama").to(TEST_DEVICE), tiny_tokenizer(), name="tiny-llama")
 
 
 @pytest.fixture

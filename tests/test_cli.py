@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -228,3 +230,16 @@ def test_failed_run_keeps_previous_results(tiny_checkpoint, tmp_path):
         assert_user_error(result, fragment)
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
         assert not list(tmp_path.glob(".run*"))
+
+
+def test_python_dash_m_runs_the_same_cli():
+    """``python -m mechunlearn`` works where the console script is not installed (a source
+    checkout on PYTHONPATH, e.g. a GPU machine with its own Python)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mechunlearn", "tree", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "analyze" in proc.stdout and "train" in proc.stdout

@@ -71,7 +71,7 @@ def zeroed(slices):
             if s.whole:
                 s.param.zero_()
             else:
-                s.param.index_fill_(s.dim, torch.tensor(s.index), 0.0)
+                s.param.index_fill_(s.dim, torch.tensor(s.index, device=s.param.device), 0.0)
     try:
         yield
     finally:

@@ -112,7 +112,7 @@ def _mean_nll(hm, prompt: str, target: str) -> float:
     p = hm.tokenize(prompt)
     t = hm.tokenize(" " + target, add_special_tokens=False)
     with torch.no_grad():
-        logits = hm.model(torch.tensor([p + t])).logits[0].float().log_softmax(-1)
+        logits = hm.model(torch.tensor([p + t], device=hm.device)).logits[0].float().log_softmax(-1)
     return -sum(logits[len(p) - 1 + j, tok].item() for j, tok in enumerate(t)) / len(t)
 
 

@@ -66,7 +66,7 @@ def naive_logprob(hm, prompt: str, continuation: str) -> tuple[float, int]:
     """One unpadded forward of prompt + continuation; sum of the continuation's log-probs."""
     prompt_ids = hm.tokenize(prompt)
     target = hm.tokenize(continuation, add_special_tokens=False)
-    ids = torch.tensor([prompt_ids + target])
+    ids = torch.tensor([prompt_ids + target], device=hm.device)
     logprobs = hm.model(input_ids=ids).logits[0].float().log_softmax(-1)
     total = sum(logprobs[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(target))
     return total, len(target)
@@ -314,7 +314,7 @@ def test_evaluate_format_with_no_prompts(tiny_llama):
 def naive_lm_loss(hm, texts):
     total, count = 0.0, 0
     for text in texts:
-        ids = torch.tensor([hm.tokenize(text)])
+        ids = torch.tensor([hm.tokenize(text)], device=hm.device)
         logits = hm.model(input_ids=ids).logits[0, :-1].float()
         total += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
         count += ids.shape[1] - 1

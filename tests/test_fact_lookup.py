@@ -153,6 +153,7 @@ def test_collect_residuals_matches_cache(tiny_llama):
     _, cache = tiny_llama.run_with_cache(
         residual_sites(tiny_llama.dims.n_layers), **batch.model_inputs()
     )
+    cache = {site: value.to(x.device) for site, value in cache.items()}
     assert torch.allclose(x[1], cache["blocks.0.resid_post"][:, -1], atol=1e-5)
     picked = collect_residuals(tiny_llama, batch, torch.tensor([3, 4]), layers=["embed", 1])
     assert picked.shape == (2, 2, tiny_llama.dims.d_model)

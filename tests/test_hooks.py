@@ -166,7 +166,7 @@ def test_resid_mid_write_sets_resid_mid(tiny):
                 pass
         return
     inputs = batch_of(tiny)
-    target = torch.randn(tiny.dims.d_model)
+    target = torch.randn(tiny.dims.d_model, device=tiny.device)
     with tiny.hooks([Patch("blocks.1.resid_mid", target)], cache=["blocks.1.resid_mid"]) as cache:
         forward(tiny, inputs)
     torch.testing.assert_close(
@@ -188,7 +188,7 @@ def test_perturbation_is_differentiable(tiny):
 
 def test_perturb_equals_apply_add(tiny):
     inputs = batch_of(tiny)
-    delta = 0.5 * torch.randn(tiny.dims.d_model)
+    delta = 0.5 * torch.randn(tiny.dims.d_model, device=tiny.device)
     with tiny.hooks([Perturb("blocks.0.resid_post", delta)]):
         a = forward(tiny, inputs).logits
     with tiny.hooks([Apply("blocks.0.resid_post", lambda x: x + delta)]):

@@ -86,7 +86,7 @@ def test_token_logprobs_match_unpadded_full_forward(tiny_llama):
         c = hm.tokenize(cont, add_special_tokens=False)
         ids = torch.tensor([p + c])
         with torch.no_grad():
-            full = hm.model(input_ids=ids).logits.float().log_softmax(-1)[0]
+            full = hm.model(input_ids=ids.to(hm.device)).logits.float().log_softmax(-1)[0]
         expected = [full[len(p) - 1 + j, c[j]].item() for j in range(len(c))]
         got = lp[row, -len(c) :].tolist()
         assert got == pytest.approx(expected, abs=1e-4)

@@ -201,7 +201,7 @@ def _by_hand(hm, prompt: str, completion: str) -> tuple[float, int, int]:
     p = hm.tokenize(prompt)
     c = hm.tokenize(completion, add_special_tokens=False)
     with torch.no_grad():
-        logits = hm.model(input_ids=torch.tensor([p + c])).logits[0].double()
+        logits = hm.model(input_ids=torch.tensor([p + c], device=hm.device)).logits[0].double()
     logp = logits.log_softmax(-1)
     picked = [float(logp[len(p) - 1 + i, tok]) for i, tok in enumerate(c)]
     greedy = 0

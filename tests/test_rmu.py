@@ -81,7 +81,8 @@ def test_loss_value_matches_equation_before_training(tiny_llama):
     for prompt, cont in (FORGET[i] for i in forget_idx):  # unpadded, one row at a time
         ids = torch.tensor([hm.tokenize(prompt) + hm.tokenize(cont, add_special_tokens=False)])
         _, cache = hm.run_with_cache("blocks.1.resid_post", input_ids=ids)
-        manual.append((cache["blocks.1.resid_post"][0] - control).pow(2).mean(-1))
+        residual = cache["blocks.1.resid_post"][0]
+        manual.append((residual - control.to(residual.device)).pow(2).mean(-1))
     expected = torch.cat(manual).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     with torch.no_grad():
@@ -98,7 +99,9 @@ def test_retain_term_is_alpha_times_drift_from_frozen(tiny_llama):
     retain = TargetBatch.from_pairs(hm, [RETAIN[i] for i in retain_idx])
     with torch.no_grad():
         weight = hm.model.model.layers[1].mlp.down_proj.weight  # move layer-1 activations
-        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+        weight.add_(
+            torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)).to(weight)
+        )
         total = bound(hm, ObjectiveStep(forget, [0, 1], retain, retain_idx)).item()
         only_forget = bound(hm, ObjectiveStep(forget, [0, 1])).item()
         now = frozen_activations(hm, [RETAIN[i] for i in retain_idx], 1)

@@ -251,7 +251,9 @@ def test_bad_configuration_errors(tiny_llama):
 def test_a_given_accelerator_is_left_reusable(tiny_llama):
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=True)
+    on_cpu = tiny_llama.device.type == "cpu"
+    trainer_module._forget_single_process_state_on_another_device(tiny_llama.device)
+    accelerator = Accelerator(cpu=on_cpu)
     for components in (["blocks.0.mlp"], ["blocks.1.mlp"]):
         trainable = make_trainable(tiny_llama, "localized", components)
         result = train(
@@ -369,7 +371,9 @@ def test_checkpoint_tensors_load_without_pickle(tmp_path, tiny_llama):
     folder = tmp_path / "step-000002"
     params = load_file(str(folder / "params.safetensors"))
     assert list(params) == ["model.layers.2.mlp.down_proj.weight"]
-    assert torch.equal(params["model.layers.2.mlp.down_proj.weight"], trainable.params[0].detach())
+    assert torch.equal(
+        params["model.layers.2.mlp.down_proj.weight"], trainable.params[0].detach().cpu()
+    )
     state = torch.load(folder / "optimizer.pt", weights_only=True)
     assert state["state"][0]["step"].item() == 2
     assert json.loads((folder / "state.json").read_text())["step"] == 2
@@ -440,3 +444,20 @@ def test_sports_new_answer_records_are_supported():
         new_answer="tennis",
     )
     assert fact_pairs([record], target="new_answer") == [("A plays", " tennis")]
+
+
+def test_a_process_can_train_on_one_device_after_another():
+    """accelerate's process-wide state is fixed by the first Accelerator; a single process
+    that trains a GPU model and then a CPU one (or back) must not inherit the stale device.
+    'meta' stands in for the other device on a CPU-only machine."""
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+
+    forget = trainer_module._forget_single_process_state_on_another_device
+    forget(torch.device("cpu"))  # drops a GPU state an earlier test may have left
+    Accelerator(cpu=True)
+    forget(torch.device("cpu"))
+    assert PartialState._shared_state["device"] == torch.device("cpu")  # same device: kept
+    forget(torch.device("meta"))
+    assert not PartialState._shared_state  # another device: dropped
+    assert Accelerator(cpu=True).device == torch.device("cpu")  # and a fresh one works

@@ -123,9 +123,10 @@ def token_logprobs(hm: HookedModel, batch: TargetBatch) -> torch.Tensor:
         raise ValueError("every row needs at least one prompt token before its continuation")
     logits = hm.forward(**batch.model_inputs(), logits_to_keep=keep + 1).logits[:, :-1]
     log_probs = logits.float().log_softmax(-1)  # predictions for positions width-keep .. width-1
-    targets = batch.input_ids[:, width - keep :]
+    # the logits' device: a batch built on the CPU, or a model sharded over several GPUs
+    targets = batch.input_ids[:, width - keep :].to(log_probs.device)
     picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    mask = batch.target_mask[:, width - keep :].bool()
+    mask = batch.target_mask[:, width - keep :].to(log_probs.device).bool()
     out = torch.zeros(batch.input_ids.shape, dtype=picked.dtype, device=picked.device)
     out[:, width - keep :] = torch.where(mask, picked, torch.zeros_like(picked))
     return out

@@ -262,10 +262,37 @@ def _default_accelerator(hm: HookedModel):
     """An ``Accelerator`` on the model's device kind; batches are split across processes."""
     from accelerate import Accelerator, DataLoaderConfiguration
 
+    _forget_single_process_state_on_another_device(hm.device)
     return Accelerator(
         cpu=hm.device.type == "cpu",
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+
+
+def _forget_single_process_state_on_another_device(device: torch.device) -> None:
+    """Let one process train models on different devices, one after another.
+
+    ``accelerate`` keeps one process-wide state, fixed by the first ``Accelerator``: after a
+    GPU run, ``Accelerator(cpu=True)`` raises, and after a CPU run ``prepare`` silently moves a
+    GPU model to the CPU (stranding gradient masks built on the GPU). Outside a distributed
+    launch nothing else depends on that state, so a stale one is dropped; under
+    ``accelerate launch`` it is the launch's and is left alone.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    shared = PartialState._shared_state
+    if not shared or shared.get("distributed_type", DistributedType.NO) != DistributedType.NO:
+        return
+    current = shared.get("device")
+    if current is None:
+        return
+    current = torch.device(current)
+    same = current.type == device.type and (
+        current.index is None or device.index is None or current.index == device.index
+    )
+    if not same:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _check_sizes(config: TrainConfig, data: TrainData, world: int, active: dict[str, bool]) -> None:

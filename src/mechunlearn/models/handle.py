@@ -117,13 +117,24 @@ class HookedModel:
     def run_with_cache(self, names: SiteFilter = None, detach: bool = True, **model_inputs):
         """One forward pass returning ``(output, cache)``; ``names`` filters the sites."""
         with self.hooks(cache=True if names is None else names, detach=detach) as cache:
-            output = self.model(**model_inputs)
+            output = self.model(**self.on_device(model_inputs))
         return output, cache
 
     def forward(self, **model_inputs):
-        """The model's forward, through ``forward_module`` when one is set (see ``forward_via``)."""
+        """The model's forward, through ``forward_module`` when one is set (see ``forward_via``).
+
+        Tensor inputs are moved to the model's device first, so a batch built on the CPU
+        runs unchanged on a GPU model (a no-op when they are already there)."""
         module = self.model if self.forward_module is None else self.forward_module
-        return module(**model_inputs)
+        return module(**self.on_device(model_inputs))
+
+    def on_device(self, model_inputs: dict) -> dict:
+        """``model_inputs`` with every tensor moved to ``self.device``."""
+        device = self.device
+        return {
+            key: value.to(device) if isinstance(value, torch.Tensor) else value
+            for key, value in model_inputs.items()
+        }
 
     @contextmanager
     def forward_via(self, module: nn.Module | None) -> Iterator[HookedModel]:

@@ -533,8 +533,10 @@ def train_tree_model(
             optimizer.step()
             with torch.no_grad():
                 token_acc = ((logits.argmax(-1) == targets) & mask).sum() / mask.sum()
-            window_loss += float(loss.detach())
-            window_acc += float(token_acc)
+            # Summed on the device and read at log time: a per-step float() would make
+            # every step wait for the accelerator.
+            window_loss = window_loss + loss.detach().float()
+            window_acc = window_acc + token_acc.float()
             window_n += 1
             elapsed = time.perf_counter() - started
             run_seconds += elapsed
@@ -543,11 +545,12 @@ def train_tree_model(
             step += 1
             advance(1)
             if step % config.log_every == 0 or step == config.steps:
+                mean_loss, mean_acc = float(window_loss) / window_n, float(window_acc) / window_n
                 rate = sequences / max(run_seconds, 1e-9)
                 for key, value in (
                     ("step", step),
-                    ("loss", window_loss / window_n),
-                    ("token_accuracy", window_acc / window_n),
+                    ("loss", mean_loss),
+                    ("token_accuracy", mean_acc),
                     ("lr", lr),
                     ("grad_norm", float(grad_norm)),
                     ("seconds", seconds),
@@ -555,8 +558,7 @@ def train_tree_model(
                 ):
                     history[key].append(value)
                 log(
-                    f"step {step}: loss {window_loss / window_n:.4f}, token acc "
-                    f"{window_acc / window_n:.4f}, {rate:.0f} seq/s"
+                    f"step {step}: loss {mean_loss:.4f}, token acc {mean_acc:.4f}, {rate:.0f} seq/s"
                 )
                 window_loss, window_acc, window_n = 0.0, 0.0, 0
             if step % config.eval_every == 0 and step < config.steps:
