@@ -218,7 +218,7 @@ def test_the_shipped_checkpoint_solves_held_out_trees_and_its_recipe_is_its_own(
     assert loaded.config.n_layers < loaded.task.max_path_length  # the depth-bound regime
     assert loaded.meta["accuracy"]["overall"] >= 0.99  # measured at training time, 3,500 trees
     trees = heldout_trees(loaded.task, 40, seed=7)  # a fresh held-out sample, not the same one
-    assert evaluate_accuracy(loaded.model, trees, 512).overall >= 0.95
+    assert evaluate_accuracy(loaded.model, trees, 512).overall >= 0.98
     recipe = TreeTrainConfig.model_validate(
         yaml.safe_load((shipped_checkpoint_folder() / SHIPPED_RECIPE).read_text())
     )

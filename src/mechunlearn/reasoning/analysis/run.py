@@ -177,15 +177,23 @@ def analyze_checkpoint(
     """Load a saved tree model (``load_tree_model``: DataError if it is not one, ConfigError if
     it is of another config than ``expect`` or its weights do not match), analyse it, write
     ``out``."""
-    from mechunlearn.reasoning.model import hooked_tree_model, load_tree_model
+    from mechunlearn.reasoning.model import (
+        hooked_tree_model,
+        load_tree_model,
+        shipped_checkpoint_folder,
+    )
     from mechunlearn.runtime import configure_threads, resolve_device
 
     configure_threads()
     loaded = load_tree_model(checkpoint, expect=expect, device=str(resolve_device(device)))
     hm = hooked_tree_model(loaded.model, name=str(loaded.path))
     analysis = analyze_tree_model(hm, loaded.task, config, progress=progress, log=log)
+    # the shipped checkpoint by name, not by this machine's install path (results get committed)
+    shipped = loaded.path.resolve() == shipped_checkpoint_folder().resolve()
     analysis.meta = {
-        "checkpoint": str(loaded.path),
+        "checkpoint": "the shipped checkpoint (mechunlearn/reasoning/checkpoint)"
+        if shipped
+        else str(loaded.path),
         "model": loaded.config.model_dump(),
         "task": loaded.task.model_dump(),
     }
