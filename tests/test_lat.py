@@ -192,3 +192,48 @@ def test_bad_inputs_give_clear_errors():
     trainable.restore()
     with pytest.raises(ConfigError, match="restored or merged"):
         train_lat(hm, trainable, DATA, None, good, progress=False)
+
+
+def test_lat_total_loss_is_the_normalised_coefficient_sum():
+    config = LatConfig(
+        adversary=ADVERSARY, steps=3, lr=1e-2, batch_size=4, benign_batch_size=4,
+        toward_coef=0.5, away_coef=2.0, benign_coef=1.5,
+    )  # fmt: skip
+    _, _, result, _ = run(config)
+    coefs = result.info["coefs"]
+    assert coefs == pytest.approx({"toward": 0.125, "away": 0.5, "benign": 0.375})
+    h = result.history
+    for step in range(3):
+        expected = sum(c * h[name][step] for name, c in coefs.items())
+        assert h["loss"][step] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_interrupted_lat_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from mechunlearn.edit import lat as lat_module
+
+    config = LatConfig(
+        adversary=ADVERSARY, steps=5, lr=1e-2, batch_size=4, benign_batch_size=4, benign="kl"
+    )
+    _, _, reference, expected = run(config)
+    config = config.model_copy(update={"checkpoint_every": 2})
+    real_step = lat_module._lat_step
+
+    def crash_at_step_4(run_, engine, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_step(run_, engine, step)
+
+    hm = fresh()
+    trainable = make_trainable(hm, "full", [])
+    monkeypatch.setattr(lat_module, "_lat_step", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_lat(hm, trainable, DATA, BENIGN, config, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(lat_module, "_lat_step", real_step)
+    hm = fresh()
+    trainable = make_trainable(hm, "full", [])
+    resumed = train_lat(
+        hm, trainable, DATA, BENIGN, config, checkpoint_dir=tmp_path, resume=True, progress=False
+    )
+    got = {n: p.detach() for n, p in trainable.named_params().items()}
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+    assert resumed.history["loss"] == reference.history["loss"]

@@ -26,7 +26,9 @@ from mechunlearn.edit import (
     sequence_logprobs,
     train,
 )
+from mechunlearn.edit import engine as engine_module
 from mechunlearn.edit import trainer as trainer_module
+from mechunlearn.edit.engine import with_changes
 from mechunlearn.edit.trainer import BatchStream
 from mechunlearn.errors import ConfigError, DataError
 from mechunlearn.models.handle import HookedModel
@@ -252,7 +254,7 @@ def test_a_given_accelerator_is_left_reusable(tiny_llama):
     from accelerate import Accelerator
 
     on_cpu = tiny_llama.device.type == "cpu"
-    trainer_module._forget_single_process_state_on_another_device(tiny_llama.device)
+    engine_module._forget_single_process_state_on_another_device(tiny_llama.device)
     accelerator = Accelerator(cpu=on_cpu)
     for components in (["blocks.0.mlp"], ["blocks.1.mlp"]):
         trainable = make_trainable(tiny_llama, "localized", components)
@@ -317,11 +319,11 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch
     config = config.model_copy(update={"checkpoint_every": 2})
     real_step, calls = trainer_module._train_step, []
 
-    def crash_at_step_5(run, step):
+    def crash_at_step_5(run, engine, step):
         calls.append(step)
         if step == 4:
             raise KeyboardInterrupt
-        return real_step(run, step)
+        return real_step(run, engine, step)
 
     hm = _fresh()
     trainable, _, _ = _lora_case(hm)
@@ -351,7 +353,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch
     assert resumed.history["loss"] == reference.history["loss"]
     assert len(resumed.history["lr"]) == 6
 
-    other = config.model_copy(update={"lr": 0.5})
+    other = with_changes(config, lr=0.5)
     hm = _fresh()
     trainable, _, _ = _lora_case(hm)
     with pytest.raises(ConfigError, match="different run.*config"):
@@ -453,7 +455,7 @@ def test_a_process_can_train_on_one_device_after_another():
     from accelerate import Accelerator
     from accelerate.state import PartialState
 
-    forget = trainer_module._forget_single_process_state_on_another_device
+    forget = engine_module._forget_single_process_state_on_another_device
     forget(torch.device("cpu"))  # drops a GPU state an earlier test may have left
     Accelerator(cpu=True)
     forget(torch.device("cpu"))
@@ -461,3 +463,40 @@ def test_a_process_can_train_on_one_device_after_another():
     forget(torch.device("meta"))
     assert not PartialState._shared_state  # another device: dropped
     assert Accelerator(cpu=True).device == torch.device("cpu")  # and a fresh one works
+
+
+def test_total_loss_is_the_coefficient_weighted_sum_of_the_terms():
+    """Non-unit, pairwise different coefficients: a term weighted by another term's
+    coefficient (or left unweighted) changes the recorded total and fails here."""
+    hm = _fresh()
+    trainable, data, config = _lora_case(hm)
+    coefs = {"forget": 0.7, "maintain": 1.9, "lm": 0.3}
+    config = with_changes(
+        config,
+        forget_coef=coefs["forget"],
+        maintain_coef=coefs["maintain"],
+        lm_coef=coefs["lm"],
+    )
+    history = train(hm, trainable, data, config, progress=False).history
+    assert set(coefs) <= set(history)
+    for step in range(config.steps):
+        expected = sum(c * history[name][step] for name, c in coefs.items())
+        assert history["loss"][step] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        # the terms are not all equal, so swapped coefficients would give another total
+        swapped = coefs["maintain"] * history["forget"][step] + coefs["forget"] * history[
+            "maintain"
+        ][step] + coefs["lm"] * history["lm"][step]
+        assert abs(swapped - expected) > 1e-4
+
+
+def test_bf16_precision_trains_with_fp32_weights():
+    hm = _fresh()
+    trainable, data, config = _lora_case(hm)
+    fp32 = train(hm, trainable, data, config, progress=False)
+    hm = _fresh()
+    trainable, data, config = _lora_case(hm)
+    bf16 = train(hm, trainable, data, with_changes(config, precision="bf16"), progress=False)
+    assert all(p.dtype == torch.float32 for p in trainable.params)
+    # same data and seeds, lower-precision forwards: close, but not bit-identical
+    assert bf16.history["loss"][0] == pytest.approx(fp32.history["loss"][0], rel=0.05)
+    assert bf16.history["loss"] != fp32.history["loss"]

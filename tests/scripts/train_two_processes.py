@@ -50,19 +50,19 @@ def main(out: Path) -> None:
     from safetensors.torch import save_file
 
     from mechunlearn.edit import train
-    from mechunlearn.edit import trainer as trainer_module
+    from mechunlearn.edit import engine as engine_module
 
     torch.set_num_threads(1)
     hm, trainable, data, config = case()
     shards: list[list[int]] = []  # rows this process trained on, per shard() call
-    real_shard = trainer_module._Run.shard
+    real_shard = engine_module.Engine.shard
 
     def recording_shard(run, indices):
         mine = real_shard(run, indices)
         shards.append(mine)
         return mine
 
-    trainer_module._Run.shard = recording_shard
+    engine_module.Engine.shard = recording_shard
     result = train(hm, trainable, data, config, progress=False)
     from accelerate import PartialState
 

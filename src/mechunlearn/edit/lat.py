@@ -60,6 +60,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -77,19 +78,23 @@ from mechunlearn.attacks.latent import (
     train_adversary,
 )
 from mechunlearn.edit.data import TrainData
+from mechunlearn.edit.engine import (
+    BatchStream,
+    Engine,
+    OptimConfig,
+    check_trainable,
+    default_accelerator,
+    keep_mode,
+    nest_optim_fields,
+    run_training,
+    step_seed,
+    total_loss,
+)
 from mechunlearn.edit.objectives import DEFAULT_FLOOR, TargetBatch, edit_loss, token_logprobs
 from mechunlearn.edit.parametrization import Trainable
-from mechunlearn.edit.trainer import (
-    BatchStream,
-    TrainResult,
-    _default_accelerator,
-    _release,
-    apply_update,
-    lr_factor,
-)
+from mechunlearn.edit.trainer import TrainResult
 from mechunlearn.errors import ConfigError, DataError, TokenizationError
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.report.progress import progress_bar
 
 
 class LatConfig(BaseModel):
@@ -100,11 +105,7 @@ class LatConfig(BaseModel):
     adversary: LatentAdversaryConfig | None
     steps: int = Field(30, ge=1)
     defender_steps: int = Field(1, ge=1, description="optimizer steps per adversary (K)")
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
     batch_size: int = Field(8, ge=1)
     benign_batch_size: int = Field(8, ge=1)
     seed: int = 0
@@ -118,6 +119,13 @@ class LatConfig(BaseModel):
     )
     dpo_beta: float = Field(0.1, gt=0, description="DPO's beta (inverse KL strength)")
     dpo_coef: float = Field(1.0, gt=0, description="weight of the DPO term (dpo only)")
+
+    checkpoint_every: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_optim(cls, data: Any) -> Any:
+        return nest_optim_fields(data)
 
     @model_validator(mode="after")
     def _something_to_defend(self) -> LatConfig:
@@ -316,25 +324,17 @@ class _Run:
     hm: HookedModel
     trainable: Trainable
     config: LatConfig
-    accelerator: Any
-    optimizer: Any
-    scheduler: Any
     coefs: dict[str, float]
     kinds: tuple[str, ...]
     examples: list[tuple[list, list, list]]
     benign: list[tuple[list, list]]
     reference: _KLReference | None
     dpo_reference: _DPOReference | None
-    streams: dict[str, BatchStream]
-    rank: int
-    world: int
-
-    def shard(self, indices: list[int]) -> list[int]:
-        return indices[self.rank :: self.world]
 
 
 def _defender_step(
     run: _Run,
+    engine: Engine,
     seqs: LatSequences,
     index: list[int],
     adversary: LatentAdversary | None,
@@ -346,20 +346,16 @@ def _defender_step(
         logprobs = token_logprobs(hm, seqs.batch)
     parts = completion_terms(logprobs, seqs, cfg.away_floor)
     terms: dict[str, torch.Tensor] = {}
-    loss = torch.zeros((), device=hm.device)
     if "toward" in coefs:
         terms["toward"] = parts["desired_nll"]
-        loss = loss + coefs["toward"] * terms["toward"]
     if "away" in coefs:
         terms["away"] = parts["unwanted_away"]
-        loss = loss + coefs["away"] * terms["away"]
     margin = None
     if "dpo" in coefs:
         ref_desired, ref_unwanted = run.dpo_reference(index, hm.device)
         desired = _sequence_sums(logprobs, seqs, "desired")
         unwanted = _sequence_sums(logprobs, seqs, "unwanted")
         terms["dpo"] = dpo_loss(desired, unwanted, ref_desired, ref_unwanted, cfg.dpo_beta)
-        loss = loss + coefs["dpo"] * terms["dpo"]
         margin = ((desired - ref_desired) - (unwanted - ref_unwanted)).detach().mean()
     if benign is not None:
         batch, benign_index = benign
@@ -367,8 +363,8 @@ def _defender_step(
             terms["benign"] = edit_loss(hm, batch)
         else:
             terms["benign"] = kl_to_reference(hm, batch, run.reference(batch, benign_index))
-        loss = loss + coefs["benign"] * terms["benign"]
-    grad_norm, lr = apply_update(run, loss, cfg.max_grad_norm)
+    loss = total_loss(terms, coefs, hm.device)
+    grad_norm, lr = engine.update(loss)
 
     record = {"loss": loss.detach().float(), **{k: v.detach().float() for k, v in terms.items()}}
     if "unwanted_nll" in parts:  # how far the (frozen) attack got, before this update
@@ -380,10 +376,10 @@ def _defender_step(
     return record
 
 
-def _lat_step(run: _Run, step: int) -> dict[str, float]:
+def _lat_step(run: _Run, engine: Engine, step: int) -> dict[str, float]:
     """Train an adversary on this step's batch, then ``defender_steps`` optimizer steps."""
     hm, cfg = run.hm, run.config
-    index = run.shard(run.streams["lat"].next())
+    index = engine.shard(engine.streams["lat"].next())
     batch = LatBatch(
         [run.examples[i][0] for i in index],
         [run.examples[i][1] for i in index],
@@ -395,7 +391,7 @@ def _lat_step(run: _Run, step: int) -> dict[str, float]:
     adversary = None
     if cfg.adversary is not None:
         tick = time.perf_counter()
-        seed = (cfg.seed * 1_000_003 + step) * 1_009 + run.rank
+        seed = step_seed(cfg.seed, step, engine.rank)
         adversary = train_adversary(hm, batch, cfg.adversary, seed=seed)
         record["adv_seconds"] = time.perf_counter() - tick
         if adversary.losses:
@@ -404,14 +400,14 @@ def _lat_step(run: _Run, step: int) -> dict[str, float]:
         record.update({f"eps/{site}": eps for site, eps in adversary.epsilons.items()})
     benign = None
     if "benign" in run.coefs:
-        b_index = run.shard(run.streams["benign"].next())
+        b_index = engine.shard(engine.streams["benign"].next())
         benign = (_benign_batch(hm, [run.benign[i] for i in b_index]), b_index)
 
     sums: dict[str, float] = {}
     k_steps = cfg.defender_steps
     for k in range(k_steps):
-        torch.manual_seed((cfg.seed * 1_000_003 + step * k_steps + k) * 1_009 + run.rank)
-        values = _defender_step(run, seqs, index, adversary, benign)
+        torch.manual_seed(step_seed(cfg.seed, step * k_steps + k, engine.rank))
+        values = _defender_step(run, engine, seqs, index, adversary, benign)
         if k == 0:
             for key in ("lr", "unwanted_nll", "dpo_margin"):
                 if key in values:
@@ -420,11 +416,7 @@ def _lat_step(run: _Run, step: int) -> dict[str, float]:
             if key not in ("lr", "unwanted_nll", "dpo_margin"):
                 sums[key] = sums.get(key, 0.0) + value / k_steps
     record.update(sums)
-    if run.world > 1:
-        keys = sorted(record)
-        values = torch.tensor([record[k] for k in keys], device=hm.device)
-        record = dict(zip(keys, run.accelerator.reduce(values, "mean").tolist(), strict=True))
-    return record
+    return engine.mean_over_processes(record)
 
 
 def _method_label(config: LatConfig, sites: Sequence[str]) -> str:
@@ -442,6 +434,8 @@ def train_lat(
     config: LatConfig,
     *,
     accelerator=None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda _: None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
@@ -455,21 +449,23 @@ def train_lat(
     of Eq. 7, before the first defender update), ``adv_loss_first``/``adv_loss_last`` (the
     adversary's objective at its first/last step), ``eps/<site>`` (bounds used),
     ``adv_seconds`` and ``seconds`` (the whole step). ``on_step(steps_done, record)`` runs in eval mode.
+    ``checkpoint_dir`` + ``config.checkpoint_every``: checkpoints as in ``edit.trainer.train``;
+    ``resume=True`` continues from the newest one (references are recomputed from the unedited
+    weights first, so the trainable must be freshly made).
     """
     data.validate()
     benign_pairs = check_benign(benign)
-    if not trainable.active:
-        raise ConfigError("this Trainable was restored or merged; make a new one")
-    if trainable.hm is not hm:
-        raise ConfigError("the Trainable was made for another HookedModel")
+    check_trainable(hm, trainable)
+    if config.checkpoint_every is not None and checkpoint_dir is None:
+        raise ConfigError("checkpoint_every is set but no checkpoint_dir was given")
     sites = resolve_sites(hm, config.adversary.layers) if config.adversary else []
     coefs = normalised_coefs(config, bool(benign_pairs))
     if "dpo" in coefs:
         kinds = KINDS
     else:
         kinds = tuple(k for k, term in zip(KINDS, ("away", "toward"), strict=True) if term in coefs)
-    accelerator = accelerator or _default_accelerator(hm)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    accelerator = accelerator or default_accelerator(hm)
+    world = accelerator.num_processes
     sizes = {"LAT": (config.batch_size, len(data))}
     if "benign" in coefs:
         sizes["benign"] = (config.benign_batch_size, len(benign_pairs))
@@ -479,9 +475,7 @@ def train_lat(
                 f"the {name} batch ({min(size, n)} examples) cannot be split over {world} processes"
             )
 
-    with ExitStack() as stack:
-        stack.callback(hm.model.train, hm.model.training)  # runs last, even on errors
-        hm.model.eval()
+    with keep_mode(hm):
         batch = LatBatch.from_examples(hm, data.examples)  # tokenizes and checks every example
         examples = list(zip(batch.prompts, batch.desired, batch.unwanted, strict=True))
         benign_tokens = _pair_tokens(hm, benign_pairs) if "benign" in coefs else []
@@ -493,70 +487,59 @@ def train_lat(
         if "dpo" in coefs:
             used = _drawn_indices(len(examples), config.batch_size, lat_seed, config.steps)
             dpo_reference = _DPOReference(hm, trainable, examples, used, config.batch_size)
-        streams = {"lat": BatchStream(len(examples), config.batch_size, lat_seed)}
-        if "benign" in coefs:
-            streams["benign"] = BatchStream(
-                len(benign_tokens), config.benign_batch_size, config.seed * 7919 + 4
-            )
-
-        optimizer = torch.optim.AdamW(
-            trainable.params, lr=config.lr, weight_decay=config.weight_decay
+    streams = {"lat": BatchStream(len(examples), config.batch_size, lat_seed)}
+    if "benign" in coefs:
+        streams["benign"] = BatchStream(
+            len(benign_tokens), config.benign_batch_size, config.seed * 7919 + 4
         )
-        total, warmup = config.steps * config.defender_steps, config.warmup_steps
-        schedule = config.schedule
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, total, warmup, schedule)
-        )
-        if world == 1 or accelerator.split_batches:
-            model, optimizer, scheduler = accelerator.prepare(hm.model, optimizer, scheduler)
-        else:
-            model, optimizer = accelerator.prepare(hm.model, optimizer)
-        stack.callback(_release, accelerator, model, optimizer, scheduler)
-
-        run = _Run(
-            hm, trainable, config, accelerator, optimizer, scheduler, coefs, kinds,
-            examples, benign_tokens, reference, dpo_reference, streams, rank, world,
-        )  # fmt: skip
-        method = _method_label(config, sites)
-        log(
-            f"{method}: {trainable.mode} ({trainable.n_params:,} parameters), "
-            f"coefficients {coefs}, {config.steps} steps x {config.defender_steps} defender "
-            f"step(s) on {world} process(es), {hm.device}"
-        )
-        stack.enter_context(hm.forward_via(model if model is not hm.model else None))
-        device = hm.device
-        stack.enter_context(
-            torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-        )
-        advance = stack.enter_context(
-            progress_bar(config.steps, method, enabled=progress and accelerator.is_main_process)
-        )
-        history: dict[str, list[float]] = {}
-        began = time.perf_counter()
-        hm.model.train()
-        for step in range(config.steps):
-            tick = time.perf_counter()
-            record = _lat_step(run, step)
-            record["seconds"] = time.perf_counter() - tick
-            for key, value in record.items():
-                history.setdefault(key, []).append(value)
-            advance(1)
-            if on_step is not None:
-                hm.model.eval()
-                on_step(step + 1, record)
-                hm.model.train()
-        seconds = time.perf_counter() - began
-    log(f"{method}: {config.steps} steps in {seconds:.1f}s; final loss {history['loss'][-1]:.4f}")
+    run = _Run(
+        hm, trainable, config, coefs, kinds, examples, benign_tokens, reference, dpo_reference
+    )
+    method = _method_label(config, sites)
+    log(
+        f"{method}: {trainable.mode} ({trainable.n_params:,} parameters), "
+        f"coefficients {coefs}, {config.steps} steps x {config.defender_steps} defender "
+        f"step(s) on {world} process(es), {hm.device}"
+    )
+    meta = {
+        "config": config.model_dump(mode="json", exclude={"checkpoint_every"}),
+        "mode": trainable.mode,
+        "components": trainable.components,
+    }
+    loop = run_training(
+        hm,
+        trainable,
+        config.optim,
+        lambda engine, step: _lat_step(run, engine, step),
+        steps=config.steps,
+        seed=config.seed,
+        streams=streams,
+        label=method,
+        updates_per_step=config.defender_steps,
+        accelerator=accelerator,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=config.checkpoint_every,
+        resume=resume,
+        meta=meta,
+        progress=progress,
+        log=log,
+        on_step=on_step,
+    )
+    history = loop.history
+    log(
+        f"{method}: {config.steps - loop.started_at} steps in {loop.seconds:.1f}s; "
+        f"final loss {history['loss'][-1]:.4f}"
+    )
     info = {
-        "processes": world,
-        "forward_module": type(model).__name__,
+        "processes": loop.world,
+        "forward_module": loop.forward_module,
         "method": "rt" if config.adversary is None else "lat",
         "defender_loss": config.defender_loss,
         "sites": sites,
         "coefs": coefs,
         "reference_forwards": dpo_reference.n_forwards if dpo_reference is not None else 0,
     }
-    return TrainResult(config.steps, history, seconds, trainable.n_params, info)
+    return TrainResult(config.steps, history, loop.seconds, trainable.n_params, info)
 
 
 class ForgetLat:

@@ -27,6 +27,7 @@ import yaml
 
 from mechunlearn import __version__
 from mechunlearn.edit.data import TrainData, fact_pairs
+from mechunlearn.edit.engine import with_changes
 from mechunlearn.edit.export import save_edited
 from mechunlearn.edit.parametrization import WeightSnapshot, make_trainable
 from mechunlearn.edit.trainer import train
@@ -353,8 +354,8 @@ def _edit_and_measure(
     log,
     probe_reserve=(),
 ) -> dict[str, Any]:
-    train_config = spec.train_config(config.train).model_copy(
-        update={"lr": hp.lr, "forget_coef": hp.forget_coef, "seed": seed}
+    train_config = with_changes(
+        spec.train_config(config.train), lr=hp.lr, forget_coef=hp.forget_coef, seed=seed
     )
     snapshot = WeightSnapshot(s.param for s in hm.parameters_of(loc.selected))
     trainable = make_trainable(hm, spec.trainer, loc.selected)

@@ -204,7 +204,10 @@ class MethodSpec(Strict):
         for key in METHOD_OVERRIDES:
             value = getattr(self, key)
             if value is not None:
-                data[key] = value
+                if key in data["optim"]:  # e.g. lr: the nested optimiser setting
+                    data["optim"][key] = value
+                else:
+                    data[key] = value
         if self.defender_loss is not None:
             data["defender_loss"] = self.defender_loss
         adversary = None

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mechunlearn.edit.data import TrainData
+from mechunlearn.edit.engine import with_changes
 from mechunlearn.edit.lat import ForgetLat
 from mechunlearn.edit.parametrization import WeightSnapshot, make_trainable
 from mechunlearn.edit.trainer import train
@@ -87,13 +88,12 @@ def sweep_localization(
     sweep = config.sweep
     points = []
     for lr, coef in itertools.product(sorted(sweep.lr), sweep.forget_coef):
-        train_config = spec.train_config(config.train).model_copy(
-            update={
-                "lr": lr,
-                "forget_coef": coef,
-                "seed": sweep.seed,
-                "steps": sweep.steps or config.train.steps,
-            }
+        train_config = with_changes(
+            spec.train_config(config.train),
+            lr=lr,
+            forget_coef=coef,
+            seed=sweep.seed,
+            steps=sweep.steps or config.train.steps,
         )
         snapshot = WeightSnapshot(s.param for s in hm.parameters_of(loc.selected))
         trainable = make_trainable(hm, spec.trainer, loc.selected)
