@@ -483,9 +483,11 @@ def test_total_loss_is_the_coefficient_weighted_sum_of_the_terms():
         expected = sum(c * history[name][step] for name, c in coefs.items())
         assert history["loss"][step] == pytest.approx(expected, rel=1e-5, abs=1e-6)
         # the terms are not all equal, so swapped coefficients would give another total
-        swapped = coefs["maintain"] * history["forget"][step] + coefs["forget"] * history[
-            "maintain"
-        ][step] + coefs["lm"] * history["lm"][step]
+        swapped = (
+            coefs["maintain"] * history["forget"][step]
+            + coefs["forget"] * history["maintain"][step]
+            + coefs["lm"] * history["lm"][step]
+        )
         assert abs(swapped - expected) > 1e-4
 
 

@@ -49,8 +49,8 @@ def case():
 def main(out: Path) -> None:
     from safetensors.torch import save_file
 
-    from mechunlearn.edit import train
     from mechunlearn.edit import engine as engine_module
+    from mechunlearn.edit import train
 
     torch.set_num_threads(1)
     hm, trainable, data, config = case()
