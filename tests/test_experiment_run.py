@@ -177,7 +177,7 @@ def test_interrupted_run_resumes_without_redoing_finished_work(saved_llama, tmp_
     def no_recompute(*args, **kwargs):
         raise AssertionError("a resumed run must reuse its own localizations")
 
-    monkeypatch.setattr(edit_job, "compute_localizations", no_recompute)
+    monkeypatch.setattr(edit_job, "_run_cached", no_recompute)
     run_experiment(cfg, tmp_path / "run", resume=True, progress=False)
     assert calls == ["ct_mlps", "all_mlps_lora"]
     assert (tmp_path / "run" / "results.md").is_file() and not partial.exists()
@@ -401,10 +401,17 @@ def test_whole_group_edit_probes_with_validation_facts_of_the_group(
     assert not set(validation["forget"]) & set(facts["forget"])
 
 
-def test_remaining_time_is_estimated_from_finished_runs():
-    clock = iter([0.0, 1200.0])
-    eta = edit_job.RemainingTime(4, clock=lambda: next(clock))
-    assert eta.describe() == "run 1 of 4"
-    eta.done_one()
-    eta.done_one()
-    assert eta.describe() == "run 3 of 4, 10 min each so far, about 0.3 h left"
+def test_progress_counts_units_and_estimates_the_time_left():
+    from mechunlearn.experiments.workers import Progress, Unit
+
+    units = [Unit(f"edit/{i}", "edit", f"{i}.json") for i in range(4)]
+    units.append(Unit("sweep/0", "sweep", "s.json"))
+    lines = []
+    progress = Progress(units, workers=2, log=lines.append)
+    assert progress.describe() == "units: 0 done, 0 running, 5 left"
+    for unit in units[:2]:
+        progress.start(unit)
+        progress.finish(unit, 600.0)
+    # two edits left at 10 min each, the sweep at the mean of the known kinds, on 2 workers
+    assert progress.eta_seconds() == 3 * 600.0 / 2
+    assert lines[-1] == "edit/1 done in 600s; units: 2 done, 0 running, 3 left; ETA 15 min"

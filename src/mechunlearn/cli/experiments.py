@@ -57,6 +57,14 @@ def run_command(
             help="CounterFact JSON: its neighbourhood score as a side effect of every edit"
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="worker processes for independent units (one torch thread each); default: "
+            "the idle cores",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run an experiment: editing/unlearning (localize, edit, attack, report), or targeted LAT
@@ -100,13 +108,20 @@ def run_command(
     if seeds is not None:
         updates["seeds"] = cfg.seeds[:seeds]
     cfg = validate_config(ExperimentConfig, cfg.model_dump() | updates, str(config))
+    if workers is None:
+        from mechunlearn.experiments.workers import idle_cores
+
+        workers = idle_cores()
+    log = make_log(quiet)
+    log(f"{workers} worker process(es)")
     folder = run_experiment(
         cfg,
         out,
         resume=resume,
         use_cache=not no_cache,
-        progress=show_progress(quiet),
-        log=make_log(quiet),
+        progress=show_progress(quiet) and workers == 1,
+        workers=workers,
+        log=log,
     )
     console.print((folder / "results.md").read_text(), markup=False, highlight=False)
     console.print(f"results: {folder}/results.md, summary.json, figures/")

@@ -308,13 +308,15 @@ def run_training(
     progress: bool = True,
     log: Callable[[str], None] = lambda _: None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    stop_after: int | None = None,
 ) -> LoopResult:
     """Run ``steps`` calls of ``step_fn(engine, step)`` (see the module docstring).
 
     ``updates_per_step``: optimizer updates one step makes (LAT's defender steps), so that the
     schedule spans ``steps * updates_per_step`` updates. ``meta``: the run's description; a
     checkpoint written with another description is refused on resume. ``on_step(done,
-    record)`` runs after every step in eval mode.
+    record)`` runs after every step in eval mode. ``stop_after``: end after that many steps of
+    the ``steps``-long schedule (an early-stopped run, e.g. a rung of successive halving).
     """
     check_trainable(hm, trainable)
     if checkpoint_every is not None and checkpoint_dir is None:
@@ -357,12 +359,13 @@ def run_training(
         stack.enter_context(
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
         )
+        end = steps if stop_after is None else min(steps, stop_after)
         advance = stack.enter_context(
-            progress_bar(steps - start, label, enabled=progress and accelerator.is_main_process)
+            progress_bar(end - start, label, enabled=progress and accelerator.is_main_process)
         )
         began = time.perf_counter()
         hm.model.train()
-        for step in range(start, steps):
+        for step in range(start, end):
             torch.manual_seed(step_seed(seed, step, rank))
             tick = time.perf_counter()
             with engine.autocast():
@@ -379,7 +382,7 @@ def run_training(
             if (
                 checkpoint_dir is not None
                 and checkpoint_every
-                and (done % checkpoint_every == 0 or done == steps)
+                and (done % checkpoint_every == 0 or done == end)
             ):
                 _save(checkpoint_dir, done, named, engine, history, meta)
                 log(f"step {done}: loss {record.get('loss', math.nan):.4f}; checkpoint saved")

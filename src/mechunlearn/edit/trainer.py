@@ -240,6 +240,7 @@ def train(
     log: Callable[[str], None] = lambda _: None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     forget_perturbation: ForgetPerturbation | None = None,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train ``trainable`` on ``data`` for ``config.steps`` steps (see the module docstring).
 
@@ -250,6 +251,8 @@ def train(
     (and at the end); ``resume=True`` continues from the newest checkpoint there (the model
     and trainable must be freshly made as for the original run: references are recomputed
     from the unedited weights, then the trained parameters are loaded).
+
+    ``stop_after``: stop after that many steps of the ``config.steps``-long schedule.
     """
     data.validate()
     check_trainable(hm, trainable)
@@ -327,11 +330,12 @@ def train(
         progress=progress,
         log=log,
         on_step=on_step,
+        stop_after=stop_after,
     )
     history = loop.history
     if history:
         log(
-            f"trained {config.steps - loop.started_at} steps in {loop.seconds:.1f}s; "
+            f"trained {len(history['loss']) - loop.started_at} steps in {loop.seconds:.1f}s; "
             f"final loss {history['loss'][-1]:.4f}"
         )
     info = {
@@ -339,4 +343,5 @@ def train(
         "forward_module": loop.forward_module,
         "objective": dict(objective.info) if objective else {},
     }
-    return TrainResult(config.steps, history, loop.seconds, trainable.n_params, info)
+    steps_done = len(history.get("loss", []))
+    return TrainResult(steps_done, history, loop.seconds, trainable.n_params, info)

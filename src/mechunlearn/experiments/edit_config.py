@@ -132,6 +132,12 @@ class SweepConfig(Strict):
     forget_coef: list[float] = Field(default_factory=lambda: [1.0])
     steps: int | None = Field(default=None, ge=1, description="default: train.steps")
     seed: int = 0
+    selection: Literal["full", "halving"] = Field(
+        default="full",
+        description="full: train every point for every step; halving: successive halving over "
+        "early-stopped runs (experiments.sweep.sweep_rungs)",
+    )
+    eta: int = Field(default=3, ge=2, description="halving: keep 1/eta of the points per rung")
 
     @field_validator("lr", "forget_coef")
     @classmethod

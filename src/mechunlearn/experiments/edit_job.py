@@ -4,21 +4,24 @@ known facts -> validation / per-seed fact sets -> localizations at equal budget 
 localization a hyper-parameter sweep on the validation split -> for every (localization, seed):
 train only the localized weights, run the robustness battery, restore the weights -> report.
 
-The run is assembled in ``OUT.partial`` with one result file per (localization, seed), written
-atomically as soon as it is done, so an interrupted run resumes (``resume=True``) where it
-stopped. Only a complete run is moved to ``OUT``: the final folder never holds partial results.
-``resume=True`` on a finished ``OUT`` extends it (e.g. from one seed to all seeds).
-Input (config, data, localization files) is validated before the model loads.
+After a short plan made in this process (known facts, localization facts, the base model's
+validation score: ``plan.json``), the run is a graph of units (``plan_units``): one per
+localization, sweep point and (localization, seed) edit, and one base-model battery per seed.
+``run_units`` executes them here (``workers=1``) or in worker processes, each unit's file
+written atomically in ``OUT.partial`` as soon as it is done, so an interrupted run resumes
+(``resume=True``) with every finished unit kept. Only a complete run is moved to ``OUT``: the
+final folder never holds partial results. ``resume=True`` on a finished ``OUT`` extends it
+(e.g. from one seed to all seeds). Input (config, data, localization files) is validated
+before the model loads.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ from mechunlearn.edit.engine import with_changes
 from mechunlearn.edit.export import save_edited
 from mechunlearn.edit.parametrization import WeightSnapshot, make_trainable
 from mechunlearn.edit.trainer import train
-from mechunlearn.errors import ConfigError, DataError
+from mechunlearn.errors import DataError
 from mechunlearn.evals.harness import known_records
 from mechunlearn.experiments.battery import run_battery
 from mechunlearn.experiments.edit_config import ExperimentConfig, Hyperparameters
@@ -42,13 +45,24 @@ from mechunlearn.experiments.fact_sets import (
     split_experiment_facts,
     with_targets,
 )
-from mechunlearn.experiments.localizations import compute_localizations, localization_facts
+from mechunlearn.experiments.localizations import (
+    SCOPED,
+    _run_cached,
+    localization_facts,
+    reselect,
+)
+from mechunlearn.experiments.run_folder import RunFolder
 from mechunlearn.experiments.sweep import (
     forget_perturbation,
-    sweep_localization,
+    rank_points,
+    survivors_count,
+    sweep_grid,
+    sweep_point,
+    sweep_rungs,
     validation_score,
 )
-from mechunlearn.io import RunClock, atomic_write_json, atomic_write_yaml, move_into_place
+from mechunlearn.experiments.workers import Unit, phase_seconds, run_units
+from mechunlearn.io import atomic_write_json
 from mechunlearn.localize import Localization
 from mechunlearn.models.loading import load_model
 from mechunlearn.report.experiment import write_report
@@ -60,27 +74,6 @@ from mechunlearn.tasks.records import FactRecord
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
-
-
-class RemainingTime:
-    """``run k of n``, and once one is done the time left at the mean pace so far (a run of
-    several hours is planned around it)."""
-
-    def __init__(self, total: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.total, self.done = total, 0
-        self.clock = clock
-        self.started = clock()
-
-    def done_one(self) -> None:
-        self.done += 1
-
-    def describe(self) -> str:
-        text = f"run {self.done + 1} of {self.total}"
-        if self.done:
-            pace = (self.clock() - self.started) / self.done
-            left = pace * (self.total - self.done)
-            text += f", {pace / 60:.0f} min each so far, about {left / 3600:.1f} h left"
-        return text
 
 
 def _prepare_sets(config: ExperimentConfig, sets: FactSets, seed: int) -> FactSets:
@@ -121,89 +114,44 @@ def check_inputs(config: ExperimentConfig) -> tuple[list[FactRecord], list[FactR
     return records, counterfact
 
 
-def run_experiment(
-    config: ExperimentConfig,
-    out: str | Path,
-    *,
-    resume: bool = False,
-    use_cache: bool = True,
-    progress: bool = True,
-    log: Callable[[str], None] = lambda _: None,
-) -> Path:
-    """Run ``config``; see the module docstring. Returns the final run folder."""
-    out = Path(out)
-    records, counterfact = check_inputs(config)
-    partial = out.with_name(out.name + ".partial")
-    if resume and not partial.exists() and (out / "config.yaml").is_file():
-        # a finished run is extended (e.g. the quick one-seed run to every seed): its results
-        # move back to the partial folder and only the missing (localization, seed) runs are done
-        _check_same_config(out, config)
-        os.replace(out, partial)
-    if resume and (partial / "config.yaml").is_file():
-        _check_same_config(partial, config)
-    started = time.time()
+UNIT_PRIORITY = ("localize", "sweep", "edit", "base")
+"""Ready units are taken in this order: localizations unblock sweeps, sweeps unblock edits, and
+the base model's batteries (no dependencies) fill the gaps."""
 
+
+@dataclass
+class EditContext:
+    """A process's view of a run: the model (loaded once per process), the config, the facts."""
+
+    folder: Path
+    config: ExperimentConfig
+    hm: Any
+    known: list[FactRecord]
+    loc_facts: list[FactRecord]
+    facts: Any
+    seed_sets: dict[int, FactSets]
+    validation: FactSets
+    base_retain: float | None
+    counterfact: list[FactRecord]
+    text_eval: list[str]
+    text_train: list[str]
+    use_cache: bool = True
+    progress: bool = False
+    log: Callable[[str], None] = lambda _: None
+
+
+def _texts(config: ExperimentConfig) -> tuple[list[str], list[str]]:
     texts = load_general_text()
     n_eval = min(config.evaluation.lm_texts, len(texts) // 2)
-    text_eval, text_train = texts[:n_eval], texts[n_eval:]
+    return texts[:n_eval], texts[n_eval:]
 
-    hm = load_model(config.model, device=config.device, dtype=config.dtype, log=log)
-    for spec in config.localizations:
-        if spec.from_file:
-            Localization.load(spec.from_file).check_model(hm)
-    # Everything that can be checked is checked before anything is written.
-    # Knowing a fact is judged among its own options, before a new edit target (e.g. golf)
-    # joins them: the target would take probability from the true answer.
-    known_path = partial / "known_facts.json"
-    if resume and known_path.is_file():
-        known_ids = set(_read_json(known_path))
-    elif config.facts.known_only:
-        scored = known_records(hm, records, config.facts.known_threshold, progress=progress)
-        known_ids = {r.id for r in scored}
-    else:
-        known_ids = {r.id for r in records}
-    # Localization looks at the facts as the model knows them, among their own options.
-    known_as_is = [r for r in records if r.id in known_ids]
+
+def _fact_views(config: ExperimentConfig, records, known_ids):
+    """The run's facts from the known ids: every seed's sets and the validation split."""
     records = add_options(records, extra_options(config))
     known = [r for r in records if r.id in known_ids]
-    log(f"{len(known)} of {len(records)} facts known")
     facts = split_experiment_facts(known, config.facts)
     seed_sets = {seed: _prepare_sets(config, facts.for_seed(seed), seed) for seed in config.seeds}
-    for sets in seed_sets.values():
-        train_data(config, sets, text_train)
-    loc_facts = localization_facts(
-        hm, known_as_is, config.facts.n_localize, config.localize_options.seed
-    )
-
-    if partial.exists() and not resume:
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    clock = RunClock(partial)
-    clock.started = started  # the time spent loading the model and finding known facts counts
-    atomic_write_yaml(partial / "config.yaml", config.model_dump(mode="json"))
-    atomic_write_json(known_path, sorted(r.id for r in known))
-    saved = {
-        spec.name: partial / "localizations" / f"{spec.name}.json" for spec in config.localizations
-    }
-    if resume and all(path.is_file() for path in saved.values()):
-        # the run's own localizations, so a resumed run edits exactly what it started with
-        locs = {name: Localization.load(path) for name, path in saved.items()}
-        log("localizations: from the interrupted run")
-    else:
-        locs = compute_localizations(
-            hm,
-            config.model,
-            config.localizations,
-            loc_facts,
-            config.localize_options.model_copy(update={"progress": progress}),
-            use_cache=use_cache,
-            log=log,
-        )
-        for name, path in saved.items():
-            locs[name].save(path)
-    for loc in locs.values():
-        loc.check_model(hm)
-
     validation = _prepare_sets(
         config,
         FactSets(
@@ -213,128 +161,357 @@ def run_experiment(
         ),
         seed=config.sweep.seed if config.sweep else 0,
     )
-    clock.save()
-    hparams = _choose_hparams(hm, config, locs, validation, text_train, partial, log, clock)
+    return known, facts, seed_sets, validation
 
-    probe_reserve = list(facts.validation.forget)  # never a seed's forget or retain fact
-    todo = [
-        (seed, spec.name)
-        for seed in seed_sets
-        for spec in config.localizations
-        if not (partial / "results" / spec.name / f"seed{seed}.json").is_file()
-    ]
-    eta = RemainingTime(len(todo))
+
+def build_context(
+    folder: Path,
+    hm=None,
+    *,
+    progress: bool = False,
+    log: Callable[[str], None] = lambda _: None,
+) -> EditContext:
+    """Everything a unit needs, read from the run folder (a worker passes ``hm=None`` and loads
+    the model itself, once)."""
+    folder = Path(folder)
+    config = ExperimentConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
+    plan = _read_json(folder / "plan.json")
+    records, counterfact = check_inputs(config)
+    by_id = {r.id: r for r in records}
+    loc_facts = [by_id[i] for i in plan["localization_facts"]]
+    known, facts, seed_sets, validation = _fact_views(config, records, set(plan["known"]))
+    text_eval, text_train = _texts(config)
+    if hm is None:
+        hm = load_model(config.model, device=config.device, dtype=config.dtype)
+    return EditContext(
+        folder, config, hm, known, loc_facts, facts, seed_sets, validation,
+        plan["base_retain_accuracy"], counterfact, text_eval, text_train,
+        use_cache=plan.get("use_cache", True), progress=progress, log=log,
+    )  # fmt: skip
+
+
+def worker_context(folder: Path) -> EditContext:
+    """A worker process's context (module level, so spawned processes can unpickle it)."""
+    return build_context(folder)
+
+
+def plan_units(config: ExperimentConfig) -> list[Unit]:
+    """The run as a graph of units (see ``experiments.workers``)."""
+    units: list[Unit] = []
+    specs = list(config.localizations)
+    needs_budget = config.localize_options.budget is None and any(
+        s.method not in SCOPED and not s.from_file for s in specs
+    )
+    budget_key = "localize/_budget"
+    if needs_budget:
+        units.append(Unit(budget_key, "localize", "localizations/_budget/fact_lookup.json"))
+    first_of_method: dict[str, str] = {}
+    for spec in specs:
+        deps: list[str] = []
+        if not spec.from_file:
+            if needs_budget and (spec.method not in SCOPED or spec.method == "fact_lookup"):
+                deps.append(budget_key)
+            if spec.method in first_of_method and spec.method not in SCOPED:
+                deps.append(f"localize/{first_of_method[spec.method]}")
+            first_of_method.setdefault(spec.method, spec.name)
+        units.append(
+            Unit(f"localize/{spec.name}", "localize", f"localizations/{spec.name}.json",
+                 {"name": spec.name}, tuple(deps))
+        )  # fmt: skip
+    chosen_from: dict[str, tuple[str, ...]] = {}
+    for spec in specs:
+        if spec.name in config.hyperparameters or config.sweep is None:
+            chosen_from[spec.name] = ()
+            continue
+        n_points = len(sweep_grid(config.sweep))
+        previous: tuple[str, ...] = ()
+        for rung in range(len(sweep_rungs(config.sweep, n_points, config.train.steps))):
+            keys = tuple(f"sweep/{spec.name}/r{rung}p{i}" for i in range(n_points))
+            for i, key in enumerate(keys):
+                units.append(
+                    Unit(key, "sweep", f"{key}.json", {"name": spec.name, "rung": rung, "point": i},
+                         (f"localize/{spec.name}", *previous))
+                )  # fmt: skip
+            previous = keys
+        chosen_from[spec.name] = previous
+    for seed in config.seeds:
+        units.append(
+            Unit(f"base/seed{seed}", "base", f"results/base/seed{seed}.json", {"seed": seed})
+        )
+        for spec in specs:
+            units.append(
+                Unit(f"edit/{spec.name}/seed{seed}", "edit",
+                     f"results/{spec.name}/seed{seed}.json", {"name": spec.name, "seed": seed},
+                     (f"localize/{spec.name}", *chosen_from[spec.name]))
+            )  # fmt: skip
+    return units
+
+
+def execute_unit(ctx: EditContext, unit: Unit) -> dict[str, Any]:
+    """Compute one unit (the same in this process and in a worker)."""
+    if unit.kind == "localize":
+        return _localize_unit(ctx, unit).model_dump(mode="json")
+    if unit.kind == "sweep":
+        return _sweep_unit(ctx, unit)
+    seed = unit.params["seed"]
+    sets = ctx.seed_sets[seed]
+    probe_reserve = list(ctx.facts.validation.forget)  # never a seed's forget or retain fact
+    if unit.kind == "base":
+        ctx.log(f"seed {seed}: base model")
+        base = run_battery(
+            ctx.hm, sets, ctx.config, seed,
+            general_text_eval=ctx.text_eval, general_text_train=ctx.text_train,
+            counterfact_records=ctx.counterfact, probe_reserve=probe_reserve,
+            attacks=False, progress=ctx.progress,
+        )  # fmt: skip
+        return {"localization": "base", "seed": seed, **base.to_json()}
+    name = unit.params["name"]
+    spec = next(s for s in ctx.config.localizations if s.name == name)
+    loc = Localization.load(ctx.folder / "localizations" / f"{name}.json")
+    loc.check_model(ctx.hm)
+    hp = chosen_hyperparameters(ctx.folder, ctx.config, name)
+    ctx.log(f"seed {seed}: {name} (lr {hp.lr:g}, forget_coef {hp.forget_coef:g})")
+    data = train_data(ctx.config, sets, ctx.text_train)
+    return _edit_and_measure(
+        ctx.hm, spec, loc, hp, data, sets, ctx.config, seed, ctx.text_eval, ctx.text_train,
+        ctx.counterfact, ctx.folder, ctx.progress, ctx.log, probe_reserve,
+    )  # fmt: skip
+
+
+def _localize_unit(ctx: EditContext, unit: Unit) -> Localization:
+    """One spec's localization, made as ``compute_localizations`` makes it: budgeted methods at
+    fact lookup's parameter count, a method seen before re-selected from its scores."""
+    config, hm = ctx.config, ctx.hm
+    options = config.localize_options.model_copy(update={"progress": ctx.progress})
+    if unit.key == "localize/_budget":
+        flu = _run_cached(
+            hm, config.model, ctx.loc_facts, "fact_lookup", options, ctx.use_cache, ctx.log
+        )
+        if flu.n_params == 0:
+            raise DataError("fact_lookup selected nothing on these facts, so it gives no budget")
+        ctx.log(f"parameter budget {flu.n_params:,} (fact lookup: {', '.join(flu.selected)})")
+        return flu
+    spec = next(s for s in config.localizations if s.name == unit.params["name"])
+    if spec.from_file:
+        loc = Localization.load(spec.from_file)
+        loc.check_model(hm)
+        return loc
+    budget = options.budget
+    budget_file = ctx.folder / "localizations" / "_budget" / "fact_lookup.json"
+    flu = Localization.load(budget_file) if budget_file.is_file() else None
+    if budget is None and flu is not None:
+        budget = flu.n_params
+    spec_budget = None if spec.method in SCOPED else budget
+    if spec.method == "fact_lookup" and spec.restrict_to == "all" and flu is not None:
+        return flu
+    first = next(s for s in config.localizations if s.method == spec.method and not s.from_file)
+    if first.name != spec.name and spec.method not in SCOPED:
+        base = Localization.load(ctx.folder / "localizations" / f"{first.name}.json")
+        return reselect(hm, base, spec.restrict_to, spec_budget)
+    method_options = options.model_copy(
+        update={"budget": spec_budget, "restrict_to": spec.restrict_to}
+    )
+    loc = _run_cached(
+        hm, config.model, ctx.loc_facts, spec.method, method_options, ctx.use_cache, ctx.log
+    )
+    ctx.log(
+        f"localization {spec.name}: {len(loc.selected)} components, {loc.n_params:,} parameters"
+    )
+    return loc
+
+
+def _sweep_unit(ctx: EditContext, unit: Unit) -> dict[str, Any]:
+    name, rung, index = unit.params["name"], unit.params["rung"], unit.params["point"]
+    sweep = ctx.config.sweep
+    points = sweep_grid(sweep)
+    lr, coef = points[index]
+    if rung > 0 and index not in rung_survivors(ctx.folder, name, rung, sweep):
+        return {"lr": lr, "forget_coef": coef, "rung": rung, "eliminated": True}
+    spec = next(s for s in ctx.config.localizations if s.name == name)
+    loc = Localization.load(ctx.folder / "localizations" / f"{name}.json")
+    steps = sweep_rungs(sweep, len(points), ctx.config.train.steps)[rung]
+    data = train_data(ctx.config, ctx.validation, ctx.text_train)
+    numbers = sweep_point(
+        ctx.hm, spec, loc, ctx.validation, data, ctx.config, ctx.base_retain, lr, coef, steps
+    )
+    ctx.log(
+        f"sweep {name}: lr={lr:g} forget_coef={coef:g} ({steps} steps) -> score "
+        f"{numbers['score']:.3f} (forget {numbers['forget_effect']:.2f}, retain "
+        f"{numbers['retain_accuracy']:.2f})"
+    )
+    return {**numbers, "rung": rung, "steps": steps}
+
+
+def _rung_results(folder: Path, name: str, rung: int, n_points: int) -> list[dict[str, Any]]:
+    found = [_read_json(folder / "sweep" / name / f"r{rung}p{i}.json") for i in range(n_points)]
+    return [{**r, "point": i} for i, r in enumerate(found) if not r.get("eliminated")]
+
+
+def rung_survivors(folder: Path, name: str, rung: int, sweep) -> set[int]:
+    """Grid points that go on to ``rung``: the best of the previous rung."""
+    n_points = len(sweep_grid(sweep))
+    ranked = rank_points(_rung_results(folder, name, rung - 1, n_points))
+    return {p["point"] for p in ranked[: survivors_count(sweep, n_points, rung)]}
+
+
+def chosen_hyperparameters(folder: Path, config: ExperimentConfig, name: str) -> Hyperparameters:
+    """A localization's fixed hyper-parameters, or its sweep's choice (best of the last rung)."""
+    if name in config.hyperparameters:
+        return config.hyperparameters[name]
+    n_points = len(sweep_grid(config.sweep))
+    last = len(sweep_rungs(config.sweep, n_points, config.train.steps)) - 1
+    best = rank_points(_rung_results(folder, name, last, n_points))[0]
+    return Hyperparameters(lr=best["lr"], forget_coef=best["forget_coef"])
+
+
+def _write_sweep_summaries(folder: Path, config: ExperimentConfig, base_retain) -> None:
+    """``sweep/<localization>.json``: the choice and every point tried (the report's record)."""
+    if config.sweep is None:
+        return
+    n_points = len(sweep_grid(config.sweep))
+    rungs = sweep_rungs(config.sweep, n_points, config.train.steps)
+    for spec in config.localizations:
+        if spec.name in config.hyperparameters:
+            continue
+        tried = [
+            p for r in range(len(rungs)) for p in _rung_results(folder, spec.name, r, n_points)
+        ]
+        atomic_write_json(
+            folder / "sweep" / f"{spec.name}.json",
+            {
+                "chosen": chosen_hyperparameters(folder, config, spec.name).model_dump(),
+                "base_retain_accuracy": base_retain,
+                "selection": config.sweep.selection,
+                "rung_steps": rungs,
+                "points": tried,
+            },
+        )
+
+
+def _same_experiment(config: ExperimentConfig) -> Callable[[dict[str, Any]], bool]:
+    """Resuming is only meaningful with the same experiment (seeds may differ)."""
+
+    def same(saved: dict[str, Any]) -> bool:
+        saved_config = ExperimentConfig.model_validate(saved)
+        return saved_config.model_dump(exclude={"seeds"}) == config.model_dump(exclude={"seeds"})
+
+    return same
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    use_cache: bool = True,
+    progress: bool = True,
+    workers: int = 1,
+    log: Callable[[str], None] = lambda _: None,
+) -> Path:
+    """Run ``config``; see the module docstring. Returns the final run folder.
+
+    ``workers``: processes running the units (1: every unit in this process)."""
+    records, _ = check_inputs(config)
+    run = RunFolder(
+        out, config.model_dump(mode="json"), resume=resume, same_config=_same_experiment(config)
+    )
+    run.check()
+    started = time.time()
+    hm = load_model(config.model, device=config.device, dtype=config.dtype, log=log)
+    for spec in config.localizations:
+        if spec.from_file:
+            Localization.load(spec.from_file).check_model(hm)
+    # Everything that can be checked is checked before anything is written.
+    saved_plan = None
+    for folder in (run.partial, run.out):
+        if resume and (folder / "plan.json").is_file():
+            saved_plan = _read_json(folder / "plan.json")
+            break
+    if saved_plan is not None:
+        known_ids = set(saved_plan["known"])
+    elif config.facts.known_only:
+        # Knowing a fact is judged among its own options, before a new edit target (e.g. golf)
+        # joins them: the target would take probability from the true answer.
+        scored = known_records(hm, records, config.facts.known_threshold, progress=progress)
+        known_ids = {r.id for r in scored}
+    else:
+        known_ids = {r.id for r in records}
+    known, facts, seed_sets, validation = _fact_views(config, records, known_ids)
+    log(f"{len(known)} of {len(records)} facts known")
+    text_eval, text_train = _texts(config)
+    for sets in seed_sets.values():
+        train_data(config, sets, text_train)
+    plan = saved_plan
+    if plan is None:
+        # Localization looks at the facts as the model knows them, among their own options.
+        known_as_is = [r for r in records if r.id in known_ids]
+        loc_facts = localization_facts(
+            hm, known_as_is, config.facts.n_localize, config.localize_options.seed
+        )
+        base_retain = None
+        if config.sweep is not None:
+            scores = validation_score(hm, validation, config, base_retain=1.0)
+            base_retain = scores["retain_accuracy"]
+        plan = {
+            "known": sorted(r.id for r in known),
+            "localization_facts": [r.id for r in loc_facts],
+            "base_retain_accuracy": base_retain,
+            "use_cache": use_cache,
+        }
+
+    partial = run.open(started)
+    atomic_write_json(partial / "known_facts.json", plan["known"])
+    atomic_write_json(partial / "plan.json", plan)
     for seed, sets in seed_sets.items():
         atomic_write_json(partial / "facts" / f"seed{seed}.json", sets.to_json())
-        base_path = partial / "results" / "base" / f"seed{seed}.json"
-        if not base_path.is_file():
-            log(f"seed {seed}: base model")
-            base = run_battery(
-                hm,
-                sets,
-                config,
-                seed,
-                general_text_eval=text_eval,
-                general_text_train=text_train,
-                counterfact_records=counterfact,
-                probe_reserve=probe_reserve,
-                attacks=False,
-                progress=progress,
-            )
-            atomic_write_json(base_path, {"localization": "base", "seed": seed, **base.to_json()})
-            clock.save()
-        data = train_data(config, sets, text_train)
-        for spec in config.localizations:
-            path = partial / "results" / spec.name / f"seed{seed}.json"
-            if path.is_file():
-                continue
-            log(
-                f"seed {seed}: {spec.name} (lr {hparams[spec.name].lr:g}, forget_coef "
-                f"{hparams[spec.name].forget_coef:g}); {eta.describe()}"
-            )
-            result = _edit_and_measure(
-                hm,
-                spec,
-                locs[spec.name],
-                hparams[spec.name],
-                data,
-                sets,
-                config,
-                seed,
-                text_eval,
-                text_train,
-                counterfact,
-                partial,
-                progress,
-                log,
-                probe_reserve,
-            )
-            atomic_write_json(path, result)
-            clock.save()
-            eta.done_one()
+    run.save_clock()
 
+    units = plan_units(config)
+    context = None
+    if workers <= 1:
+        context = build_context(partial, hm, progress=progress, log=log)
+    device = str(hm.device)
+    del hm  # workers load their own copies
+    timing = run_units(
+        partial, units, make_context=worker_context, executor=execute_unit, workers=workers,
+        priority=UNIT_PRIORITY, context=context, log=log, on_done=lambda *_: run.save_clock(),
+    )  # fmt: skip
+    _write_sweep_summaries(partial, config, plan["base_retain_accuracy"])
+    parts_path = partial / "parts.json"
+    parts = _read_json(parts_path) if parts_path.is_file() else []
+    parts.append(
+        {"workers": workers, "units_run": len(timing), "phases": phase_seconds(timing, units)}
+    )
+    atomic_write_json(parts_path, parts)
+
+    hparams = {
+        spec.name: chosen_hyperparameters(partial, config, spec.name)
+        for spec in config.localizations
+    }
     atomic_write_json(
         partial / "run.json",
         {
             "name": config.name,
             "model": config.model,
-            "seconds": round(clock.seconds, 1),
+            "seconds": round(run.seconds, 1),
             "mechunlearn": __version__,
             "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": str(hm.device),
+            "threads": 1 if workers > 1 else torch.get_num_threads(),
+            "workers": workers,
+            "device": device,
             "python": platform.python_version(),
             "n_known": len(known),
-            "localization_facts": [r.id for r in loc_facts],
+            "localization_facts": plan["localization_facts"],
             "validation": facts.validation.to_json(),
             "hyperparameters": {k: v.model_dump() for k, v in hparams.items()},
+            "sweep_selection": config.sweep.selection if config.sweep else None,
+            "phases": parts[-1]["phases"],
+            "parts": parts,
         },
     )
-    clock.save()
+    run.save_clock()
     write_report(partial)
-    move_into_place(partial, out)
-    return out
-
-
-def _check_same_config(folder: Path, config: ExperimentConfig) -> None:
-    """Resuming is only meaningful with the same experiment (seeds may differ)."""
-    saved = ExperimentConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
-    if saved.model_dump(exclude={"seeds"}) != config.model_dump(exclude={"seeds"}):
-        raise ConfigError(f"{folder} was run with another config; rerun without --resume")
-
-
-def _choose_hparams(
-    hm,
-    config: ExperimentConfig,
-    locs,
-    validation: FactSets,
-    text_train,
-    partial: Path,
-    log,
-    clock: RunClock,
-) -> dict[str, Hyperparameters]:
-    chosen: dict[str, Hyperparameters] = dict(config.hyperparameters)
-    if config.sweep is None:
-        return chosen
-    base_retain = validation_score(hm, validation, config, base_retain=1.0)["retain_accuracy"]
-    data = train_data(config, validation, text_train)
-    for spec in config.localizations:
-        if spec.name in config.hyperparameters:
-            continue
-        path = partial / "sweep" / f"{spec.name}.json"
-        if path.is_file():
-            chosen[spec.name] = Hyperparameters.model_validate(_read_json(path)["chosen"])
-            continue
-        best, points = sweep_localization(
-            hm, spec, locs[spec.name], validation, data, config, base_retain, log
-        )
-        atomic_write_json(
-            path,
-            {"chosen": best.model_dump(), "base_retain_accuracy": base_retain, "points": points},
-        )
-        chosen[spec.name] = best
-        clock.save()
-    return chosen
+    return run.finalise()
 
 
 def _edit_and_measure(

@@ -1,0 +1,142 @@
+"""Parallel workers: a run in two worker processes gives the results of the in-process run, and a
+``--workers 2`` run whose parent is SIGKILLed resumes with no lost unit to the same summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mechunlearn.experiments.edit_job import plan_units, run_experiment
+from mechunlearn.experiments.workers import Unit, run_units
+from tests.test_experiment_run import tiny_config
+
+
+def _without_seconds(value):
+    """Wall-clock numbers differ between any two runs; everything else must not."""
+    if isinstance(value, dict):
+        return {k: _without_seconds(v) for k, v in value.items() if "seconds" not in k}
+    if isinstance(value, list):
+        return [_without_seconds(v) for v in value]
+    return value
+
+
+def _summary(folder: Path):
+    return _without_seconds(json.loads((folder / "summary.json").read_text()))
+
+
+def _config(saved_llama):
+    return tiny_config(saved_llama, seeds=[0])
+
+
+def test_units_form_the_expected_graph(saved_llama):
+    units = {u.key: u for u in plan_units(_config(saved_llama))}
+    assert "localize/_budget" not in units  # the tiny config gives its budget
+    assert units["sweep/random/r0p0"].deps == ("localize/random",)
+    assert units["edit/random/seed0"].deps == ("localize/random", "sweep/random/r0p0")
+    assert units["base/seed0"].deps == ()
+    # ct_mlps is the first causal-tracing row, so it is traced itself
+    assert units["localize/ct_mlps"].deps == ()
+
+
+def test_halving_sweep_trains_a_third_and_keeps_the_best(saved_llama, tmp_path, monkeypatch):
+    from mechunlearn.experiments.sweep import sweep_rungs
+
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
+    config = _config(saved_llama).model_dump(mode="json")
+    config["train"]["steps"] = 6
+    config["sweep"] = {"lr": [1e-4, 1e-3, 1e-2], "selection": "halving"}
+    config["localizations"] = [{"name": "all_mlps", "method": "all_mlps"}]
+    config["evaluation"] |= {"relearn": None, "soft_prompt": None}
+    from mechunlearn.experiments.config import validate_config
+    from mechunlearn.experiments.edit_config import ExperimentConfig
+
+    cfg = validate_config(ExperimentConfig, config, "t")
+    assert sweep_rungs(cfg.sweep, 3, 6) == [2]
+    assert sweep_rungs(cfg.sweep.model_copy(update={"selection": "full"}), 3, 6) == [6]
+    assert sweep_rungs(cfg.sweep, 9, 18) == [2, 6]
+    out = run_experiment(cfg, tmp_path / "run", progress=False)
+    sweep = json.loads((out / "sweep" / "all_mlps.json").read_text())
+    assert sweep["rung_steps"] == [2] and len(sweep["points"]) == 3
+    best = max(sweep["points"], key=lambda p: (p["score"], -p["lr"]))
+    assert sweep["chosen"]["lr"] == best["lr"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["hyperparameters"]["all_mlps"]["lr"] == best["lr"]
+
+
+def test_a_failing_unit_names_itself(tmp_path):
+    units = [Unit("a", "x", "a.json"), Unit("b", "x", "b.json", deps=("a",))]
+    with pytest.raises(ZeroDivisionError):
+        run_units(tmp_path, units, make_context=lambda _: None, executor=_fail_on_b, workers=1)
+    assert (tmp_path / "a.json").is_file() and not (tmp_path / "b.json").exists()
+
+
+def _fail_on_b(_, unit):
+    if unit.key == "b":
+        raise ZeroDivisionError("b")
+    return {"ok": unit.key}
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_run_resumes_to_the_same_summary(saved_llama, tmp_path, monkeypatch):
+    """The parent of a ``--workers 2`` run is SIGKILLed once some units are done; its workers
+    die with it, the resumed run redoes nothing finished, and the summary equals an
+    uninterrupted in-process run's (wall-clock numbers aside)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(cache))
+    config = _config(saved_llama)
+    reference = run_experiment(config, tmp_path / "reference", progress=False)
+
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    out = tmp_path / "killed"
+    partial = tmp_path / "killed.partial"
+    command = [sys.executable, "-m", "mechunlearn", "run", str(config_file), "--out", str(out)]
+    env = {**os.environ, "MECHUNLEARN_CACHE": str(cache)}
+    parent = subprocess.Popen(
+        [*command, "--workers", "2", "--quiet"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        done = list((partial / "results").glob("*/seed0.json")) if partial.exists() else []
+        if len(done) >= 2 or parent.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert parent.poll() is None, f"the run ended before it was killed: {parent.stderr.read()}"
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    time.sleep(3)  # workers die with their parent: nothing is written after this
+    finished = sorted(p.relative_to(partial) for p in partial.rglob("*.json"))
+    time.sleep(2)
+    assert sorted(p.relative_to(partial) for p in partial.rglob("*.json")) == finished
+    assert not out.exists()
+    kept = {p: (partial / p).read_text() for p in finished if p.parts[0] == "results"}
+    assert kept, "no unit had finished"
+
+    resumed = subprocess.run(
+        [*command, "--workers", "2", "--resume", "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    for path, text in kept.items():  # finished units were kept, not redone
+        assert (out / path).read_text() == text
+    assert _summary(out) == _summary(reference)
+    run = json.loads((out / "run.json").read_text())
+    assert run["workers"] == 2
+    # the killed part recorded nothing; the resumed part ran only the units left
+    units = plan_units(config)
+    n_done = sum(Path(u.path) in set(finished) for u in units)
+    assert run["parts"][-1]["units_run"] == len(units) - n_done > 0
