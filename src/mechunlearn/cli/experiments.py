@@ -67,102 +67,81 @@ def run_command(
     ] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run an experiment: editing/unlearning (localize, edit, attack, report), or targeted LAT
-    (``kind: lat`` in the YAML: train, attack, report)."""
-    from mechunlearn.experiments.config import load_yaml_config, validate_config
+    """Run an experiment: editing/unlearning (localize, edit, attack, report), targeted LAT
+    (``kind: lat``: train, attack, report) or path-finding training (``kind: tree``); the
+    YAML's ``kind`` selects the config schema it is validated against."""
+    from mechunlearn.errors import ConfigError
+    from mechunlearn.experiments.config import validate_config
     from mechunlearn.experiments.edit_config import ExperimentConfig, resolve_config
-    from mechunlearn.experiments.edit_job import run_experiment
+    from mechunlearn.experiments.experiment_file import load_experiment
+    from mechunlearn.experiments.lat_config import LatExperimentConfig
 
-    config = resolve_config(config)
+    cfg = load_experiment(resolve_config(config))
     if seeds is not None and full:
         raise typer.BadParameter("give --seeds N or --full, not both")
     if seeds is not None and seeds < 1:
         raise typer.BadParameter("--seeds must be at least 1")
-    if _config_kind(config) == "lat":
-        unused = [
-            flag
-            for flag, given in (
-                ("--no-cache", no_cache),
-                ("--save-models", save_models),
-                ("--counterfact", counterfact is not None),
-            )
-            if given
-        ]
-        if unused:
-            from mechunlearn.errors import ConfigError
+    log = make_log(quiet)
+    given = {
+        "--no-cache": no_cache,
+        "--save-models": save_models,
+        "--counterfact": counterfact is not None,
+        "--workers": workers is not None,
+        "--model": model is not None,
+        "--data": data is not None,
+        "--device": device is not None,
+        "--seeds": seeds is not None,
+    }
+    supported = {
+        ExperimentConfig: set(given),
+        LatExperimentConfig: {"--model", "--data", "--device", "--seeds"},
+    }.get(type(cfg), set())
+    unused = [flag for flag, on in given.items() if on and flag not in supported]
+    if unused:
+        label = {"lat": "LAT", "tree": "tree-training"}.get(cfg.kind, cfg.kind)
+        raise ConfigError(f"{', '.join(unused)}: not used by {label} experiments ({config})")
+    if cfg.kind == "tree":
+        from mechunlearn.experiments.tree_job import run_tree_experiment
 
-            raise ConfigError(f"{', '.join(unused)}: not used by LAT experiments ({config})")
-        folder = _run_lat(config, out, seeds, model, data, device, resume, quiet)
-        console.print((folder / "results.md").read_text(), markup=False, highlight=False)
-        console.print(f"results: {folder}/results.md, summary.json, figures/")
+        folder = run_tree_experiment(
+            cfg, out, resume=resume, progress=show_progress(quiet), log=log
+        )
+        console.print(f"run folder: {folder}")
         return
-    cfg = load_yaml_config(ExperimentConfig, config)
     updates: dict[str, Any] = {
         k: v for k, v in {"model": model, "data": data, "device": device}.items() if v is not None
     }
-    if save_models:
-        updates["save_models"] = True
-    if counterfact is not None:
-        evaluation = cfg.evaluation.model_dump() | {"counterfact_side_effects": counterfact}
-        updates["evaluation"] = evaluation
     if seeds is not None:
         updates["seeds"] = cfg.seeds[:seeds]
-    cfg = validate_config(ExperimentConfig, cfg.model_dump() | updates, str(config))
-    if workers is None:
+    if cfg.kind == "lat":
+        from mechunlearn.experiments.lat_job import run_lat_experiment
+
+        cfg = validate_config(LatExperimentConfig, cfg.model_dump() | updates, str(config))
+        folder = run_lat_experiment(cfg, out, resume=resume, progress=show_progress(quiet), log=log)
+    else:
+        from mechunlearn.experiments.edit_job import run_experiment
         from mechunlearn.experiments.workers import idle_cores
 
-        workers = idle_cores()
-    log = make_log(quiet)
-    log(f"{workers} worker process(es)")
-    folder = run_experiment(
-        cfg,
-        out,
-        resume=resume,
-        use_cache=not no_cache,
-        progress=show_progress(quiet) and workers == 1,
-        workers=workers,
-        log=log,
-    )
+        if save_models:
+            updates["save_models"] = True
+        if counterfact is not None:
+            updates["evaluation"] = cfg.evaluation.model_dump() | {
+                "counterfact_side_effects": counterfact
+            }
+        cfg = validate_config(ExperimentConfig, cfg.model_dump() | updates, str(config))
+        workers = workers if workers is not None else idle_cores()
+        log(f"{workers} worker process(es)")
+        folder = run_experiment(
+            cfg,
+            out,
+            resume=resume,
+            use_cache=not no_cache,
+            progress=show_progress(quiet) and workers == 1,
+            workers=workers,
+            log=log,
+        )
     console.print((folder / "results.md").read_text(), markup=False, highlight=False)
     console.print(f"results: {folder}/results.md, summary.json, figures/")
-
-
-def _config_kind(path: str) -> str:
-    """The ``kind`` key of an experiment YAML (``edit`` when absent or unreadable: the
-    editing config's own validation then reports the problem)."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return "edit"
-    return str(data.get("kind", "edit")) if isinstance(data, dict) else "edit"
-
-
-def _run_lat(
-    config: str,
-    out: Path,
-    seeds: int | None,
-    model: str | None,
-    data: str | None,
-    device: str | None,
-    resume: bool,
-    quiet: bool,
-) -> Path:
-    from mechunlearn.experiments.config import load_yaml_config, validate_config
-    from mechunlearn.experiments.lat_config import LatExperimentConfig
-    from mechunlearn.experiments.lat_job import run_lat_experiment
-
-    cfg = load_yaml_config(LatExperimentConfig, config)
-    updates: dict[str, Any] = {
-        k: v for k, v in {"model": model, "data": data, "device": device}.items() if v is not None
-    }
-    if seeds is not None:
-        updates["seeds"] = cfg.seeds[:seeds]
-    cfg = validate_config(LatExperimentConfig, cfg.model_dump() | updates, str(config))
-    return run_lat_experiment(
-        cfg, out, resume=resume, progress=show_progress(quiet), log=make_log(quiet)
-    )
 
 
 @app.command("report")

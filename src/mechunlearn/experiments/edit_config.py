@@ -186,6 +186,7 @@ class BatteryConfig(Strict):
 class ExperimentConfig(Strict):
     """``mechunlearn run``: see the module docstring."""
 
+    kind: Literal["edit"] = "edit"
     name: str = "experiment"
     description: str = ""
     model: str = "gemma3-270m"

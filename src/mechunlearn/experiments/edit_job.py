@@ -488,12 +488,13 @@ def run_experiment(
         spec.name: chosen_hyperparameters(partial, config, spec.name)
         for spec in config.localizations
     }
+    seconds = run.save_clock()
     atomic_write_json(
         partial / "run.json",
         {
             "name": config.name,
             "model": config.model,
-            "seconds": round(run.seconds, 1),
+            "seconds": seconds,
             "mechunlearn": __version__,
             "torch": torch.__version__,
             "threads": 1 if workers > 1 else torch.get_num_threads(),
@@ -509,7 +510,6 @@ def run_experiment(
             "parts": parts,
         },
     )
-    run.save_clock()
     write_report(partial)
     return run.finalise()
 

@@ -23,16 +23,13 @@ written.
 
 from __future__ import annotations
 
-import os
 import platform
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from mechunlearn import __version__
 from mechunlearn.edit.data import TrainData
@@ -46,7 +43,8 @@ from mechunlearn.experiments.lat_measure import (
     measure_backdoor,
     measure_method,
 )
-from mechunlearn.io import RunClock, atomic_write_json, atomic_write_yaml, move_into_place
+from mechunlearn.experiments.run_folder import RunFolder
+from mechunlearn.io import atomic_write_json
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.loading import load_model
 from mechunlearn.report.experiment import write_report
@@ -158,11 +156,14 @@ def _backdoor_seed(hm, config, data, layers, seed, partial, progress, log) -> No
 
 
 # ---- the run ---------------------------------------------------------------------------------
-def check_same_config(folder: Path, config: LatExperimentConfig) -> None:
+def _same_experiment(config: LatExperimentConfig):
     """Resuming is only meaningful with the same experiment (seeds may differ)."""
-    saved = LatExperimentConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
-    if saved.model_dump(exclude={"seeds"}) != config.model_dump(exclude={"seeds"}):
-        raise ConfigError(f"{folder} was run with another config; rerun without --resume")
+
+    def same(saved: dict) -> bool:
+        saved_config = LatExperimentConfig.model_validate(saved)
+        return saved_config.model_dump(exclude={"seeds"}) == config.model_dump(exclude={"seeds"})
+
+    return same
 
 
 def run_lat_experiment(
@@ -174,14 +175,11 @@ def run_lat_experiment(
     log: Log = lambda _: None,
 ) -> Path:
     """Run ``config``; see the module docstring. Returns the final run folder."""
-    out = Path(out)
     file_items = load_file_items(config)
-    partial = out.with_name(out.name + ".partial")
-    if resume and not partial.exists() and (out / "config.yaml").is_file():
-        check_same_config(out, config)
-        os.replace(out, partial)
-    if resume and (partial / "config.yaml").is_file():
-        check_same_config(partial, config)
+    run = RunFolder(
+        out, config.model_dump(mode="json"), resume=resume, same_config=_same_experiment(config)
+    )
+    run.check()
     started = time.time()
 
     hm = load_model(config.model, device=config.device, dtype=config.dtype, log=log)
@@ -193,17 +191,13 @@ def run_lat_experiment(
         f"adversary layers {layers} of {n_layers}; data {seeds[config.seeds[0]].sizes()}"
     )
 
-    if partial.exists() and not resume:
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    atomic_write_yaml(partial / "config.yaml", config.model_dump(mode="json"))
-    clock = RunClock(partial)  # wall time summed over resumed parts
-    clock.started = started  # loading the model and building the data count
+    partial = run.open(started)  # loading the model and building the data count
     run_seed = _refusal_seed if config.application == "refusal" else _backdoor_seed
     for seed, data in seeds.items():
         run_seed(hm, config, data, layers, seed, partial, progress, log)
-        clock.save()
+        run.save_clock()
 
+    seconds = run.save_clock()
     atomic_write_json(
         partial / "run.json",
         {
@@ -215,7 +209,7 @@ def run_lat_experiment(
             "adversary_layers": layers,
             "methods": [m.name for m in config.methods],
             "baselines": {m.name: config.baseline_of(m) for m in config.methods},
-            "seconds": round(clock.seconds, 1),
+            "seconds": seconds,
             "mechunlearn": __version__,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
@@ -224,5 +218,4 @@ def run_lat_experiment(
         },
     )
     write_report(partial)
-    move_into_place(partial, out)
-    return out
+    return run.finalise()

@@ -81,9 +81,12 @@ class RunFolder:
     def write_json(self, relative: str | Path, data: Any) -> Path:
         return atomic_write_json(self.partial / relative, data)
 
-    def save_clock(self) -> None:
-        if self.clock is not None:
-            self.clock.save()
+    def save_clock(self) -> float:
+        """Save the run's total wall time (``time.json``) and return the seconds saved."""
+        if self.clock is None:
+            return 0.0
+        self.clock.save()
+        return json.loads(self.clock.path.read_text())["seconds"]
 
     @property
     def seconds(self) -> float:
