@@ -86,3 +86,29 @@ def test_unknown_hub_name_offline_fails_fast(monkeypatch, tmp_path):
     assert not hub_reachable()
     with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache"):
         load_model("some-org/no-such-model")
+
+
+def test_unembedding_gets_a_contiguous_input_with_logits_to_keep():
+    """HF slices the kept positions out of the hidden states (a non-contiguous view); on the
+    CPU that made linear a per-row batched matmul over the whole unembedding. The handle's one
+    pre-hook hands the head a contiguous copy; logits are unchanged."""
+    import torch
+
+    from mechunlearn.models.handle import HookedModel, contiguous_unembedding_input
+    from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+
+    model = tiny_model("gemma3")
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(3, 100, (4, 7))
+    reference = model(input_ids=ids).logits[:, -2:]
+    hm = HookedModel(model, tiny_tokenizer(), name="tiny")
+    contiguous_unembedding_input(hm.model)  # idempotent: still one hook
+    head = hm.model.get_output_embeddings()
+    assert len(head._forward_pre_hooks) == 1
+    seen = []
+    probe = head.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    kept = hm.model(input_ids=ids, logits_to_keep=2).logits
+    probe.remove()
+    assert seen == [True]
+    torch.testing.assert_close(kept, reference, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, plain[k]) for k, v in hm.model.state_dict().items())

@@ -1,7 +1,9 @@
 """``HookedModel``: a plain HF causal LM with its tokenizer and architecture adapter.
 
 Nothing is wrapped or rewritten: ``.model`` stays a ``PreTrainedModel`` that saves, trains
-and shards as usual; hooks exist only inside ``with hm.hooks(...)`` blocks.
+and shards as usual; hooks exist only inside ``with hm.hooks(...)`` blocks, except one
+numerically neutral pre-hook that makes the unembedding's input contiguous (a 10-20x faster
+``logits_to_keep`` forward and backward on the CPU; ``contiguous_unembedding_input``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,30 @@ def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int) -> Batch:
     return Batch(ids, mask, positions, [len(t) for t in token_lists])
 
 
+def _contiguous(_module: nn.Module, args: tuple) -> tuple | None:
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
+def contiguous_unembedding_input(model: nn.Module) -> None:
+    """Make the unembedding's input contiguous (once per model; a permanent pre-hook).
+
+    With ``logits_to_keep`` HF models slice the last positions out of the hidden states, a
+    non-contiguous ``[batch, keep, d]`` view; on the CPU ``linear`` then runs a batched matmul
+    against the weight expanded per row, reading the whole unembedding once per row (Gemma's
+    262k x 640 matrix, 670 MB, 16 times for a batch of 16): 4.5 s instead of 0.2 s for one
+    forward of 16 prompts, and as much again in the backward. A contiguous copy of the few
+    kept rows makes it one matrix product. Numbers are the same up to float summation order.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None or getattr(head, "_mechunlearn_contiguous", False):
+        return
+    head.register_forward_pre_hook(_contiguous)
+    head._mechunlearn_contiguous = True
+
+
 @dataclass
 class HookedModel:
     model: PreTrainedModel
@@ -80,6 +106,7 @@ class HookedModel:
                 self._adapter_error: SiteError | None = exc
             else:
                 self._adapter_error = None
+        contiguous_unembedding_input(self.model)
 
     def require_adapter(self) -> ArchitectureAdapter:
         if self.adapter is None:
