@@ -1,15 +1,16 @@
 """Wall time of one experiment through the old path and the new engine, side by side in one run.
 
     .venv/bin/python bench/experiment_speed.py [--config sports-athlete-edit-16]
-        [--localizations fact_lookup,all_mlps] [--workers 2] [--out bench-runs/experiment-speed]
+        [--localizations all_mlps] [--workers 2] [--out bench-runs/experiment-speed]
         [--precision fp32|bf16] [--fidelity] [--skip-old]
 
 Both paths run the same reduced configuration (the shipped config with only the given
 localization rows and its first seed; same steps, same learning-rate grid, same battery), from
 a cold localization cache, each in its own subprocess:
 
-- old: one process with torch's default threads, fp32, every sweep point trained for every step
-  (what ``mechunlearn run`` did before the engine);
+- old: one process with torch's default threads, fp32, every sweep point trained for every step,
+  and the unembedding fed the sliced (non-contiguous) hidden states (what ``mechunlearn run``
+  did before the engine);
 - new: ``--workers`` worker processes with one torch thread each, the successive-halving sweep,
   ``--precision`` forwards.
 
@@ -50,10 +51,17 @@ def reduced_config(args: argparse.Namespace, path: str, selection: str, precisio
     return data
 
 
-def run_path(config_path: str, out: Path, workers: int) -> float:
-    """One ``run_experiment`` in a fresh subprocess (cold model, cold localization cache)."""
+def run_path(config_path: str, out: Path, workers: int, old: bool) -> float:
+    """One ``run_experiment`` in a fresh subprocess (localizations recomputed). ``old``: without
+    the contiguous-unembedding pre-hook (``models.handle.contiguous_unembedding_input``), as
+    every forward with ``logits_to_keep`` ran before it."""
+    unpatched = (
+        "import mechunlearn.models.handle as h; h.contiguous_unembedding_input = lambda m: None;"
+        if old
+        else ""
+    )
     code = (
-        "import sys; from mechunlearn.experiments.config import load_yaml_config;"
+        unpatched + "from mechunlearn.experiments.config import load_yaml_config;"
         "from mechunlearn.experiments.edit_config import ExperimentConfig;"
         "from mechunlearn.experiments.edit_job import run_experiment;"
         f"cfg = load_yaml_config(ExperimentConfig, {config_path!r});"
@@ -113,7 +121,7 @@ def _phases(run: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="sports-athlete-edit-16")
-    parser.add_argument("--localizations", default="fact_lookup,all_mlps")
+    parser.add_argument("--localizations", default="all_mlps")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--out", type=Path, default=Path("bench-runs/experiment-speed"))
@@ -134,7 +142,7 @@ def main() -> None:
         config_path = str(args.out / f"{name}.yaml")
         reduced_config(args, config_path, selection, precision)
         print(f"--- {name}: {workers} process(es), {selection} sweep, {precision}", flush=True)
-        wall = run_path(config_path, out, workers)
+        wall = run_path(config_path, out, workers, old=name == "old")
         results[name] = (json.loads((out / "run.json").read_text()), wall)
 
     print("\nphase        |  old unit s   old wall s |  new unit s   new wall s")
