@@ -92,7 +92,14 @@ def test_sigkilled_worker_run_resumes_to_the_same_summary(saved_llama, tmp_path,
     cache = tmp_path / "cache"
     monkeypatch.setenv("MECHUNLEARN_CACHE", str(cache))
     config = _config(saved_llama)
-    reference = run_experiment(config, tmp_path / "reference", progress=False)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every worker: float sums then agree bit for bit
+    try:
+        reference = run_experiment(config, tmp_path / "reference", progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))

@@ -53,13 +53,14 @@ from mechunlearn.experiments.localizations import (
 )
 from mechunlearn.experiments.run_folder import RunFolder
 from mechunlearn.experiments.sweep import (
+    chosen_hyperparameters,
     forget_perturbation,
-    rank_points,
-    survivors_count,
+    rung_survivors,
     sweep_grid,
     sweep_point,
     sweep_rungs,
     validation_score,
+    write_sweep_summaries,
 )
 from mechunlearn.experiments.workers import Unit, phase_seconds, run_units
 from mechunlearn.io import atomic_write_json
@@ -342,52 +343,6 @@ def _sweep_unit(ctx: EditContext, unit: Unit) -> dict[str, Any]:
     return {**numbers, "rung": rung, "steps": steps}
 
 
-def _rung_results(folder: Path, name: str, rung: int, n_points: int) -> list[dict[str, Any]]:
-    found = [_read_json(folder / "sweep" / name / f"r{rung}p{i}.json") for i in range(n_points)]
-    return [{**r, "point": i} for i, r in enumerate(found) if not r.get("eliminated")]
-
-
-def rung_survivors(folder: Path, name: str, rung: int, sweep) -> set[int]:
-    """Grid points that go on to ``rung``: the best of the previous rung."""
-    n_points = len(sweep_grid(sweep))
-    ranked = rank_points(_rung_results(folder, name, rung - 1, n_points))
-    return {p["point"] for p in ranked[: survivors_count(sweep, n_points, rung)]}
-
-
-def chosen_hyperparameters(folder: Path, config: ExperimentConfig, name: str) -> Hyperparameters:
-    """A localization's fixed hyper-parameters, or its sweep's choice (best of the last rung)."""
-    if name in config.hyperparameters:
-        return config.hyperparameters[name]
-    n_points = len(sweep_grid(config.sweep))
-    last = len(sweep_rungs(config.sweep, n_points, config.train.steps)) - 1
-    best = rank_points(_rung_results(folder, name, last, n_points))[0]
-    return Hyperparameters(lr=best["lr"], forget_coef=best["forget_coef"])
-
-
-def _write_sweep_summaries(folder: Path, config: ExperimentConfig, base_retain) -> None:
-    """``sweep/<localization>.json``: the choice and every point tried (the report's record)."""
-    if config.sweep is None:
-        return
-    n_points = len(sweep_grid(config.sweep))
-    rungs = sweep_rungs(config.sweep, n_points, config.train.steps)
-    for spec in config.localizations:
-        if spec.name in config.hyperparameters:
-            continue
-        tried = [
-            p for r in range(len(rungs)) for p in _rung_results(folder, spec.name, r, n_points)
-        ]
-        atomic_write_json(
-            folder / "sweep" / f"{spec.name}.json",
-            {
-                "chosen": chosen_hyperparameters(folder, config, spec.name).model_dump(),
-                "base_retain_accuracy": base_retain,
-                "selection": config.sweep.selection,
-                "rung_steps": rungs,
-                "points": tried,
-            },
-        )
-
-
 def _same_experiment(config: ExperimentConfig) -> Callable[[dict[str, Any]], bool]:
     """Resuming is only meaningful with the same experiment (seeds may differ)."""
 
@@ -476,7 +431,7 @@ def run_experiment(
         partial, units, make_context=worker_context, executor=execute_unit, workers=workers,
         priority=UNIT_PRIORITY, context=context, log=log, on_done=lambda *_: run.save_clock(),
     )  # fmt: skip
-    _write_sweep_summaries(partial, config, plan["base_retain_accuracy"])
+    write_sweep_summaries(partial, config, plan["base_retain_accuracy"])
     parts_path = partial / "parts.json"
     parts = _read_json(parts_path) if parts_path.is_file() else []
     parts.append(

@@ -20,7 +20,9 @@ of the steps, so a third of the training.
 from __future__ import annotations
 
 import itertools
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 from mechunlearn.edit.data import TrainData
@@ -30,8 +32,14 @@ from mechunlearn.edit.parametrization import WeightSnapshot, make_trainable
 from mechunlearn.edit.trainer import train
 from mechunlearn.evals.edit_metrics import edit_metrics
 from mechunlearn.evals.harness import evaluate, summarise_format
-from mechunlearn.experiments.edit_config import ExperimentConfig, LocalizationSpec, SweepConfig
+from mechunlearn.experiments.edit_config import (
+    ExperimentConfig,
+    Hyperparameters,
+    LocalizationSpec,
+    SweepConfig,
+)
 from mechunlearn.experiments.fact_sets import FactSets
+from mechunlearn.io import atomic_write_json
 from mechunlearn.localize import Localization
 from mechunlearn.models.handle import HookedModel
 
@@ -151,3 +159,53 @@ def sweep_point(
         trainable.restore()
         snapshot.restore()
     return numbers | {"lr": lr, "forget_coef": coef, "final_loss": history.history["loss"][-1]}
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _rung_results(folder: Path, name: str, rung: int, n_points: int) -> list[dict[str, Any]]:
+    found = [_read_json(folder / "sweep" / name / f"r{rung}p{i}.json") for i in range(n_points)]
+    return [{**r, "point": i} for i, r in enumerate(found) if not r.get("eliminated")]
+
+
+def rung_survivors(folder: Path, name: str, rung: int, sweep) -> set[int]:
+    """Grid points that go on to ``rung``: the best of the previous rung."""
+    n_points = len(sweep_grid(sweep))
+    ranked = rank_points(_rung_results(folder, name, rung - 1, n_points))
+    return {p["point"] for p in ranked[: survivors_count(sweep, n_points, rung)]}
+
+
+def chosen_hyperparameters(folder: Path, config: ExperimentConfig, name: str) -> Hyperparameters:
+    """A localization's fixed hyper-parameters, or its sweep's choice (best of the last rung)."""
+    if name in config.hyperparameters:
+        return config.hyperparameters[name]
+    n_points = len(sweep_grid(config.sweep))
+    last = len(sweep_rungs(config.sweep, n_points, config.train.steps)) - 1
+    best = rank_points(_rung_results(folder, name, last, n_points))[0]
+    return Hyperparameters(lr=best["lr"], forget_coef=best["forget_coef"])
+
+
+def write_sweep_summaries(folder: Path, config: ExperimentConfig, base_retain) -> None:
+    """``sweep/<localization>.json``: the choice and every point tried (the report's record)."""
+    if config.sweep is None:
+        return
+    n_points = len(sweep_grid(config.sweep))
+    rungs = sweep_rungs(config.sweep, n_points, config.train.steps)
+    for spec in config.localizations:
+        if spec.name in config.hyperparameters:
+            continue
+        tried = [
+            p for r in range(len(rungs)) for p in _rung_results(folder, spec.name, r, n_points)
+        ]
+        atomic_write_json(
+            folder / "sweep" / f"{spec.name}.json",
+            {
+                "chosen": chosen_hyperparameters(folder, config, spec.name).model_dump(),
+                "base_retain_accuracy": base_retain,
+                "selection": config.sweep.selection,
+                "rung_steps": rungs,
+                "points": tried,
+            },
+        )

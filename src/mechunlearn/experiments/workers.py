@@ -13,7 +13,8 @@ the units it depends on. ``run_units`` executes every unit whose file is missing
   SIGKILLed included: workers die with it) resumes with every finished unit kept.
 
 Which process runs a unit never changes its result: a unit reads its inputs from the run folder,
-seeds everything from its own parameters and restores the model before the next unit.
+the global RNGs are seeded from its key before it runs (``seed_unit``), and it restores the model
+before the next unit.
 """
 
 from __future__ import annotations
@@ -109,6 +110,25 @@ class Progress:
         return text
 
 
+def seed_unit(unit: Unit) -> None:
+    """Seed the global RNGs from the unit's key before it runs: a unit's result must not depend
+    on which process runs it or on what that process ran before (e.g. an unseeded LoRA
+    initialisation drawing from the global generator)."""
+    import hashlib
+    import random
+
+    import torch
+
+    seed = int(hashlib.sha256(unit.key.encode()).hexdigest()[:8], 16)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        return
+    numpy.random.seed(seed)
+
+
 def _ready(unit: Unit, finished: set[str]) -> bool:
     return all(dep in finished for dep in unit.deps)
 
@@ -161,6 +181,7 @@ def run_units(
             todo.remove(unit)
             progress.start(unit)
             began = time.time()
+            seed_unit(unit)
             result = executor(context, unit)
             if result is not None:
                 atomic_write_json(folder / unit.path, result)
@@ -288,6 +309,7 @@ def _worker_main(index, folder, make_context, executor, tasks, results, parent) 
         try:
             if context is None:
                 context = make_context(folder)
+            seed_unit(unit)
             result = executor(context, unit)
             if result is not None:
                 atomic_write_json(folder / unit.path, result)
