@@ -74,18 +74,24 @@ class EvalConfig(BaseModel):
         return value
 
 
+def validation_problems(exc: ValidationError, skip: int = 0) -> str:
+    """Pydantic's report as one line: ``field.path: message; ...`` (``skip``: leading path
+    parts to drop, e.g. a discriminated union's tag)."""
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'][skip:])) or '(top)'}: {e['msg']}" for e in exc.errors()
+    )
+
+
 def validate_config(cls: type[BaseModel], data: dict[str, Any], source: str) -> BaseModel:
     """Validate ``data`` into ``cls``, turning pydantic's report into one readable ConfigError."""
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"invalid config {source}: {problems}") from None
+        raise ConfigError(f"invalid config {source}: {validation_problems(exc)}") from None
 
 
-def load_yaml_config(cls: type[BaseModel], path: str | Path) -> BaseModel:
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A config file's top-level mapping, or a ConfigError naming what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -95,4 +101,8 @@ def load_yaml_config(cls: type[BaseModel], path: str | Path) -> BaseModel:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must contain a mapping of keys to values")
-    return validate_config(cls, data, str(path))
+    return data
+
+
+def load_yaml_config(cls: type[BaseModel], path: str | Path) -> BaseModel:
+    return validate_config(cls, read_yaml_mapping(path), str(path))

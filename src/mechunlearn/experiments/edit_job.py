@@ -343,16 +343,6 @@ def _sweep_unit(ctx: EditContext, unit: Unit) -> dict[str, Any]:
     return {**numbers, "rung": rung, "steps": steps}
 
 
-def _same_experiment(config: ExperimentConfig) -> Callable[[dict[str, Any]], bool]:
-    """Resuming is only meaningful with the same experiment (seeds may differ)."""
-
-    def same(saved: dict[str, Any]) -> bool:
-        saved_config = ExperimentConfig.model_validate(saved)
-        return saved_config.model_dump(exclude={"seeds"}) == config.model_dump(exclude={"seeds"})
-
-    return same
-
-
 def run_experiment(
     config: ExperimentConfig,
     out: str | Path,
@@ -367,9 +357,7 @@ def run_experiment(
 
     ``workers``: processes running the units (1: every unit in this process)."""
     records, _ = check_inputs(config)
-    run = RunFolder(
-        out, config.model_dump(mode="json"), resume=resume, same_config=_same_experiment(config)
-    )
+    run = RunFolder(out, config, resume=resume, ignore=frozenset({"seeds"}))
     run.check()
     started = time.time()
     hm = load_model(config.model, device=config.device, dtype=config.dtype, log=log)

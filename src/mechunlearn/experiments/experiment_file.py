@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 
 from mechunlearn.errors import ConfigError
+from mechunlearn.experiments.config import read_yaml_mapping, validation_problems
 from mechunlearn.experiments.edit_config import ExperimentConfig
 from mechunlearn.experiments.lat_config import LatExperimentConfig
 from mechunlearn.experiments.tree_job import TreeExperimentConfig
@@ -45,23 +46,9 @@ def validate_experiment(
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'][1:])) or '(top)'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"invalid config {source}: {problems}") from None
+        raise ConfigError(f"invalid config {source}: {validation_problems(exc, 1)}") from None
 
 
 def load_experiment(path: str | Path):
     """Read and validate an experiment YAML of any kind."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must contain a mapping of keys to values")
-    return validate_experiment(data, str(path))
+    return validate_experiment(read_yaml_mapping(path), str(path))

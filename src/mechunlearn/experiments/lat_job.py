@@ -156,16 +156,6 @@ def _backdoor_seed(hm, config, data, layers, seed, partial, progress, log) -> No
 
 
 # ---- the run ---------------------------------------------------------------------------------
-def _same_experiment(config: LatExperimentConfig):
-    """Resuming is only meaningful with the same experiment (seeds may differ)."""
-
-    def same(saved: dict) -> bool:
-        saved_config = LatExperimentConfig.model_validate(saved)
-        return saved_config.model_dump(exclude={"seeds"}) == config.model_dump(exclude={"seeds"})
-
-    return same
-
-
 def run_lat_experiment(
     config: LatExperimentConfig,
     out: str | Path,
@@ -176,9 +166,7 @@ def run_lat_experiment(
 ) -> Path:
     """Run ``config``; see the module docstring. Returns the final run folder."""
     file_items = load_file_items(config)
-    run = RunFolder(
-        out, config.model_dump(mode="json"), resume=resume, same_config=_same_experiment(config)
-    )
+    run = RunFolder(out, config, resume=resume, ignore=frozenset({"seeds"}))
     run.check()
     started = time.time()
 

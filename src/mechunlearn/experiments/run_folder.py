@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from mechunlearn.errors import ConfigError
 from mechunlearn.io import RunClock, atomic_write_json, atomic_write_yaml, move_into_place
@@ -24,24 +24,31 @@ from mechunlearn.io import RunClock, atomic_write_json, atomic_write_yaml, move_
 class RunFolder:
     """``OUT.partial`` while running, ``OUT`` when finalised.
 
-    ``same_config(saved_yaml_dict) -> bool`` decides whether a folder's saved config is the
-    same experiment (e.g. ignoring the seeds, so a one-seed run can be extended to all seeds).
+    A folder's saved config is the same experiment when it validates, as ``config``'s class,
+    to the same values apart from the fields in ``ignore`` (e.g. the seeds, so a one-seed run
+    can be extended to all seeds).
     """
 
     def __init__(
         self,
         out: str | Path,
-        config: dict[str, Any],
+        config: BaseModel,
         *,
         resume: bool,
-        same_config: Callable[[dict[str, Any]], bool],
+        ignore: frozenset[str] = frozenset(),
     ) -> None:
         self.out = Path(out)
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.config = config
         self.resume = resume
-        self._same = same_config
+        self.ignore = set(ignore)
         self.clock: RunClock | None = None
+
+    def _same(self, saved: dict[str, Any]) -> bool:
+        saved_config = type(self.config).model_validate(saved)
+        return saved_config.model_dump(exclude=self.ignore) == self.config.model_dump(
+            exclude=self.ignore
+        )
 
     def check(self) -> None:
         """Refuse to resume another experiment's folder (before anything is written)."""
@@ -63,7 +70,7 @@ class RunFolder:
         if self.partial.exists() and not self.resume:
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True, exist_ok=True)
-        atomic_write_yaml(self.partial / "config.yaml", self.config)
+        atomic_write_yaml(self.partial / "config.yaml", self.config.model_dump(mode="json"))
         self.clock = RunClock(self.partial)
         if started is not None:
             self.clock.started = started

@@ -13,7 +13,7 @@ import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,13 +35,6 @@ class TreeExperimentConfig(BaseModel):
     train: TreeTrainConfig = Field(default_factory=TreeTrainConfig)
 
 
-def _same_recipe(config: TreeExperimentConfig) -> Callable[[dict[str, Any]], bool]:
-    def same(saved: dict[str, Any]) -> bool:
-        return TreeExperimentConfig.model_validate(saved).model_dump() == config.model_dump()
-
-    return same
-
-
 def run_tree_experiment(
     config: TreeExperimentConfig,
     out: str | Path,
@@ -53,9 +46,7 @@ def run_tree_experiment(
 ) -> Path:
     """Train ``config.train`` (see the module docstring). Returns the folder holding the run:
     ``OUT`` when finished, ``OUT.partial`` when stopped early by ``until``."""
-    run = RunFolder(
-        out, config.model_dump(mode="json"), resume=resume, same_config=_same_recipe(config)
-    )
+    run = RunFolder(out, config, resume=resume)
     partial = run.open(time.time())
     result = train_tree_model(
         config.train, partial, resume=resume, progress=progress, log=log, until=until
