@@ -112,3 +112,33 @@ def test_unembedding_gets_a_contiguous_input_with_logits_to_keep():
     assert seen == [True]
     torch.testing.assert_close(kept, reference, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(v, plain[k]) for k, v in hm.model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama", "gpt2"])
+def test_forwards_that_skip_unread_logit_rows_match_full_logits(family):
+    """``forward_predicting_last`` unembeds only the rows a loss reads (not the final one);
+    ``forward_for_activations`` only the last row. Both agree with a full-logits forward."""
+    import torch
+
+    from mechunlearn.models.handle import HookedModel
+    from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+
+    hm = HookedModel(tiny_model(family), tiny_tokenizer(), name="tiny")
+    ids = torch.randint(3, 100, (3, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded row
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    full = hm.model(**inputs).logits
+    head = hm.model.get_output_embeddings()
+    rows = []
+    probe = head.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[1]))
+    for keep in (1, 3):
+        got = hm.forward_predicting_last(keep, **inputs)
+        torch.testing.assert_close(got, full[:, 8 - keep - 1 : 7], rtol=1e-5, atol=1e-5)
+    last = hm.forward_for_activations(**inputs).logits
+    probe.remove()
+    assert rows == [1, 3, 1]
+    torch.testing.assert_close(last[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot predict"):
+        hm.forward_predicting_last(8, **inputs)

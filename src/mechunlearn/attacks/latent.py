@@ -453,7 +453,7 @@ def target_logits(hm: HookedModel, batch: TargetBatch) -> tuple[torch.Tensor, to
     whether the target is the argmax prediction (False off target)."""
     keep = max(batch.n_targets)
     width = batch.input_ids.shape[1]
-    logits = hm.forward(**batch.model_inputs(), logits_to_keep=keep + 1).logits[:, :-1]
+    logits = hm.forward_predicting_last(keep, **batch.model_inputs())
     log_probs = logits.float().log_softmax(-1)
     targets = batch.input_ids[:, width - keep :]
     mask = batch.target_mask[:, width - keep :].bool()

@@ -200,7 +200,7 @@ def embedding_stats(
     for start in range(0, len(texts), batch_size):
         batch = hm.batch(texts[start : start + batch_size])
         with hm.hooks(cache=["embed"]) as cache:
-            hm.model(**batch.model_inputs())
+            hm.forward_for_activations(**batch.model_inputs())
         real = cache["embed"].float()[batch.attention_mask.bool()]  # [tokens, d]
         norms.append(real.norm(dim=-1).cpu())
         summed = real.sum(0).cpu()

@@ -189,7 +189,7 @@ def _target_log_softmax(hm: HookedModel, batch: TargetBatch) -> torch.Tensor:
     """``[rows, keep, vocab]`` next-token log-probs at the positions predicting the last
     ``keep = max(n_targets)`` tokens (row ``j`` predicts token ``width - keep + j``)."""
     keep = max(batch.n_targets)
-    logits = hm.forward(**batch.model_inputs(), logits_to_keep=keep + 1).logits[:, :-1]
+    logits = hm.forward_predicting_last(keep, **batch.model_inputs())
     return logits.float().log_softmax(-1)
 
 

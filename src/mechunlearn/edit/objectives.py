@@ -121,7 +121,7 @@ def token_logprobs(hm: HookedModel, batch: TargetBatch) -> torch.Tensor:
     width = batch.input_ids.shape[1]
     if keep >= width:
         raise ValueError("every row needs at least one prompt token before its continuation")
-    logits = hm.forward(**batch.model_inputs(), logits_to_keep=keep + 1).logits[:, :-1]
+    logits = hm.forward_predicting_last(keep, **batch.model_inputs())
     log_probs = logits.float().log_softmax(-1)  # predictions for positions width-keep .. width-1
     # the logits' device: a batch built on the CPU, or a model sharded over several GPUs
     targets = batch.input_ids[:, width - keep :].to(log_probs.device)

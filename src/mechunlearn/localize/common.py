@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -30,7 +29,7 @@ def final_logits(hm: HookedModel, inputs: FactPrompts | Mapping[str, object]) ->
     if isinstance(inputs, FactPrompts):
         inputs = inputs.batch.to(hm.device).model_inputs()
     kwargs = {"use_cache": False, **inputs}
-    if "logits_to_keep" in inspect.signature(hm.model.forward).parameters:
+    if hm.keeps_logits:
         kwargs["logits_to_keep"] = 1
     return hm.model(**kwargs).logits[:, -1]
 

@@ -191,7 +191,7 @@ def _clean_and_corrupt_pass(
             for L in range(n_layers)
         ]
         with hm.hooks(handlers=handlers):
-            logits = hm.model(**clean.batch.to(hm.device).model_inputs()).logits[:, -1]
+            logits = hm.forward_for_activations(**clean.batch.model_inputs()).logits[:, -1]
         clean_ld.append(answer_logit_diff(logits.float(), clean).cpu())
         subject_rows.append(torch.stack([store[f"subj:{s}"].float().cpu() for s in sites]))
         final_rows.append(torch.stack([store[f"final:{s}"].float().cpu() for s in sites]))
@@ -204,7 +204,7 @@ def _clean_and_corrupt_pass(
             for L in range(n_layers)
         ]
         with hm.hooks(handlers=handlers):
-            logits = hm.model(**corrupt.batch.to(hm.device).model_inputs()).logits[:, -1]
+            logits = hm.forward_for_activations(**corrupt.batch.model_inputs()).logits[:, -1]
         corrupt_ld.append(answer_logit_diff(logits.float(), clean).cpu())
         per_layer = []
         for L in range(n_layers):
@@ -320,13 +320,13 @@ def _enrichment_pass(
         last_subject = clean.last_subject_positions()
         store: dict[str, torch.Tensor] = {}
         with hm.hooks(handlers=readers.handlers(store, last_subject)):
-            hm.model(**clean.batch.to(hm.device).model_inputs())
+            hm.forward_for_activations(**clean.batch.model_inputs())
         readout = logit_diff_readout(hm, clean, store["final"])
         base_heads = readers.extracted(store, readout)
         base_probe = probe.margin(store["probe"], y) if with_probe else None
 
         with hm.hooks(cache=[f"blocks.{L}.mlp_out" for L in layers]) as corrupt_cache:
-            hm.model(**corrupt.batch.to(hm.device).model_inputs())
+            hm.forward_for_activations(**corrupt.batch.model_inputs())
         subject = clean.subject_mask().to(hm.device)
         group = max(1, rows_per_forward // b)
         for start in range(0, len(layers), group):
@@ -337,7 +337,7 @@ def _enrichment_pass(
                 _layer_patches(corrupt_cache, chunk, subject),
                 handlers=readers.handlers(patched, last_subject.repeat(g)),
             ):
-                hm.model(**_repeat(clean.batch, g).to(hm.device).model_inputs())
+                hm.forward_for_activations(**_repeat(clean.batch, g).model_inputs())
             after = readers.extracted(patched, readout.repeat(g, 1)).view(g, b)
             heads_drop = (base_heads[None] - after).sum(1).double().cpu()
             if with_probe:

@@ -92,7 +92,7 @@ def collect_residuals(
         rows = slice(start, start + batch_size)
         chunk = _rows(batch, rows).to(hm.device)
         with hm.hooks(cache=sites) as cache:
-            hm.model(**chunk.model_inputs())
+            hm.forward_for_activations(**chunk.model_inputs())
         picked = index[rows].to(hm.device)
         arange = torch.arange(picked.shape[0], device=hm.device)
         for i, site in enumerate(sites):
