@@ -2,17 +2,16 @@
 
     .venv/bin/python bench/experiment_speed.py [--config sports-athlete-edit-16]
         [--localizations all_mlps] [--workers 2] [--out bench-runs/experiment-speed]
-        [--precision fp32|bf16] [--fidelity] [--skip-old]
+        [--selection full|halving] [--precision fp32|bf16] [--fidelity] [--skip-old]
 
 Both paths run the same reduced configuration (the shipped config with only the given
 localization rows and its first seed; same steps, same learning-rate grid, same battery), from
 a cold localization cache, each in its own subprocess:
 
 - old: one process with torch's default threads, fp32, every sweep point trained for every step,
-  and the unembedding fed the sliced (non-contiguous) hidden states (what ``mechunlearn run``
-  did before the engine);
-- new: ``--workers`` worker processes with one torch thread each, the successive-halving sweep,
-  ``--precision`` forwards.
+  and the forwards as before the engine (``run_path``): what ``mechunlearn run`` did then;
+- new: ``--workers`` worker processes with one torch thread each (every battery part its own
+  unit), ``--selection`` (default: the config's own sweep selection), ``--precision`` forwards.
 
 It prints per-phase unit seconds and wall seconds from each run's ``run.json``, the total wall
 time and the ratio, and which learning rate each sweep chose. ``--fidelity`` trains one edit
@@ -52,11 +51,16 @@ def reduced_config(args: argparse.Namespace, path: str, selection: str, precisio
 
 
 def run_path(config_path: str, out: Path, workers: int, old: bool) -> float:
-    """One ``run_experiment`` in a fresh subprocess (localizations recomputed). ``old``: without
-    the contiguous-unembedding pre-hook (``models.handle.contiguous_unembedding_input``), as
-    every forward with ``logits_to_keep`` ran before it."""
+    """One ``run_experiment`` in a fresh subprocess (localizations recomputed). ``old``: the
+    forwards as they ran before the engine: without the contiguous-unembedding pre-hook
+    (``models.handle.contiguous_unembedding_input``), hook-only forwards computing full logits,
+    losses unembedding the final position too."""
     unpatched = (
         "import mechunlearn.models.handle as h; h.contiguous_unembedding_input = lambda m: None;"
+        # hook-only forwards unembedded every position, losses one row more than they read
+        "h.HookedModel.forward_for_activations = lambda self, **kw: self.model(**self.on_device(kw));"
+        "h.HookedModel.forward_predicting_last = lambda self, keep, **kw: "
+        "self.forward(**kw, logits_to_keep=keep + 1).logits[:, :-1];"
         if old
         else ""
     )
@@ -114,6 +118,15 @@ def fidelity(args: argparse.Namespace, folder: Path, lr: float) -> None:
         print(f"{key:45s} {m32[key]:9.4f} {m16[key]:9.4f} {m16[key] - m32[key]:+9.4f}")
 
 
+def _config_selection(config: str) -> str:
+    import yaml
+
+    from mechunlearn.experiments.edit_config import resolve_config
+
+    data = yaml.safe_load(Path(resolve_config(config)).read_text())
+    return (data.get("sweep") or {}).get("selection", "full")
+
+
 def _phases(run: dict) -> dict:
     return run.get("phases", {})
 
@@ -124,6 +137,9 @@ def main() -> None:
     parser.add_argument("--localizations", default="all_mlps")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument(
+        "--selection", choices=("full", "halving"), help="the new path's sweep (default: config's)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-runs/experiment-speed"))
     parser.add_argument("--fidelity", action="store_true")
     parser.add_argument("--skip-old", action="store_true", help="reuse OUT/old from a past run")
@@ -132,7 +148,7 @@ def main() -> None:
     results = {}
     paths = {
         "old": ("full", "fp32", 1),
-        "new": ("halving", args.precision, args.workers),
+        "new": (args.selection or _config_selection(args.config), args.precision, args.workers),
     }
     for name, (selection, precision, workers) in paths.items():
         out = args.out / name

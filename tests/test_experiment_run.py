@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from mechunlearn.cli import app
 from mechunlearn.experiments import edit_job
+from mechunlearn.experiments.battery import battery_parts
 from mechunlearn.experiments.config import validate_config
 from mechunlearn.experiments.edit_config import ExperimentConfig
 from mechunlearn.experiments.edit_job import run_experiment
@@ -143,34 +144,36 @@ def test_weights_are_restored_between_runs(saved_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(edit_job, "train", check_start)
     cfg = tiny_config(saved_llama, seeds=[0])
     run_experiment(cfg, tmp_path / "run", progress=False)
-    assert len(seen) == 3 and all(n > 0 for n in seen)  # the battery saw edited weights
+    # every part of every battery (each its own unit) saw edited weights
+    assert len(seen) == 3 * len(battery_parts(cfg)) and all(n > 0 for n in seen)
 
 
 def test_interrupted_run_resumes_without_redoing_finished_work(saved_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
     cfg = tiny_config(saved_llama, seeds=[0])
     calls = []
-    original = edit_job._edit_and_measure
+    original = edit_job._edit
 
-    def crash_on_second(hm, spec, *args, **kwargs):
+    def crash_on_second(ctx, spec, *args, **kwargs):
         calls.append(spec.name)
         if len(calls) == 2:
             raise RuntimeError("power cut")
-        return original(hm, spec, *args, **kwargs)
+        return original(ctx, spec, *args, **kwargs)
 
-    monkeypatch.setattr(edit_job, "_edit_and_measure", crash_on_second)
+    monkeypatch.setattr(edit_job, "_edit", crash_on_second)
     with pytest.raises(RuntimeError, match="power cut"):
         run_experiment(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
     partial = tmp_path / "run.partial"
-    assert (partial / "results" / "random" / "seed0.json").is_file()
+    assert (partial / "units" / "edit" / "random" / "seed0.json").is_file()
+    assert (partial / "units" / "weights" / "random" / "seed0.safetensors").is_file()
     first_part_seconds = json.loads((partial / "time.json").read_text())["seconds"]
     assert first_part_seconds > 0
     calls.clear()
     monkeypatch.setattr(
         edit_job,
-        "_edit_and_measure",
-        lambda hm, spec, *a, **k: (calls.append(spec.name), original(hm, spec, *a, **k))[1],
+        "_edit",
+        lambda ctx, spec, *a, **k: (calls.append(spec.name), original(ctx, spec, *a, **k))[1],
     )
     monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "empty-cache"))  # a new machine
 
@@ -181,6 +184,7 @@ def test_interrupted_run_resumes_without_redoing_finished_work(saved_llama, tmp_
     run_experiment(cfg, tmp_path / "run", resume=True, progress=False)
     assert calls == ["ct_mlps", "all_mlps_lora"]
     assert (tmp_path / "run" / "results.md").is_file() and not partial.exists()
+    assert not (tmp_path / "run" / "units" / "weights").exists()  # no edited weights left
     # the reported wall time is the sum of both parts, not only the resumed one
     total = json.loads((tmp_path / "run" / "run.json").read_text())["seconds"]
     assert total == json.loads((tmp_path / "run" / "time.json").read_text())["seconds"]
@@ -266,11 +270,11 @@ def test_resume_extends_a_finished_run_to_more_seeds(saved_llama, tmp_path, monk
     run_experiment(one, out, progress=False)
     first = (out / "results" / "all_mlps" / "seed0.json").read_text()
     calls = []
-    original = edit_job._edit_and_measure
+    original = edit_job._edit
     monkeypatch.setattr(
         edit_job,
-        "_edit_and_measure",
-        lambda hm, spec, *a, **k: (calls.append(a[5]), original(hm, spec, *a, **k))[1],
+        "_edit",
+        lambda ctx, spec, *a, **k: (calls.append(a[3]), original(ctx, spec, *a, **k))[1],
     )
     run_experiment(two, out, resume=True, progress=False)
     assert calls == [1]  # only the new seed ran
@@ -415,3 +419,23 @@ def test_progress_counts_units_and_estimates_the_time_left():
     # two edits left at 10 min each, the sweep at the mean of the known kinds, on 2 workers
     assert progress.eta_seconds() == 3 * 600.0 / 2
     assert lines[-1] == "edit/1 done in 600s; units: 2 done, 0 running, 3 left; ETA 15 min"
+
+
+def test_battery_parts_merge_in_report_order_whatever_order_they_ran():
+    from mechunlearn.errors import DataError
+    from mechunlearn.experiments.battery import BatteryResult, merge_batteries
+
+    soft = BatteryResult({"soft_prompt.accuracy_after": 0.5}, {"soft_prompt": {}}, ["s"])
+    formats = BatteryResult({"forget.completion.p_original": 0.1, "lm_loss": 3.0}, {}, ["f"])
+    relearn = BatteryResult({"relearn.completion.accuracy": 0.2}, {"relearn": {}}, [])
+    merged = merge_batteries({"soft_prompt": soft, "relearn": relearn, "formats": formats})
+    assert list(merged.metrics) == [
+        "forget.completion.p_original",
+        "lm_loss",
+        "relearn.completion.accuracy",
+        "soft_prompt.accuracy_after",
+    ]
+    assert merged.notes == ["f", "s"] and list(merged.curves) == ["relearn", "soft_prompt"]
+    assert BatteryResult.from_json(merged.to_json()) == merged
+    with pytest.raises(DataError, match="unknown battery parts"):
+        merge_batteries({"probes": formats})

@@ -231,3 +231,31 @@ def test_weight_snapshot_restores_in_place(tiny_llama):
     assert all(torch.equal(v, before[k]) for k, v in hm.model.state_dict().items())
     assert list(hm.model.parameters())[0] is params[0]
     trainable.restore()
+
+
+def test_saved_weights_swap_in_and_out_exactly(tiny_llama, tmp_path):
+    """An edit saved as its components' tensors is the edited model when swapped into the
+    original, and the original comes back after (errors included)."""
+    from mechunlearn.edit.parametrization import editing, save_weights, swapped_in
+
+    hm = tiny_llama
+    original = {k: v.clone() for k, v in hm.model.state_dict().items()}
+    components = ["blocks.1.mlp", "blocks.0.attn.head1"]
+    with editing(hm, "localized", components):
+        with torch.no_grad():
+            for s in hm.parameters_of(components):
+                s.param.add_(0.5)
+        edited = {k: v.clone() for k, v in hm.model.state_dict().items()}
+        save_weights(hm, components, tmp_path / "w.safetensors")
+    assert all(torch.equal(v, original[k]) for k, v in hm.model.state_dict().items())
+    with swapped_in(hm, tmp_path / "w.safetensors"):
+        assert all(torch.equal(v, edited[k]) for k, v in hm.model.state_dict().items())
+    with pytest.raises(RuntimeError, match="inside"), swapped_in(hm, tmp_path / "w.safetensors"):
+        raise RuntimeError("inside")
+    assert all(torch.equal(v, original[k]) for k, v in hm.model.state_dict().items())
+    other = HookedModel(tiny_model("gemma3"), tiny_tokenizer())
+    with (
+        pytest.raises(ConfigError, match="not in model|shape"),
+        swapped_in(other, tmp_path / "w.safetensors"),
+    ):
+        pass

@@ -115,7 +115,8 @@ def test_sigkilled_worker_run_resumes_to_the_same_summary(saved_llama, tmp_path,
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        done = list((partial / "results").glob("*/seed0.json")) if partial.exists() else []
+        edits = partial / "units" / "edit"
+        done = list(edits.glob("*/seed0.json")) if partial.exists() else []
         if len(done) >= 2 or parent.poll() is not None:
             break
         time.sleep(0.05)
@@ -127,7 +128,7 @@ def test_sigkilled_worker_run_resumes_to_the_same_summary(saved_llama, tmp_path,
     time.sleep(2)
     assert sorted(p.relative_to(partial) for p in partial.rglob("*.json")) == finished
     assert not out.exists()
-    kept = {p: (partial / p).read_text() for p in finished if p.parts[0] == "results"}
+    kept = {p: (partial / p).read_text() for p in finished if p.parts[0] == "units"}
     assert kept, "no unit had finished"
 
     resumed = subprocess.run(

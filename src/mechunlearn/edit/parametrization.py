@@ -20,13 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mechunlearn.errors import ConfigError
+from mechunlearn.io import atomic_path
 from mechunlearn.models.components import GradientMask, ParamSlice, count_parameters
 from mechunlearn.models.handle import HookedModel
 
@@ -354,3 +357,62 @@ class WeightSnapshot:
 
     def __len__(self) -> int:
         return len(self._saved)
+
+
+@contextmanager
+def editing(
+    hm: HookedModel,
+    mode: Literal["localized", "lora", "full"],
+    components: Sequence[str] = (),
+    lora: LoraOptions | None = None,
+) -> Iterator[Trainable]:
+    """``make_trainable`` for one training run inside an experiment loop: on exit (errors
+    included) the parametrization is undone and the weights it may have changed (the
+    components' parameters, LoRA merges into them included) are restored, so the next run
+    starts from the original model."""
+    snapshot = WeightSnapshot(s.param for s in hm.parameters_of(components))
+    trainable = make_trainable(hm, mode, components, lora)
+    try:
+        yield trainable
+    finally:
+        trainable.restore()
+        snapshot.restore()
+
+
+def _named(hm: HookedModel, components: Sequence[str]) -> dict[str, nn.Parameter]:
+    names = {id(p): n for n, p in hm.model.named_parameters(remove_duplicate=False)}
+    return {names[id(p)]: p for p in _unique(s.param for s in hm.parameters_of(components))}
+
+
+def save_weights(hm: HookedModel, components: Sequence[str], path: str | Path) -> Path:
+    """Write the current values of the components' parameters (whole tensors) to a
+    safetensors file, atomically: an edited model is the original plus this file."""
+    tensors = {n: p.detach().to("cpu").contiguous() for n, p in _named(hm, components).items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+    return Path(path)
+
+
+@contextmanager
+def swapped_in(hm: HookedModel, path: str | Path) -> Iterator[None]:
+    """Run with the parameters saved by ``save_weights`` in place of the model's, restored
+    afterwards (errors included). Names must match the model's parameters and shapes agree."""
+    saved = load_file(str(path))
+    params = dict(hm.model.named_parameters(remove_duplicate=False))
+    unknown = sorted(set(saved) - set(params))
+    if unknown:
+        raise ConfigError(f"{path}: parameters {unknown[:3]} are not in model {hm.name!r}")
+    for name, tensor in saved.items():
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise ConfigError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, the model's is "
+                f"{tuple(params[name].shape)}"
+            )
+    snapshot = WeightSnapshot(params[n] for n in saved)
+    try:
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        yield
+    finally:
+        snapshot.restore()

@@ -45,6 +45,10 @@ class BatteryResult:
     def to_json(self) -> dict[str, Any]:
         return {"metrics": self.metrics, "curves": self.curves, "notes": self.notes}
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BatteryResult:
+        return cls(dict(data["metrics"]), dict(data["curves"]), list(data["notes"]))
+
 
 def _finite(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
@@ -105,6 +109,37 @@ def counterfact_side_effect(
     return rome_metrics(hm, records, batch_size=batch_size)["neighborhood_score"]
 
 
+PARTS = ("formats", "relearn", "soft_prompt")
+"""The battery's independent parts, in the order their metrics are reported: ``formats``
+(every format, LM loss, CounterFact scores, latent probes: no training), then the two attacks
+(each trains and restores the model). Parts of one edit can run in different processes."""
+
+
+def battery_parts(config: ExperimentConfig, attacks: bool = True) -> list[str]:
+    """The parts ``config`` asks for (``attacks=False``: the base model, no attacks)."""
+    battery = config.evaluation
+    parts = ["formats"]
+    if attacks and battery.relearn is not None:
+        parts.append("relearn")
+    if attacks and battery.soft_prompt is not None:
+        parts.append("soft_prompt")
+    return parts
+
+
+def merge_batteries(parts: dict[str, BatteryResult]) -> BatteryResult:
+    """One battery from its parts, in ``PARTS`` order whatever order they ran in."""
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise DataError(f"unknown battery parts {unknown}; known: {', '.join(PARTS)}")
+    out = BatteryResult()
+    for name in PARTS:
+        if name in parts:
+            out.metrics.update(parts[name].metrics)
+            out.curves.update(parts[name].curves)
+            out.notes.extend(parts[name].notes)
+    return out
+
+
 def run_battery(
     hm: HookedModel,
     sets: FactSets,
@@ -116,15 +151,42 @@ def run_battery(
     counterfact_records: Sequence[FactRecord] = (),
     probe_reserve: Sequence[FactRecord] = (),
     attacks: bool = True,
+    parts: Sequence[str] | None = None,
     progress: bool = False,
     log: Callable[[str], None] = lambda _: None,
 ) -> BatteryResult:
-    """Measure the current model; ``attacks=False`` skips relearning and soft prompts (base model).
+    """Measure the current model; ``attacks=False`` skips relearning and soft prompts (base
+    model); ``parts``: only these of ``battery_parts(config, attacks)`` (default: all).
 
     ``probe_reserve``: facts outside every forget and retain set (the validation forget facts).
     When the retain facts lack an answer the forget facts have (a whole group edited, e.g. every
     basketball player), reserve facts with that answer join the probe's training facts, so the
     original answer can still be probed for."""
+    available = battery_parts(config, attacks)
+    chosen = available if parts is None else list(parts)
+    missing = [p for p in chosen if p not in available]
+    if missing:
+        raise DataError(f"battery parts {missing} are not configured; configured: {available}")
+    results: dict[str, BatteryResult] = {}
+    if "formats" in chosen:
+        results["formats"] = _formats_part(
+            hm, sets, config, seed, general_text_eval, counterfact_records, probe_reserve,
+            progress, log,
+        )  # fmt: skip
+    if "relearn" in chosen:
+        results["relearn"] = _relearn_part(
+            hm, sets, config, seed, general_text_train, progress, log
+        )
+    if "soft_prompt" in chosen:
+        results["soft_prompt"] = _soft_prompt_part(hm, sets, config, seed, progress, log)
+    out = merge_batteries(results)
+    out.metrics = {k: v for k, v in out.metrics.items() if _finite(v) is not None}
+    return out
+
+
+def _formats_part(
+    hm, sets, config, seed, general_text_eval, counterfact_records, probe_reserve, progress, log
+) -> BatteryResult:
     battery = config.evaluation
     out = BatteryResult()
     log(f"prompt formats on {len(sets.forget)} forget and {len(sets.retain_eval)} retain facts")
@@ -140,58 +202,70 @@ def run_battery(
         )
     if battery.probes:
         log("latent probes")
-        probe_facts = list(sets.retain_train) + list(sets.retain_eval)
-        missing = {r.answer for r in sets.forget} - {r.answer for r in probe_facts}
-        taken = {r.id for r in sets.forget} | {r.id for r in probe_facts}
-        extra = [r for r in probe_reserve if r.answer in missing and r.id not in taken]
-        if extra:
-            out.notes.append(
-                f"latent probes: {len(extra)} validation facts answering "
-                f"{', '.join(sorted({r.answer for r in extra}))} (no retain fact does) joined "
-                "the probe's training facts"
-            )
-        try:
-            probes = latent_probe_accuracy(
-                hm,
-                sets.forget,
-                probe_facts + extra,
-                position=battery.probe_position,
-                seed=seed,
-                batch_size=battery.batch_size,
-            ).to_json()
-        except DataError as exc:  # e.g. CounterFact answers are too varied for one probe
-            out.notes.append(f"latent probes skipped: {exc}")
-        else:
-            out.curves["probes"] = probes
-            reference = probes["retain_heldout_accuracy"]
-            best = max(range(len(reference)), key=lambda i: reference[i])
-            out.metrics["probe.forget_accuracy"] = probes["forget_accuracy"][best]
-            out.metrics["probe.forget_accuracy_max"] = max(probes["forget_accuracy"])
-            out.metrics["probe.retain_accuracy"] = reference[best]
-            out.metrics["probe.chance"] = probes["chance"]
-    if attacks and battery.relearn is not None:
-        log("relearning attack")
-        relearn = relearn_attack(
+        _probe_metrics(hm, sets, config, seed, probe_reserve, out)
+    return out
+
+
+def _probe_metrics(hm, sets, config, seed, probe_reserve, out: BatteryResult) -> None:
+    battery = config.evaluation
+    probe_facts = list(sets.retain_train) + list(sets.retain_eval)
+    missing = {r.answer for r in sets.forget} - {r.answer for r in probe_facts}
+    taken = {r.id for r in sets.forget} | {r.id for r in probe_facts}
+    extra = [r for r in probe_reserve if r.answer in missing and r.id not in taken]
+    if extra:
+        out.notes.append(
+            f"latent probes: {len(extra)} validation facts answering "
+            f"{', '.join(sorted({r.answer for r in extra}))} (no retain fact does) joined "
+            "the probe's training facts"
+        )
+    try:
+        probes = latent_probe_accuracy(
             hm,
             sets.forget,
-            sets.retain_train,
-            list(general_text_train),
-            battery.relearn,
+            probe_facts + extra,
+            position=battery.probe_position,
             seed=seed,
-            progress=progress,
+            batch_size=battery.batch_size,
         ).to_json()
-        out.curves["relearn"] = relearn
-        for key, value in relearn["final"].items():
-            if isinstance(value, int | float):
-                out.metrics[f"relearn.{key}"] = value
-    if attacks and battery.soft_prompt is not None:
-        log("soft-prompt attack")
-        soft = soft_prompt_attack(
-            hm, sets.forget, battery.soft_prompt, seed=seed, progress=progress
-        ).to_json()
-        out.curves["soft_prompt"] = soft
-        for key in ("accuracy_before", "accuracy_after", "p_true_before", "p_true_after"):
-            if key in soft:
-                out.metrics[f"soft_prompt.{key}"] = soft[key]
-    out.metrics = {k: v for k, v in out.metrics.items() if _finite(v) is not None}
+    except DataError as exc:  # e.g. CounterFact answers are too varied for one probe
+        out.notes.append(f"latent probes skipped: {exc}")
+        return
+    out.curves["probes"] = probes
+    reference = probes["retain_heldout_accuracy"]
+    best = max(range(len(reference)), key=lambda i: reference[i])
+    out.metrics["probe.forget_accuracy"] = probes["forget_accuracy"][best]
+    out.metrics["probe.forget_accuracy_max"] = max(probes["forget_accuracy"])
+    out.metrics["probe.retain_accuracy"] = reference[best]
+    out.metrics["probe.chance"] = probes["chance"]
+
+
+def _relearn_part(hm, sets, config, seed, general_text_train, progress, log) -> BatteryResult:
+    out = BatteryResult()
+    log("relearning attack")
+    relearn = relearn_attack(
+        hm,
+        sets.forget,
+        sets.retain_train,
+        list(general_text_train),
+        config.evaluation.relearn,
+        seed=seed,
+        progress=progress,
+    ).to_json()
+    out.curves["relearn"] = relearn
+    for key, value in relearn["final"].items():
+        if isinstance(value, int | float):
+            out.metrics[f"relearn.{key}"] = value
+    return out
+
+
+def _soft_prompt_part(hm, sets, config, seed, progress, log) -> BatteryResult:
+    out = BatteryResult()
+    log("soft-prompt attack")
+    soft = soft_prompt_attack(
+        hm, sets.forget, config.evaluation.soft_prompt, seed=seed, progress=progress
+    ).to_json()
+    out.curves["soft_prompt"] = soft
+    for key in ("accuracy_before", "accuracy_after", "p_true_before", "p_true_after"):
+        if key in soft:
+            out.metrics[f"soft_prompt.{key}"] = soft[key]
     return out

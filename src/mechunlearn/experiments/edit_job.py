@@ -6,7 +6,11 @@ train only the localized weights, run the robustness battery, restore the weight
 
 After a short plan made in this process (known facts, localization facts, the base model's
 validation score: ``plan.json``), the run is a graph of units (``plan_units``): one per
-localization, sweep point and (localization, seed) edit, and one base-model battery per seed.
+localization and sweep point; per (localization, seed) one edit (training; the edited weights
+saved as a safetensors file of the trained components) and one unit per battery part
+(``experiments.battery.PARTS``: formats and probes, relearning, soft prompt), each run on the
+swapped-in edited weights; and one base-model battery per seed. ``assemble_results`` merges an
+edit's units into ``results/<localization>/seed<k>.json`` and deletes its weights.
 ``run_units`` executes them here (``workers=1``) or in worker processes, each unit's file
 written atomically in ``OUT.partial`` as soon as it is done, so an interrupted run resumes
 (``resume=True``) with every finished unit kept. Only a complete run is moved to ``OUT``: the
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,11 +37,16 @@ from mechunlearn import __version__
 from mechunlearn.edit.data import TrainData, fact_pairs
 from mechunlearn.edit.engine import with_changes
 from mechunlearn.edit.export import save_edited
-from mechunlearn.edit.parametrization import WeightSnapshot, make_trainable
+from mechunlearn.edit.parametrization import editing, save_weights, swapped_in
 from mechunlearn.edit.trainer import train
 from mechunlearn.errors import DataError
 from mechunlearn.evals.harness import known_records
-from mechunlearn.experiments.battery import run_battery
+from mechunlearn.experiments.battery import (
+    BatteryResult,
+    battery_parts,
+    merge_batteries,
+    run_battery,
+)
 from mechunlearn.experiments.edit_config import ExperimentConfig, Hyperparameters
 from mechunlearn.experiments.fact_sets import (
     FactSets,
@@ -115,9 +125,10 @@ def check_inputs(config: ExperimentConfig) -> tuple[list[FactRecord], list[FactR
     return records, counterfact
 
 
-UNIT_PRIORITY = ("localize", "sweep", "edit", "base")
-"""Ready units are taken in this order: localizations unblock sweeps, sweeps unblock edits, and
-the base model's batteries (no dependencies) fill the gaps."""
+UNIT_PRIORITY = ("localize", "sweep", "edit", "measure", "base")
+"""Ready units are taken in this order: localizations unblock sweeps, sweeps unblock edits,
+edits unblock their battery's parts, and the base model's batteries (no dependencies) fill the
+gaps."""
 
 
 @dataclass
@@ -235,17 +246,64 @@ def plan_units(config: ExperimentConfig) -> list[Unit]:
                 )  # fmt: skip
             previous = keys
         chosen_from[spec.name] = previous
+    # the attacks train longest: started first, they leave the short parts to fill the end
+    parts = sorted(battery_parts(config), key=lambda p: p == "formats")
     for seed in config.seeds:
         units.append(
             Unit(f"base/seed{seed}", "base", f"results/base/seed{seed}.json", {"seed": seed})
         )
         for spec in specs:
+            edit = f"edit/{spec.name}/seed{seed}"
+            params = {"name": spec.name, "seed": seed}
             units.append(
-                Unit(f"edit/{spec.name}/seed{seed}", "edit",
-                     f"results/{spec.name}/seed{seed}.json", {"name": spec.name, "seed": seed},
+                Unit(edit, "edit", f"units/{edit}.json", params,
                      (f"localize/{spec.name}", *chosen_from[spec.name]))
             )  # fmt: skip
+            for part in parts:
+                key = f"measure/{spec.name}/seed{seed}/{part}"
+                units.append(
+                    Unit(key, "measure", f"units/{key}.json", {**params, "part": part}, (edit,))
+                )
     return units
+
+
+def _weights_file(folder: Path, name: str, seed: int) -> Path:
+    """The edited weights of (localization, seed), read by its battery's parts."""
+    return folder / "units" / "weights" / name / f"seed{seed}.safetensors"
+
+
+def _result_file(folder: Path, name: str, seed: int) -> Path:
+    return folder / "results" / name / f"seed{seed}.json"
+
+
+def _assembled(folder: Path, unit: Unit) -> bool:
+    if unit.kind not in ("edit", "measure"):
+        return False
+    return _result_file(folder, unit.params["name"], unit.params["seed"]).is_file()
+
+
+def assemble_results(folder: Path, config: ExperimentConfig) -> int:
+    """``results/<localization>/seed<k>.json`` from its edit unit and battery parts, for every
+    (localization, seed) whose units are all done; the edited weights are deleted once the
+    result is written. Returns how many results were written."""
+    written = 0
+    for seed in config.seeds:
+        for spec in config.localizations:
+            target = _result_file(folder, spec.name, seed)
+            edit = folder / "units" / "edit" / spec.name / f"seed{seed}.json"
+            measures = folder / "units" / "measure" / spec.name / f"seed{seed}"
+            files = {p: measures / f"{p}.json" for p in battery_parts(config)}
+            if target.is_file() or not edit.is_file():
+                continue
+            if not all(f.is_file() for f in files.values()):
+                continue
+            battery = merge_batteries(
+                {p: BatteryResult.from_json(_read_json(f)) for p, f in files.items()}
+            )
+            atomic_write_json(target, {**_read_json(edit), **battery.to_json()})
+            _weights_file(folder, spec.name, seed).unlink(missing_ok=True)
+            written += 1
+    return written
 
 
 def execute_unit(ctx: EditContext, unit: Unit) -> dict[str, Any]:
@@ -270,13 +328,22 @@ def execute_unit(ctx: EditContext, unit: Unit) -> dict[str, Any]:
     spec = next(s for s in ctx.config.localizations if s.name == name)
     loc = Localization.load(ctx.folder / "localizations" / f"{name}.json")
     loc.check_model(ctx.hm)
+    weights = _weights_file(ctx.folder, name, seed)
+    if unit.kind == "measure":
+        part = unit.params["part"]
+        ctx.log(f"seed {seed}: {name} battery: {part}")
+        with swapped_in(ctx.hm, weights):
+            battery = run_battery(
+                ctx.hm, sets, ctx.config, seed,
+                general_text_eval=ctx.text_eval, general_text_train=ctx.text_train,
+                counterfact_records=ctx.counterfact, probe_reserve=probe_reserve,
+                attacks=True, parts=[part], progress=ctx.progress, log=ctx.log,
+            )  # fmt: skip
+        return battery.to_json()
     hp = chosen_hyperparameters(ctx.folder, ctx.config, name)
     ctx.log(f"seed {seed}: {name} (lr {hp.lr:g}, forget_coef {hp.forget_coef:g})")
     data = train_data(ctx.config, sets, ctx.text_train)
-    return _edit_and_measure(
-        ctx.hm, spec, loc, hp, data, sets, ctx.config, seed, ctx.text_eval, ctx.text_train,
-        ctx.counterfact, ctx.folder, ctx.progress, ctx.log, probe_reserve,
-    )  # fmt: skip
+    return _edit(ctx, spec, loc, hp, data, seed, weights)
 
 
 def _localize_unit(ctx: EditContext, unit: Unit) -> Localization:
@@ -409,7 +476,9 @@ def run_experiment(
         atomic_write_json(partial / "facts" / f"seed{seed}.json", sets.to_json())
     run.save_clock()
 
-    units = plan_units(config)
+    # (localization, seed) results of an earlier run (e.g. one being extended to more seeds)
+    # are kept as they are, however they were made
+    units = [u for u in plan_units(config) if not _assembled(partial, u)]
     context = None
     if workers <= 1:
         context = build_context(partial, hm, progress=progress, log=log)
@@ -419,6 +488,8 @@ def run_experiment(
         partial, units, make_context=worker_context, executor=execute_unit, workers=workers,
         priority=UNIT_PRIORITY, context=context, log=log, on_done=lambda *_: run.save_clock(),
     )  # fmt: skip
+    assemble_results(partial, config)
+    shutil.rmtree(partial / "units" / "weights", ignore_errors=True)  # every result is written
     write_sweep_summaries(partial, config, plan["base_retain_accuracy"])
     parts_path = partial / "parts.json"
     parts = _read_json(parts_path) if parts_path.is_file() else []
@@ -457,58 +528,27 @@ def run_experiment(
     return run.finalise()
 
 
-def _edit_and_measure(
-    hm,
-    spec,
-    loc,
-    hp: Hyperparameters,
-    data: TrainData,
-    sets: FactSets,
-    config: ExperimentConfig,
-    seed: int,
-    text_eval,
-    text_train,
-    counterfact,
-    partial: Path,
-    progress: bool,
-    log,
-    probe_reserve=(),
-) -> dict[str, Any]:
+def _edit(ctx: EditContext, spec, loc, hp: Hyperparameters, data: TrainData, seed, weights):
+    """Train (localization, seed) and save the edited weights for its battery's parts."""
+    config = ctx.config
     train_config = with_changes(
         spec.train_config(config.train), lr=hp.lr, forget_coef=hp.forget_coef, seed=seed
     )
-    snapshot = WeightSnapshot(s.param for s in hm.parameters_of(loc.selected))
-    trainable = make_trainable(hm, spec.trainer, loc.selected)
-    try:
+    with editing(ctx.hm, spec.trainer, loc.selected) as trainable:
         trained = train(
-            hm,
+            ctx.hm,
             trainable,
             data,
             train_config,
-            progress=progress,
-            log=log,
+            progress=ctx.progress,
+            log=ctx.log,
             forget_perturbation=forget_perturbation(spec),
         )
         if spec.trainer == "lora":
             trainable.merge()  # the battery's own LoRA attack then sits on plain weights
-        battery = run_battery(
-            hm,
-            sets,
-            config,
-            seed,
-            general_text_eval=text_eval,
-            general_text_train=text_train,
-            counterfact_records=counterfact,
-            probe_reserve=probe_reserve,
-            attacks=True,
-            progress=progress,
-            log=log,
-        )
+        save_weights(ctx.hm, loc.selected, weights)
         if config.save_models and seed == config.seeds[0]:
-            save_edited(hm, partial / "models" / spec.name)
-    finally:
-        trainable.restore()
-        snapshot.restore()  # the next (localization, seed) starts from the original weights
+            save_edited(ctx.hm, ctx.folder / "models" / spec.name)
     return {
         "localization": spec.name,
         "method": loc.method,
@@ -525,5 +565,4 @@ def _edit_and_measure(
             "seconds": round(trained.seconds, 3),
             "final": {k: v[-1] for k, v in trained.history.items() if v},
         },
-        **battery.to_json(),
     }

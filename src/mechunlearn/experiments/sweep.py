@@ -28,7 +28,7 @@ from typing import Any
 from mechunlearn.edit.data import TrainData
 from mechunlearn.edit.engine import with_changes
 from mechunlearn.edit.lat import ForgetLat
-from mechunlearn.edit.parametrization import WeightSnapshot, make_trainable
+from mechunlearn.edit.parametrization import editing
 from mechunlearn.edit.trainer import train
 from mechunlearn.evals.edit_metrics import edit_metrics
 from mechunlearn.evals.harness import evaluate, summarise_format
@@ -142,9 +142,7 @@ def sweep_point(
         seed=sweep.seed,
         steps=sweep.steps or config.train.steps,
     )
-    snapshot = WeightSnapshot(s.param for s in hm.parameters_of(loc.selected))
-    trainable = make_trainable(hm, spec.trainer, loc.selected)
-    try:
+    with editing(hm, spec.trainer, loc.selected) as trainable:
         history = train(
             hm,
             trainable,
@@ -155,9 +153,6 @@ def sweep_point(
             stop_after=stop_after,
         )
         numbers = validation_score(hm, sets, config, base_retain)
-    finally:
-        trainable.restore()
-        snapshot.restore()
     return numbers | {"lr": lr, "forget_coef": coef, "final_loss": history.history["loss"][-1]}
 
 
