@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -173,3 +174,33 @@ def test_unlearn_all_below_floor_is_zero_with_graph():
     assert loss.item() == 0.0
     loss.backward()
     assert (logprobs.grad == 0).all()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama", "gpt2"])
+def test_shared_forward_gives_each_batch_its_own_losses_and_gradients(family):
+    """Forget and maintain batches (different widths and target lengths) in one joint forward:
+    each term and the gradient of their sum equal the separate forwards'."""
+    from mechunlearn.edit.objectives import edit_loss, shared_forward, unlearn_loss
+    from mechunlearn.models.handle import HookedModel
+    from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+
+    torch.manual_seed(0)
+    hm = HookedModel(tiny_model(family), tiny_tokenizer(), name="tiny")
+    forget = TargetBatch.from_tokens([[5, 6, 7, 8, 9], [5, 6]], [[11], [12, 13]], hm.pad_id)
+    retain = TargetBatch.from_tokens([[20, 21], [22, 23, 24]], [[30], [31]], hm.pad_id)
+
+    def step(shared: bool):
+        hm.model.zero_grad()
+        context = shared_forward(hm, [forget, retain]) if shared else contextlib.nullcontext()
+        with context:
+            terms = (unlearn_loss(hm, forget), edit_loss(hm, retain))
+        sum(terms).backward()
+        grads = [p.grad.clone() for p in hm.model.parameters() if p.grad is not None]
+        return [t.detach() for t in terms], grads
+
+    (separate, g_sep), (joint, g_joint) = step(False), step(True)
+    for a, b in zip(separate, joint, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(g_sep) == len(g_joint) > 0
+    for a, b in zip(g_sep, g_joint, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

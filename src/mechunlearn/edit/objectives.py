@@ -19,7 +19,9 @@ distributed wrapper (DDP) set on the ``HookedModel`` sees them.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,12 +113,69 @@ class TargetBatch:
         }
 
 
+_SHARED: ContextVar[dict[int, torch.Tensor] | None] = ContextVar("shared_logprobs", default=None)
+
+
+def joined(batches: Sequence[TargetBatch]) -> TargetBatch:
+    """The rows of several target batches in one, left-padded to the widest (a narrower batch's
+    columns are the last ones of the joint batch: every row still ends at the last index)."""
+    width = max(b.input_ids.shape[1] for b in batches)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t, (width - t.shape[1], 0), value=0)
+
+    return TargetBatch(
+        torch.cat([pad(b.input_ids) for b in batches]),
+        torch.cat([pad(b.attention_mask) for b in batches]),
+        torch.cat([pad(b.position_ids) for b in batches]),
+        torch.cat([pad(b.target_mask) for b in batches]),
+        [n for b in batches for n in b.n_targets],
+    )
+
+
+@contextmanager
+def shared_forward(hm: HookedModel, batches: Sequence[TargetBatch]) -> Iterator[None]:
+    """One forward (and so one backward) for several target batches: inside the block,
+    ``token_logprobs(hm, b)`` for each ``b`` of ``batches`` returns its rows of the joint
+    forward, once. A training step's forget and maintain batches then cost one pass of the
+    model instead of two (wider matrix products, the unembedding read once): the same numbers
+    up to float summation order, since every row is masked and positioned as in its own batch."""
+    joint = _token_logprobs(hm, joined(batches))
+    width = joint.shape[1]
+    table: dict[int, torch.Tensor] = {}
+    row = 0
+    for b in batches:
+        n, w = b.input_ids.shape
+        table[id(b)] = joint[row : row + n, width - w :]
+        row += n
+    token = _SHARED.set(table)
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def target_tokens_only(objective: Callable) -> Callable:
+    """Mark an objective whose only use of the model is one ``token_logprobs`` of its batch, so
+    a trainer may compute it inside ``shared_forward`` with other batches."""
+    objective.target_tokens_only = True  # type: ignore[attr-defined]
+    return objective
+
+
 def token_logprobs(hm: HookedModel, batch: TargetBatch) -> torch.Tensor:
     """``[b, t]`` log-prob of each target token given its prefix (0 where not a target).
 
-    Only the last ``max(n_targets) + 1`` logit rows are computed; the final row (prediction
-    after the last token) is dropped. Differentiable; float32 log-softmax.
+    Only the ``max(n_targets)`` logit rows that predict target tokens are computed.
+    Differentiable; float32 log-softmax. Inside ``shared_forward`` a batch given to it is
+    answered from the joint forward (once).
     """
+    table = _SHARED.get()
+    if table is not None and id(batch) in table:
+        return table.pop(id(batch))
+    return _token_logprobs(hm, batch)
+
+
+def _token_logprobs(hm: HookedModel, batch: TargetBatch) -> torch.Tensor:
     keep = max(batch.n_targets)
     width = batch.input_ids.shape[1]
     if keep >= width:
@@ -144,6 +203,7 @@ def _mean_nll(hm: HookedModel, batch: TargetBatch) -> torch.Tensor:
 
 
 @OBJECTIVES.register("edit")
+@target_tokens_only
 def edit_loss(hm: HookedModel, batch: TargetBatch) -> torch.Tensor:
     """Cross-entropy toward the new answer (ROME/MEMIT-style fine-tuning objective).
 
@@ -182,6 +242,7 @@ def unlearn_loss_from_logprobs(
 
 
 @OBJECTIVES.register("unlearn")
+@target_tokens_only
 def unlearn_loss(hm: HookedModel, batch: TargetBatch, floor: float = DEFAULT_FLOOR) -> torch.Tensor:
     """Push answer probabilities toward zero (HarmBench / Mechanistic Unlearning, Guo et al. 2024).
 
@@ -193,6 +254,7 @@ def unlearn_loss(hm: HookedModel, batch: TargetBatch, floor: float = DEFAULT_FLO
 
 
 @OBJECTIVES.register("gradient_ascent")
+@target_tokens_only
 def gradient_ascent_loss(hm: HookedModel, batch: TargetBatch) -> torch.Tensor:
     """Gradient ascent on the forget answers (e.g. Jang et al. 2023; TOFU baseline).
 

