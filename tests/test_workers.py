@@ -62,6 +62,8 @@ def test_halving_sweep_trains_a_third_and_keeps_the_best(saved_llama, tmp_path, 
     assert sweep_rungs(cfg.sweep, 3, 6) == [2]
     assert sweep_rungs(cfg.sweep.model_copy(update={"selection": "full"}), 3, 6) == [6]
     assert sweep_rungs(cfg.sweep, 9, 18) == [2, 6]
+    later = cfg.sweep.model_copy(update={"rung_fraction": 0.65})  # the main job's: 13 of 20
+    assert sweep_rungs(later, 3, 20) == [13] and sweep_rungs(later, 9, 18) == [8, 12]
     out = run_experiment(cfg, tmp_path / "run", progress=False)
     sweep = json.loads((out / "sweep" / "all_mlps.json").read_text())
     assert sweep["rung_steps"] == [2] and len(sweep["points"]) == 3

@@ -138,6 +138,13 @@ class SweepConfig(Strict):
         "early-stopped runs (experiments.sweep.sweep_rungs)",
     )
     eta: int = Field(default=3, ge=2, description="halving: keep 1/eta of the points per rung")
+    rung_fraction: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="halving: the last rung trains this fraction of the steps, each earlier rung "
+        "this fraction of the next (default 1/eta)",
+    )
 
     @field_validator("lr", "forget_coef")
     @classmethod
