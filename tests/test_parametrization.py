@@ -15,7 +15,7 @@ from mechunlearn.edit import (
     train,
 )
 from mechunlearn.edit.parametrization import lora_target_modules, merge_adapters
-from mechunlearn.errors import ConfigError, SiteError
+from mechunlearn.errors import ConfigError, DataError, SiteError
 from mechunlearn.models.components import count_parameters
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.testing import tiny_model, tiny_tokenizer
@@ -253,6 +253,8 @@ def test_saved_weights_swap_in_and_out_exactly(tiny_llama, tmp_path):
     with pytest.raises(RuntimeError, match="inside"), swapped_in(hm, tmp_path / "w.safetensors"):
         raise RuntimeError("inside")
     assert all(torch.equal(v, original[k]) for k, v in hm.model.state_dict().items())
+    with pytest.raises(DataError, match="missing"), swapped_in(hm, tmp_path / "none.safetensors"):
+        pass
     other = HookedModel(tiny_model("gemma3"), tiny_tokenizer())
     with (
         pytest.raises(ConfigError, match="not in model|shape"),

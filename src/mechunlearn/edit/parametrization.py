@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mechunlearn.errors import ConfigError
+from mechunlearn.errors import ConfigError, DataError
 from mechunlearn.io import atomic_path
 from mechunlearn.models.components import GradientMask, ParamSlice, count_parameters
 from mechunlearn.models.handle import HookedModel
@@ -397,6 +397,8 @@ def save_weights(hm: HookedModel, components: Sequence[str], path: str | Path) -
 def swapped_in(hm: HookedModel, path: str | Path) -> Iterator[None]:
     """Run with the parameters saved by ``save_weights`` in place of the model's, restored
     afterwards (errors included). Names must match the model's parameters and shapes agree."""
+    if not Path(path).is_file():
+        raise DataError(f"saved weights {path} are missing")
     saved = load_file(str(path))
     params = dict(hm.model.named_parameters(remove_duplicate=False))
     unknown = sorted(set(saved) - set(params))
