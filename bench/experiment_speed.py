@@ -82,7 +82,7 @@ def fidelity(args: argparse.Namespace, folder: Path, lr: float) -> None:
     import torch
 
     from mechunlearn.edit.engine import with_changes
-    from mechunlearn.edit.parametrization import WeightSnapshot, make_trainable
+    from mechunlearn.edit.parametrization import editing
     from mechunlearn.edit.trainer import train
     from mechunlearn.experiments import edit_job
     from mechunlearn.experiments.battery import run_battery
@@ -99,17 +99,12 @@ def fidelity(args: argparse.Namespace, folder: Path, lr: float) -> None:
         config = with_changes(
             spec.train_config(ctx.config.train), lr=lr, seed=0, precision=precision
         )
-        snapshot = WeightSnapshot(s.param for s in ctx.hm.parameters_of(loc.selected))
-        trainable = make_trainable(ctx.hm, spec.trainer, loc.selected)
-        try:
+        with editing(ctx.hm, spec.trainer, loc.selected) as trainable:
             trained = train(ctx.hm, trainable, data, config, progress=False)
             battery = run_battery(
                 ctx.hm, sets, ctx.config, 0, general_text_eval=ctx.text_eval,
                 general_text_train=ctx.text_train, probe_reserve=list(ctx.facts.validation.forget),
             )  # fmt: skip
-        finally:
-            trainable.restore()
-            snapshot.restore()
         out[precision] = (trained.seconds, battery.metrics)
     (t32, m32), (t16, m16) = out["fp32"], out["bf16"]
     print(f"\nfidelity: {spec.name}, lr {lr:g}; train seconds fp32 {t32:.1f}, bf16 {t16:.1f}")

@@ -52,6 +52,11 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_json(path: str | Path) -> Any:
+    """A JSON file this package wrote (run folders); user files get their own checked readers."""
+    return json.loads(Path(path).read_text())
+
+
 def atomic_write_yaml(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 

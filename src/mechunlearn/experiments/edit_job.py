@@ -21,7 +21,6 @@ before the model loads.
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import time
@@ -73,7 +72,7 @@ from mechunlearn.experiments.sweep import (
     write_sweep_summaries,
 )
 from mechunlearn.experiments.workers import Unit, phase_seconds, run_units
-from mechunlearn.io import atomic_write_json
+from mechunlearn.io import atomic_write_json, read_json
 from mechunlearn.localize import Localization
 from mechunlearn.models.loading import load_model
 from mechunlearn.report.experiment import write_report
@@ -81,10 +80,6 @@ from mechunlearn.tasks.counterfact import load_counterfact
 from mechunlearn.tasks.datasets import load_task
 from mechunlearn.tasks.general_text import load_general_text
 from mechunlearn.tasks.records import FactRecord
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
 
 
 def _prepare_sets(config: ExperimentConfig, sets: FactSets, seed: int) -> FactSets:
@@ -187,7 +182,7 @@ def build_context(
     the model itself, once)."""
     folder = Path(folder)
     config = ExperimentConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
-    plan = _read_json(folder / "plan.json")
+    plan = read_json(folder / "plan.json")
     records, counterfact = check_inputs(config)
     by_id = {r.id: r for r in records}
     loc_facts = [by_id[i] for i in plan["localization_facts"]]
@@ -298,9 +293,9 @@ def assemble_results(folder: Path, config: ExperimentConfig) -> int:
             if not all(f.is_file() for f in files.values()):
                 continue
             battery = merge_batteries(
-                {p: BatteryResult.from_json(_read_json(f)) for p, f in files.items()}
+                {p: BatteryResult.from_json(read_json(f)) for p, f in files.items()}
             )
-            atomic_write_json(target, {**_read_json(edit), **battery.to_json()})
+            atomic_write_json(target, {**read_json(edit), **battery.to_json()})
             _weights_file(folder, spec.name, seed).unlink(missing_ok=True)
             written += 1
     return written
@@ -313,37 +308,35 @@ def execute_unit(ctx: EditContext, unit: Unit) -> dict[str, Any]:
     if unit.kind == "sweep":
         return _sweep_unit(ctx, unit)
     seed = unit.params["seed"]
-    sets = ctx.seed_sets[seed]
-    probe_reserve = list(ctx.facts.validation.forget)  # never a seed's forget or retain fact
     if unit.kind == "base":
         ctx.log(f"seed {seed}: base model")
-        base = run_battery(
-            ctx.hm, sets, ctx.config, seed,
-            general_text_eval=ctx.text_eval, general_text_train=ctx.text_train,
-            counterfact_records=ctx.counterfact, probe_reserve=probe_reserve,
-            attacks=False, progress=ctx.progress,
-        )  # fmt: skip
+        base = _battery(ctx, seed, attacks=False)
         return {"localization": "base", "seed": seed, **base.to_json()}
     name = unit.params["name"]
-    spec = next(s for s in ctx.config.localizations if s.name == name)
-    loc = Localization.load(ctx.folder / "localizations" / f"{name}.json")
-    loc.check_model(ctx.hm)
     weights = _weights_file(ctx.folder, name, seed)
     if unit.kind == "measure":
         part = unit.params["part"]
         ctx.log(f"seed {seed}: {name} battery: {part}")
         with swapped_in(ctx.hm, weights):
-            battery = run_battery(
-                ctx.hm, sets, ctx.config, seed,
-                general_text_eval=ctx.text_eval, general_text_train=ctx.text_train,
-                counterfact_records=ctx.counterfact, probe_reserve=probe_reserve,
-                attacks=True, parts=[part], progress=ctx.progress, log=ctx.log,
-            )  # fmt: skip
-        return battery.to_json()
+            return _battery(ctx, seed, attacks=True, parts=[part]).to_json()
+    spec = next(s for s in ctx.config.localizations if s.name == name)
+    loc = Localization.load(ctx.folder / "localizations" / f"{name}.json")
+    loc.check_model(ctx.hm)
     hp = chosen_hyperparameters(ctx.folder, ctx.config, name)
     ctx.log(f"seed {seed}: {name} (lr {hp.lr:g}, forget_coef {hp.forget_coef:g})")
-    data = train_data(ctx.config, sets, ctx.text_train)
+    data = train_data(ctx.config, ctx.seed_sets[seed], ctx.text_train)
     return _edit(ctx, spec, loc, hp, data, seed, weights)
+
+
+def _battery(ctx: EditContext, seed: int, attacks: bool, parts=None):
+    """The battery (or some of its ``parts``) on the model as it is now, on seed's facts."""
+    return run_battery(
+        ctx.hm, ctx.seed_sets[seed], ctx.config, seed,
+        general_text_eval=ctx.text_eval, general_text_train=ctx.text_train,
+        counterfact_records=ctx.counterfact,
+        probe_reserve=list(ctx.facts.validation.forget),  # never a seed's forget or retain fact
+        attacks=attacks, parts=parts, progress=ctx.progress, log=ctx.log,
+    )  # fmt: skip
 
 
 def _localize_unit(ctx: EditContext, unit: Unit) -> Localization:
@@ -435,7 +428,7 @@ def run_experiment(
     saved_plan = None
     for folder in (run.partial, run.out):
         if resume and (folder / "plan.json").is_file():
-            saved_plan = _read_json(folder / "plan.json")
+            saved_plan = read_json(folder / "plan.json")
             break
     if saved_plan is not None:
         known_ids = set(saved_plan["known"])
@@ -492,7 +485,7 @@ def run_experiment(
     shutil.rmtree(partial / "units" / "weights", ignore_errors=True)  # every result is written
     write_sweep_summaries(partial, config, plan["base_retain_accuracy"])
     parts_path = partial / "parts.json"
-    parts = _read_json(parts_path) if parts_path.is_file() else []
+    parts = read_json(parts_path) if parts_path.is_file() else []
     parts.append(
         {"workers": workers, "units_run": len(timing), "phases": phase_seconds(timing, units)}
     )

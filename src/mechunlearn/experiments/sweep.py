@@ -22,7 +22,6 @@ steps picked it for 3 (``bench/sweep_selection.py``, ``docs/results/main-job``).
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from mechunlearn.experiments.edit_config import (
     SweepConfig,
 )
 from mechunlearn.experiments.fact_sets import FactSets
-from mechunlearn.io import atomic_write_json
+from mechunlearn.io import atomic_write_json, read_json
 from mechunlearn.localize import Localization
 from mechunlearn.models.handle import HookedModel
 
@@ -160,12 +159,8 @@ def sweep_point(
     return numbers | {"lr": lr, "forget_coef": coef, "final_loss": history.history["loss"][-1]}
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
-
-
 def _rung_results(folder: Path, name: str, rung: int, n_points: int) -> list[dict[str, Any]]:
-    found = [_read_json(folder / "sweep" / name / f"r{rung}p{i}.json") for i in range(n_points)]
+    found = [read_json(folder / "sweep" / name / f"r{rung}p{i}.json") for i in range(n_points)]
     return [{**r, "point": i} for i, r in enumerate(found) if not r.get("eliminated")]
 
 

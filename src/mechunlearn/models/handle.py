@@ -94,10 +94,7 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
     known = getattr(model, "_mechunlearn_keeps_logits", None)
     if known is None:
         known = "logits_to_keep" in inspect.signature(model.forward).parameters
-        try:
-            model._mechunlearn_keeps_logits = known
-        except AttributeError:  # pragma: no cover - modules accept attributes
-            pass
+        model._mechunlearn_keeps_logits = known
     return known
 
 
