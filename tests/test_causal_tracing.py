@@ -213,3 +213,27 @@ def test_batch_size_does_not_change_results(facts):
         assert_close(small.position_scores[kind], large.position_scores[kind])
     assert small.evidence["n_rows"] < 2 * small.evidence["n_forwards"]  # one noise draw
     assert large.evidence["n_forwards"] < small.evidence["n_forwards"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scored_cells_give_the_same_scores_from_fewer_rows(family, facts):
+    """``trace_cells="scored"`` restores only what the component scores read: same scores and
+    selection, the attention map and the MLP's subject columns unchanged, no layer-output map,
+    and fewer rows (here about 64%; the rows after the subject are also the short ones)."""
+    hm = model(family)
+    opts = options(n_noise_samples=2, window=3, batch_size=24, top_k=3)
+    full = causal_trace(hm, facts, opts)
+    scored = causal_trace(hm, facts, opts.model_copy(update={"trace_cells": "scored"}))
+    assert scored.scores.keys() == full.scores.keys()
+    assert_close(list(scored.scores.values()), list(full.scores.values()))
+    assert scored.selected == full.selected
+    assert set(scored.position_scores) == {"mlp", "attn"}
+    assert_close(scored.position_scores["attn"], full.position_scores["attn"])
+    subject = [c for c, label in enumerate(full.position_labels) if label in SUBJECT_ROLES]
+    want_mlp = np.asarray(full.position_scores["mlp"])[:, subject]
+    assert_close(scored.position_scores["mlp"], want_mlp)
+    assert scored.evidence["position_score_columns"]["mlp"] == [
+        full.position_labels[c] for c in subject
+    ]
+    assert scored.evidence["trace_cells"] == "scored"
+    assert scored.evidence["n_rows"] < 0.7 * full.evidence["n_rows"]

@@ -64,3 +64,14 @@ def test_tree_training_runs_in_the_shared_run_folder(tmp_path):
     assert result.exit_code != 0 and "another config" in result.output
     result = cli.invoke(app, ["run", str(path), "--out", str(out), "--workers", "2"])
     assert result.exit_code != 0 and "not used by tree-training experiments" in result.output
+
+
+def test_experiments_trace_only_scored_cells_unless_asked():
+    assert ExperimentConfig().localize_options.trace_cells == "scored"
+    given = ExperimentConfig.model_validate({"localize_options": {"seed": 3}})
+    assert (given.localize_options.trace_cells, given.localize_options.seed) == ("scored", 3)
+    full = ExperimentConfig.model_validate({"localize_options": {"trace_cells": "all"}})
+    assert full.localize_options.trace_cells == "all"
+    from mechunlearn.localize import LocalizeOptions
+
+    assert LocalizeOptions().trace_cells == "all"  # `mechunlearn localize` draws every heatmap

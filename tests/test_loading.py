@@ -142,3 +142,51 @@ def test_forwards_that_skip_unread_logit_rows_match_full_logits(family):
     torch.testing.assert_close(last[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="cannot predict"):
         hm.forward_predicting_last(8, **inputs)
+
+
+def test_next_token_loss_matches_the_padded_full_logits_formula(family):
+    """The LM term unembeds only positions some target reads (not the final one, not columns
+    that are padding in every row) and takes a contiguous cross-entropy; value and gradient
+    equal the plain formula over full logits."""
+    import torch.nn.functional as F
+
+    from mechunlearn.models.handle import HookedModel, left_pad
+    from mechunlearn.models.next_token import next_token_loss, next_token_nll
+    from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+
+    torch.manual_seed(0)
+    hm = HookedModel(tiny_model(family), tiny_tokenizer(), name="tiny")
+    batch = left_pad([[5, 9, 11], [7, 8, 9, 10, 12, 13], [4]], hm.pad_id)  # 3 and 1 pad columns
+
+    def plain():
+        logits = hm.model(**batch.model_inputs()).logits[:, :-1]
+        valid = batch.attention_mask[:, 1:].bool() & batch.attention_mask[:, :-1].bool()
+        nll = F.cross_entropy(logits.transpose(1, 2), batch.input_ids[:, 1:], reduction="none")
+        return nll[valid].mean()
+
+    head = hm.model.get_output_embeddings()
+    rows = []
+    probe = head.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[1]))
+    got = next_token_loss(hm, batch)
+    probe.remove()
+    assert rows == [5]  # 6 columns, the final one predicts nothing: all 5 others are read
+    got.backward()
+    grads = [p.grad.clone() for p in hm.model.parameters()]
+    hm.model.zero_grad()
+    want = plain()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, p in zip(grads, hm.model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+    assert next_token_nll(hm, batch)[1] == 2 + 5
+    # a column that is padding in every row is not unembedded
+    short = left_pad([[5, 9, 11], [7, 8, 9]], hm.pad_id)
+    short.attention_mask[:, 0] = 0
+    rows.clear()
+    probe = head.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[1]))
+    assert next_token_nll(hm, short)[1] == 2 * 1
+    probe.remove()
+    assert rows == [1]
+    assert next_token_nll(hm, left_pad([[4], [5]], hm.pad_id))[1] == 0
+    with pytest.raises(ValueError, match="two real tokens"):
+        next_token_loss(hm, left_pad([[4], [5]], hm.pad_id))

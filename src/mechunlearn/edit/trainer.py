@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mechunlearn.edit.data import TrainData
@@ -68,7 +67,8 @@ from mechunlearn.edit.objectives import (
 )
 from mechunlearn.edit.parametrization import Trainable
 from mechunlearn.errors import ConfigError, DataError
-from mechunlearn.models.handle import Batch, HookedModel, left_pad
+from mechunlearn.models.handle import HookedModel, left_pad
+from mechunlearn.models.next_token import next_token_loss
 
 __all__ = ["BatchStream", "TrainConfig", "TrainResult", "lr_factor", "next_token_loss", "train"]
 
@@ -136,15 +136,6 @@ class ForgetPerturbation(Protocol):
     def perturb(
         self, hm: HookedModel, forget_index: list[int], seed: int
     ) -> tuple[TargetBatch, AbstractContextManager, dict[str, float]]: ...
-
-
-def next_token_loss(hm: HookedModel, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy over real tokens of a left-padded batch."""
-    logits = hm.forward(**batch.model_inputs()).logits[:, :-1].float()
-    targets = batch.input_ids[:, 1:]
-    valid = batch.attention_mask[:, 1:].bool() & batch.attention_mask[:, :-1].bool()
-    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return nll[valid].mean()
 
 
 @dataclass

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from mechunlearn.models.handle import HookedModel, left_pad
+from mechunlearn.models.next_token import next_token_nll
 
 
 @torch.no_grad()
@@ -21,21 +22,22 @@ def lm_loss(
     batch_size: int = 8,
     advance: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Token-weighted mean cross-entropy (nats) and perplexity over ``texts``."""
+    """Token-weighted mean cross-entropy (nats) and perplexity over ``texts`` (texts of
+    under two tokens predict nothing and are skipped)."""
     if not texts:
         raise ValueError("lm_loss needs at least one text")
     total, count = 0.0, 0
     token_lists = [hm.tokenize(t) for t in texts]
-    for start in range(0, len(token_lists), batch_size):
-        chunk = token_lists[start : start + batch_size]
-        batch = left_pad(chunk, hm.pad_id).to(hm.device)
-        logits = hm.model(**batch.model_inputs()).logits[:, :-1].float()
-        targets = batch.input_ids[:, 1:]
-        valid = batch.attention_mask[:, 1:].bool() & batch.attention_mask[:, :-1].bool()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        total += float(nll[valid].sum())
-        count += int(valid.sum())
+    # similar lengths share a batch: less padding (the mean is over tokens, order-free)
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = [token_lists[i] for i in order[start : start + batch_size]]
+        nll, n = next_token_nll(hm, left_pad(chunk, hm.pad_id).to(hm.device))
+        total += float(nll)
+        count += n
         if advance is not None:
             advance(len(chunk))
+    if count == 0:
+        raise ValueError("lm_loss needs a text of at least two tokens")
     mean = total / count
     return {"loss": mean, "perplexity": math.exp(mean), "tokens": count}

@@ -203,7 +203,9 @@ class ExperimentConfig(Strict):
     target: EditTarget = Field(default_factory=EditTarget)
     facts: FactSelection = Field(default_factory=FactSelection)
     localizations: list[LocalizationSpec] = Field(default_factory=default_localizations)
-    localize_options: LocalizeOptions = Field(default_factory=LocalizeOptions)
+    localize_options: LocalizeOptions = Field(
+        default_factory=lambda: LocalizeOptions(trace_cells="scored")
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     train_prompt: Literal["template", "completion"] = Field(
         default="template",
@@ -219,6 +221,15 @@ class ExperimentConfig(Strict):
     save_models: bool = Field(default=False, description="save each edited model (first seed)")
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("localize_options", mode="before")
+    @classmethod
+    def _scored_trace(cls, value: Any) -> Any:
+        """An experiment reads only causal tracing's component scores, so it traces only the
+        cells they read (half the causal-tracing time) unless the config asks for all."""
+        if isinstance(value, dict) and "trace_cells" not in value:
+            return {**value, "trace_cells": "scored"}
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:

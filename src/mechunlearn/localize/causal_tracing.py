@@ -70,6 +70,12 @@ ROLES: tuple[str, ...] = (
 SUBJECT_ROLES: tuple[str, ...] = ROLES[:3]
 TRACE_KINDS: dict[str, str] = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
 """Trace kind -> the site restored (ROME restores the layer output, MLP output, attention output)."""
+SCORED_KINDS: dict[str, tuple[str, ...]] = {
+    "subject": ("mlp_out", "attn_out"),
+    "other": ("attn_out",),
+}
+"""``trace_cells="scored"``: the sites restored at subject positions and at the others, the
+cells that the component scores read (see ``causal_trace``)."""
 
 
 # ---- helpers shared with activation patching ---------------------------------------------
@@ -229,14 +235,19 @@ def _trace_cached(
 ) -> _Trace:
     n, n_layers, n_samples = len(prompts.records), hm.dims.n_layers, options.n_noise_samples
     kinds = list(TRACE_KINDS.values())
-    jobs = [
-        (sample, kind, layer)
-        for sample in range(n_samples)
-        for kind in range(len(kinds))
-        for layer in range(n_layers)
-    ]
-    # Each forward also holds an unrestored row per noise draw it serves: its P_corr.
-    chunks = chunk_rows(jobs, max(2, options.batch_size), extra_per_fact=1)
+
+    def chunks_for(traced: Sequence[str]) -> list[list[tuple[int, int, int]]]:
+        jobs = [
+            (sample, kinds.index(kind), layer)
+            for sample in range(n_samples)
+            for kind in traced
+            for layer in range(n_layers)
+        ]
+        # Each forward also holds an unrestored row per noise draw it serves: its P_corr.
+        return chunk_rows(jobs, max(2, options.batch_size), extra_per_fact=1)
+
+    every_kind = chunks_for(kinds)
+    scored = {kind: chunks_for(traced) for kind, traced in SCORED_KINDS.items()}
     p_clean, p_corrupt, effects = torch.zeros(n), torch.zeros(n, n_samples), []
     device, n_forwards, n_rows = hm.device, 0, 0
 
@@ -262,9 +273,16 @@ def _trace_cached(
             if first > 0:
                 _last_logits(hm, ids[:, :first].expand(n_samples, -1), 0, prefix)
             n_forwards, n_rows = n_forwards + 1 + (first > 0), n_rows + 1 + n_samples * (first > 0)
-            effect = torch.zeros(n_samples, len(kinds), n_layers, length - first)
+            # cells a scored trace skips stay NaN (dropped from the position scores)
+            effect = torch.full(
+                (n_samples, len(kinds), n_layers, length - first),
+                0.0 if options.trace_cells == "all" else torch.nan,
+            )
             for t in range(first, length):
                 width = length - t
+                chunks = every_kind
+                if options.trace_cells == "scored":
+                    chunks = scored["subject" if t in subject else "other"]
                 for chunk in chunks:
                     draws = list(dict.fromkeys(sample for sample, _, _ in chunk))
                     # Row -> noise draw (on the CPU: it indexes caches on any shard).
@@ -368,6 +386,11 @@ def _causal_trace(
     position_scores = {kind: pooled[k].tolist() for k, kind in enumerate(TRACE_KINDS)}
     subject_columns = [c for c, label in enumerate(labels) if label in SUBJECT_ROLES]
     mlp, attn = list(TRACE_KINDS).index("mlp"), list(TRACE_KINDS).index("attn")
+    columns: dict[str, list[str]] = {}
+    if options.trace_cells == "scored":  # only what was traced
+        del position_scores["resid"]
+        position_scores["mlp"] = pooled[mlp][:, subject_columns].tolist()
+        columns["mlp"] = [labels[c] for c in subject_columns]
     scores: dict[str, float] = {}
     for layer in range(hm.dims.n_layers):
         scores[f"blocks.{layer}.mlp"] = float(pooled[mlp, layer, subject_columns].max())
@@ -379,7 +402,9 @@ def _causal_trace(
         "noise_std": noise_std,
         "n_noise_samples": options.n_noise_samples,
         "window": options.window,
-        "restored_sites": dict(TRACE_KINDS),
+        "restored_sites": {k: v for k, v in TRACE_KINDS.items() if k in position_scores},
+        "trace_cells": options.trace_cells,
+        "position_score_columns": columns,
         "p_clean": trace.p_clean.tolist(),
         "p_corrupt": trace.p_corrupt.mean(1).tolist(),
         "mean_p_clean": float(trace.p_clean.mean()),
@@ -415,6 +440,12 @@ def causal_trace(
     ``position_scores``: ``resid`` / ``mlp`` / ``attn`` -> ``[layer][role]`` average indirect
     effects; ``scores``: ``blocks.L.mlp`` = max over subject roles of the MLP effect (ROME's
     site of factual recall), ``blocks.L.attn`` = max over all roles of the attention effect.
+
+    ``options.trace_cells="scored"`` restores only the cells those scores read (MLP outputs at
+    subject tokens, attention outputs at every traced token): the same scores from about half
+    the rows (the layer-output trace and the MLP's later positions are what the heatmaps add);
+    ``position_scores`` then holds ``mlp`` (subject roles, named in
+    ``evidence["position_score_columns"]``) and ``attn``.
     """
     return _causal_trace(hm, records, options, _trace_cached, "cached")
 

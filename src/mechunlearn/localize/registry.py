@@ -42,6 +42,12 @@ class LocalizeOptions(BaseModel):
     window: int = Field(
         default=1, ge=1, description="causal tracing: restore this many consecutive layers"
     )
+    trace_cells: Literal["all", "scored"] = Field(
+        default="all",
+        description="causal tracing: 'all' restores every (kind, layer, position) cell for the "
+        "heatmaps; 'scored' only those the component scores read (MLP outputs at subject "
+        "tokens, attention outputs everywhere): about half the work, the same scores",
+    )
     progress: bool = True
     task: str = ""
 
