@@ -109,3 +109,29 @@ def test_conversion_cache_roundtrip(tmp_path, monkeypatch):
     inputs = first.batch(["Paris is the capital of"]).model_inputs()
     with torch.no_grad():
         assert torch.equal(first.model(**inputs).logits, second.model(**inputs).logits)
+
+
+def test_conversions_of_one_model_are_serialised(tmp_path):
+    """Workers starting on a fresh cache convert an embedded model once: the lock around the
+    conversion lets one process in at a time (the others then find the finished cache)."""
+    import threading
+    import time
+
+    from mechunlearn.models.embedded import _exclusive
+
+    inside, overlaps = [], []
+
+    def hold():
+        with _exclusive(tmp_path / ".model.lock"):
+            if inside:
+                overlaps.append(True)
+            inside.append(True)
+            time.sleep(0.05)
+            inside.pop()
+
+    threads = [threading.Thread(target=hold) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not overlaps

@@ -73,6 +73,59 @@ def test_halving_sweep_trains_a_third_and_keeps_the_best(saved_llama, tmp_path, 
     assert run["hyperparameters"]["all_mlps"]["lr"] == best["lr"]
 
 
+def test_two_rung_halving_resumes_survivors_as_one_uninterrupted_run(
+    saved_llama, tmp_path, monkeypatch
+):
+    """``rung_steps: [2, 4]``, ``eta: 2``: three points to step 2, the best two resume from
+    their checkpoints to step 4 and end exactly where uninterrupted 4-step runs end; the
+    checkpoints are gone afterwards."""
+    import torch
+
+    from mechunlearn.experiments import edit_job
+    from mechunlearn.experiments.config import validate_config
+    from mechunlearn.experiments.edit_config import ExperimentConfig
+    from mechunlearn.experiments.sweep import sweep_point, sweep_rungs
+    from mechunlearn.localize import Localization
+
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
+    config = _config(saved_llama).model_dump(mode="json")
+    config["train"]["steps"] = 6
+    config["sweep"] = {
+        "lr": [1e-4, 1e-3, 1e-2], "selection": "halving", "eta": 2, "rung_steps": [2, 4]
+    }  # fmt: skip
+    config["localizations"] = [{"name": "all_mlps", "method": "all_mlps"}]
+    config["evaluation"] |= {"relearn": None, "soft_prompt": None}
+    cfg = validate_config(ExperimentConfig, config, "t")
+    assert sweep_rungs(cfg.sweep, 3, 6) == [2, 4]
+    with pytest.raises(Exception, match="go past"):
+        sweep_rungs(cfg.sweep.model_copy(update={"rung_steps": [2, 8]}), 3, 6)
+    with pytest.raises(Exception, match="increasing"):
+        validate_config(ExperimentConfig, {**config, "sweep": {"rung_steps": [4, 4]}}, "t")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = run_experiment(cfg, tmp_path / "run", progress=False)
+        sweep = json.loads((out / "sweep" / "all_mlps.json").read_text())
+        assert sweep["rung_steps"] == [2, 4]
+        second = [p for p in sweep["points"] if p["rung"] == 1]
+        assert len(second) == 2 and all(p["steps"] == 4 for p in second)
+        assert [p["resumed_at"] for p in sweep["points"]] == [0, 0, 0, 2, 2]
+        assert not (out / "units" / "sweep-checkpoints").exists()
+        # each survivor ends where an uninterrupted 4-step run of its point ends
+        ctx = edit_job.build_context(out)
+        loc = Localization.load(out / "localizations" / "all_mlps.json")
+        data = edit_job.train_data(ctx.config, ctx.validation, ctx.text_train)
+        for point in second:
+            again = sweep_point(
+                ctx.hm, ctx.config.localizations[0], loc, ctx.validation, data, ctx.config,
+                ctx.base_retain, point["lr"], point["forget_coef"], stop_after=4,
+            )  # fmt: skip
+            assert again["final_loss"] == pytest.approx(point["final_loss"], rel=1e-5)
+            assert again["score"] == point["score"]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_failing_unit_names_itself(tmp_path):
     units = [Unit("a", "x", "a.json"), Unit("b", "x", "b.json", deps=("a",))]
     with pytest.raises(ZeroDivisionError):

@@ -114,7 +114,8 @@ class TrainResult:
     """``history[key][i]`` is step ``i``'s value: ``loss`` (total), one entry per active term
     (``forget``, ``maintain``, ``lm``; unweighted, averaged over processes), ``lr``,
     ``grad_norm`` (before clipping) and ``seconds``. ``info``: processes, the module the forward
-    went through (``DistributedDataParallel`` when several), the objective setup's choices."""
+    went through (``DistributedDataParallel`` when several), the objective setup's choices and
+    ``resumed_at`` (the checkpoint's step a resumed run began from; 0 when fresh)."""
 
     steps: int
     history: dict[str, list[float]]
@@ -348,6 +349,7 @@ def train(
         "processes": loop.world,
         "forward_module": loop.forward_module,
         "objective": dict(objective.info) if objective else {},
+        "resumed_at": loop.started_at,
     }
     steps_done = len(history.get("loss", []))
     return TrainResult(steps_done, history, loop.seconds, trainable.n_params, info)

@@ -145,6 +145,20 @@ class SweepConfig(Strict):
         description="halving: the last rung trains this fraction of the steps, each earlier rung "
         "this fraction of the next (default 1/eta)",
     )
+    rung_steps: list[int] | None = Field(
+        default=None,
+        description="halving: the steps each rung reaches (increasing), instead of ceil(log_eta "
+        "n) rungs from rung_fraction; a rung's survivors resume from their checkpoint",
+    )
+
+    @field_validator("rung_steps")
+    @classmethod
+    def _increasing(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (
+            not value or value[0] < 1 or any(b <= a for a, b in zip(value, value[1:], strict=False))
+        ):
+            raise ValueError(f"rung_steps must be increasing positive step counts, got {value}")
+        return value
 
     @field_validator("lr", "forget_coef")
     @classmethod

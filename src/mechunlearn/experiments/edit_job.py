@@ -120,6 +120,9 @@ def check_inputs(config: ExperimentConfig) -> tuple[list[FactRecord], list[FactR
     return records, counterfact
 
 
+SWEEP_CHECKPOINTS = Path("units") / "sweep-checkpoints"
+"""Where a successive-halving point's checkpoint waits for its next rung."""
+
 UNIT_PRIORITY = ("localize", "sweep", "edit", "measure", "base")
 """Ready units are taken in this order: localizations unblock sweeps, sweeps unblock edits,
 edits unblock their battery's parts, and the base model's batteries (no dependencies) fill the
@@ -386,15 +389,22 @@ def _sweep_unit(ctx: EditContext, unit: Unit) -> dict[str, Any]:
     sweep = ctx.config.sweep
     points = sweep_grid(sweep)
     lr, coef = points[index]
+    rungs = sweep_rungs(sweep, len(points), ctx.config.train.steps)
+    # a point's checkpoint carries it from one rung to the next (only between rungs)
+    checkpoints = ctx.folder / SWEEP_CHECKPOINTS / name / f"p{index}" if len(rungs) > 1 else None
     if rung > 0 and index not in rung_survivors(ctx.folder, name, rung, sweep):
+        shutil.rmtree(checkpoints, ignore_errors=True)
         return {"lr": lr, "forget_coef": coef, "rung": rung, "eliminated": True}
     spec = next(s for s in ctx.config.localizations if s.name == name)
     loc = Localization.load(ctx.folder / "localizations" / f"{name}.json")
-    steps = sweep_rungs(sweep, len(points), ctx.config.train.steps)[rung]
+    steps, last = rungs[rung], rung == len(rungs) - 1
     data = train_data(ctx.config, ctx.validation, ctx.text_train)
     numbers = sweep_point(
-        ctx.hm, spec, loc, ctx.validation, data, ctx.config, ctx.base_retain, lr, coef, steps
-    )
+        ctx.hm, spec, loc, ctx.validation, data, ctx.config, ctx.base_retain, lr, coef, steps,
+        checkpoint_dir=checkpoints, keep_checkpoint=not last,
+    )  # fmt: skip
+    if last and checkpoints is not None:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     ctx.log(
         f"sweep {name}: lr={lr:g} forget_coef={coef:g} ({steps} steps) -> score "
         f"{numbers['score']:.3f} (forget {numbers['forget_effect']:.2f}, retain "
@@ -483,6 +493,7 @@ def run_experiment(
     )  # fmt: skip
     assemble_results(partial, config)
     shutil.rmtree(partial / "units" / "weights", ignore_errors=True)  # every result is written
+    shutil.rmtree(partial / SWEEP_CHECKPOINTS, ignore_errors=True)
     write_sweep_summaries(partial, config, plan["base_retain_accuracy"])
     parts_path = partial / "parts.json"
     parts = read_json(parts_path) if parts_path.is_file() else []

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from mechunlearn.edit.engine import with_changes
 from mechunlearn.edit.lat import ForgetLat
 from mechunlearn.edit.parametrization import editing
 from mechunlearn.edit.trainer import train
+from mechunlearn.errors import ConfigError
 from mechunlearn.evals.edit_metrics import edit_metrics
 from mechunlearn.evals.harness import evaluate, summarise_format
 from mechunlearn.experiments.edit_config import (
@@ -99,12 +101,18 @@ def sweep_rungs(sweep: SweepConfig, n_points: int, steps: int) -> list[int]:
     ceil(log_eta(n_points))`` rungs; rung ``r`` trains its points for ``steps * f^(R - r)``
     steps of the full-length schedule (an early-stopped run, so the learning rate decays as in
     the real edit), ``f = rung_fraction`` (default ``1 / eta``), and keeps the best
-    ``ceil(n / eta^(r + 1))`` for the next rung. The winner of the last rung is chosen without
-    being trained to the end.
+    ``ceil(n / eta^(r + 1))`` for the next rung, which resumes them from their checkpoints.
+    The winner of the last rung is chosen without being trained to the end. ``rung_steps``
+    gives the rungs' step counts directly (e.g. ``[7, 13]`` with ``eta: 2``: three points to
+    step 7, the best two on to 13).
     """
     full = sweep.steps or steps
     if sweep.selection == "full" or n_points <= 1:
         return [full]
+    if sweep.rung_steps is not None:
+        if sweep.rung_steps[-1] > full:
+            raise ConfigError(f"sweep.rung_steps {sweep.rung_steps} go past the {full} steps")
+        return list(sweep.rung_steps)
     eta = sweep.eta
     fraction = sweep.rung_fraction or 1 / eta
     n_rungs = max(1, math.ceil(math.log(n_points) / math.log(eta) - 1e-9))
@@ -132,11 +140,18 @@ def sweep_point(
     lr: float,
     coef: float,
     stop_after: int | None = None,
+    score_at: Sequence[int] = (),
+    checkpoint_dir: Path | None = None,
+    keep_checkpoint: bool = False,
 ) -> dict[str, Any]:
     """Train one grid point on the validation facts, score it, restore the weights.
 
     ``stop_after``: stop after that many steps of the full-length schedule (a rung of
-    successive halving)."""
+    successive halving). ``score_at``: also score after these steps (``numbers["curve"]``, to
+    study how early a ranking settles). ``checkpoint_dir``: resume from the newest checkpoint
+    there (a survivor of an earlier rung continues where it stopped: the same numbers as one
+    uninterrupted run) and, with ``keep_checkpoint``, save one at ``stop_after`` for the next
+    rung."""
     sweep = config.sweep
     train_config = with_changes(
         spec.train_config(config.train),
@@ -144,7 +159,14 @@ def sweep_point(
         forget_coef=coef,
         seed=sweep.seed,
         steps=sweep.steps or config.train.steps,
+        checkpoint_every=stop_after if keep_checkpoint else None,
     )
+    curve: list[dict[str, Any]] = []
+
+    def on_step(done: int, _record: dict[str, float]) -> None:
+        if done in score_at:
+            curve.append({"step": done, **validation_score(hm, sets, config, base_retain)})
+
     with editing(hm, spec.trainer, loc.selected) as trainable:
         history = train(
             hm,
@@ -154,9 +176,15 @@ def sweep_point(
             progress=False,
             forget_perturbation=forget_perturbation(spec),
             stop_after=stop_after,
+            on_step=on_step if score_at else None,
+            checkpoint_dir=checkpoint_dir,
+            resume=checkpoint_dir is not None,
         )
         numbers = validation_score(hm, sets, config, base_retain)
-    return numbers | {"lr": lr, "forget_coef": coef, "final_loss": history.history["loss"][-1]}
+    numbers |= {"lr": lr, "forget_coef": coef, "final_loss": history.history["loss"][-1]}
+    if checkpoint_dir is not None:
+        numbers["resumed_at"] = history.info["resumed_at"]
+    return numbers | ({"curve": curve} if score_at else {})
 
 
 def _rung_results(folder: Path, name: str, rung: int, n_points: int) -> list[dict[str, Any]]:

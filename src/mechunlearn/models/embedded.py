@@ -15,7 +15,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,17 +139,38 @@ def ensure_cached(name: str, log: Callable[[str], None] = lambda _: None) -> Pat
     if entry.cached():
         return entry.cache_dir()
     entry.require_installed()
-    log(f"converting embedded model {name} to an fp32 safetensors cache (once; about a minute)")
-    scratch_root = cache_root() / "scratch"
-    scratch_root.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=scratch_root))
-    try:
-        gguf = entry.locate(scratch)
-        convert_gguf(gguf, entry.cache_dir(), source=f"embedded:{name}")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    # processes starting together (workers on a fresh cache) convert once: the others wait
+    with _exclusive(entry.cache_dir().parent / f".{name}.lock"):
+        if entry.cached():
+            return entry.cache_dir()
+        log(f"converting embedded model {name} to an fp32 safetensors cache (once; about a minute)")
+        scratch_root = cache_root() / "scratch"
+        scratch_root.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=scratch_root))
+        try:
+            gguf = entry.locate(scratch)
+            convert_gguf(gguf, entry.cache_dir(), source=f"embedded:{name}")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     log(f"cached {name} at {entry.cache_dir()}")
     return entry.cache_dir()
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``lock_path`` (POSIX ``flock``; elsewhere no lock)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: conversions may race, each still written atomically
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def cache_size_bytes(path: Path) -> int:
