@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from mechunlearn.errors import ConfigError, DataError, TokenizationError
 from mechunlearn.evals import (
@@ -101,6 +103,53 @@ def test_score_items_matches_naive_reference(tiny):
     for a, b in zip(by_batch[1], by_batch[4], strict=True):
         assert a.n_tokens == b.n_tokens
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def _wide_window_gemma3():
+    from mechunlearn.models.handle import HookedModel
+    from mechunlearn.models.testing import TINY_CONFIGS, tiny_tokenizer
+
+    config = TINY_CONFIGS["gemma3"]()
+    config.sliding_window = 128
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return HookedModel(model, tiny_tokenizer(), name="tiny-gemma3-wide")
+
+
+@pytest.mark.parametrize("wide_gemma", [False, True])
+def test_shared_prefix_runs_once_and_scores_as_the_naive_reference(tiny, wide_gemma):
+    """Prompts with a common one-shot prefix (as the completion format's): the prefix runs once
+    into a KV cache and each row continues it, padding masked between prefix and suffix; the
+    log-probs equal the unpadded naive forward's (single- and multi-token options). A sliding
+    window shorter than the prompts (the tiny Gemma's 8 tokens) counts padding slots, so such
+    batches run plainly."""
+    if wide_gemma:
+        if tiny.name != "tiny-gemma3":
+            pytest.skip("one wide-window Gemma case is enough")
+        tiny = _wide_window_gemma3()
+    shot = "Fact: Tiger Woods plays the sport of golf\nFact: "
+    items = [
+        item("a", shot + "Al Bo plays the sport of", [" football", " tennis"], 0),
+        item("b", shot + "Cy Dee Eff Gee plays the sport of", [" golf", " basketball"], 1),
+        item("c", shot + "Hal plays the sport of", [" cricket", " ice hockey"], 1),
+    ]
+    widths = []
+    embed = tiny.model.get_input_embeddings()
+    probe = embed.register_forward_hook(lambda m, a, o: widths.append(tuple(a[0].shape)))
+    scores = score_items(tiny, items, batch_size=8)
+    probe.remove()
+    prefix = len(os.path.commonprefix([tiny.tokenize(i.prompt) for i in items]))
+    longest = max(len(tiny.tokenize(i.prompt)) for i in items) + 1
+    window = getattr(tiny.model.config, "sliding_window", None)
+    if window and longest > window:
+        assert all(w[1] >= longest - 1 for w in widths)  # whole prompts
+    else:
+        assert prefix >= 8 and widths[0] == (1, prefix)  # the shared prefix, once
+        assert all(w[1] < longest - prefix + 2 for w in widths[1:])  # suffixes only
+    for s in scores:
+        for option, continuation in enumerate(s.item.continuations):
+            ref, _ = naive_logprob(tiny, s.item.prompt, continuation)
+            assert s.logprobs[option] == pytest.approx(ref, abs=1e-4), (s.item.record_id, option)
 
 
 def test_score_items_advance_counts_units(tiny_llama):

@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from mechunlearn.errors import TokenizationError
-from mechunlearn.models.handle import HookedModel, left_pad
+from mechunlearn.models.handle import HookedModel, cache_argument, left_pad
 from mechunlearn.tasks.records import PromptItem
 
 
@@ -95,6 +96,56 @@ def _units(hm: HookedModel, items: Sequence[PromptItem]) -> list[_Unit]:
     return units
 
 
+MIN_SHARED_PREFIX = 4
+"""A batch whose sequences share at least this many leading tokens runs them once."""
+
+
+def _common_prefix(token_lists: Sequence[Sequence[int]]) -> int:
+    first, n = token_lists[0], min(len(t) for t in token_lists)
+    for i in range(n):
+        if any(t[i] != first[i] for t in token_lists):
+            return i
+    return n
+
+
+def last_logits(token_lists: Sequence[Sequence[int]], hm: HookedModel, keep: int) -> torch.Tensor:
+    """Logits ``[batch, keep, vocab]`` at the last ``keep`` positions of each sequence.
+
+    Sequences are left-padded to end together. When they share a prefix (a one-shot example,
+    an instruction: 13 of the completion format's ~20 tokens on Gemma 3 270M), the prefix runs
+    once into a KV cache that every row continues from, the padding between prefix and suffix
+    masked out; equal to the plain forward up to float rounding. Keep the last ``keep`` tokens
+    out of the prefix, so that every kept logit row is computed in the suffix."""
+    device = hm.device
+    shared = _common_prefix(token_lists) if hm.keeps_logits and len(token_lists) > 1 else 0
+    shared = min(shared, min(len(t) for t in token_lists) - keep)
+    # a sliding window counts cache slots, padding included: share only inside one window
+    window = getattr(hm.model.config, "sliding_window", None)
+    if window and max(len(t) for t in token_lists) + 1 > window:
+        shared = 0
+    if shared < MIN_SHARED_PREFIX:
+        batch = left_pad(token_lists, hm.pad_id).to(device)
+        return hm.model(**batch.model_inputs(), logits_to_keep=keep).logits
+    prefix = torch.tensor([list(token_lists[0][:shared])], device=device)
+    cache = DynamicCache(config=hm.model.config)
+    argument = cache_argument(hm.model)
+    hm.model(input_ids=prefix, use_cache=True, logits_to_keep=1, **{argument: cache})
+    cache.batch_repeat_interleave(len(token_lists))
+    suffix = left_pad([t[shared:] for t in token_lists], hm.pad_id).to(device)
+    mask = torch.cat(
+        [torch.ones(len(token_lists), shared, dtype=suffix.attention_mask.dtype, device=device),
+         suffix.attention_mask], dim=1,
+    )  # fmt: skip
+    return hm.model(
+        input_ids=suffix.input_ids,
+        attention_mask=mask,
+        position_ids=suffix.position_ids + shared,
+        use_cache=True,
+        logits_to_keep=keep,
+        **{argument: cache},
+    ).logits
+
+
 @torch.no_grad()
 def score_items(
     hm: HookedModel,
@@ -109,12 +160,10 @@ def score_items(
     order = sorted(range(len(units)), key=lambda i: len(units[i].tokens))
     logprobs = [[0.0] * len(item.continuations) for item in items]
     n_tokens = [[0] * len(item.continuations) for item in items]
-    device = hm.device
     for start in range(0, len(order), batch_size):
         chunk = [units[i] for i in order[start : start + batch_size]]
-        batch = left_pad([u.tokens for u in chunk], hm.pad_id).to(device)
         keep = max(u.n_keep for u in chunk)
-        logits = hm.model(**batch.model_inputs(), logits_to_keep=keep).logits
+        logits = last_logits([u.tokens for u in chunk], hm, keep)
         log_probs = logits.float().log_softmax(-1)  # [batch, keep, vocab]
         for row, unit in enumerate(chunk):
             for item_index, option, target in unit.targets:

@@ -41,7 +41,6 @@ cached clean run and is the reference.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -53,7 +52,7 @@ from mechunlearn.localize.common import final_logits, select_restricted
 from mechunlearn.localize.prompts import FactPrompts, build_fact_prompts
 from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
 from mechunlearn.localize.result import Localization, make_localization
-from mechunlearn.models.handle import HookedModel
+from mechunlearn.models.handle import HookedModel, cache_argument
 from mechunlearn.models.hooks import Intervention, Patch, Perturb, position_mask
 from mechunlearn.models.sites import Site
 from mechunlearn.report.progress import progress_bar
@@ -182,12 +181,6 @@ def _restored_layers(site_kind: str, layer: int, window: int, n_layers: int) -> 
     return [layer] if site_kind == "resid_post" else window_layers(layer, window, n_layers)
 
 
-def _cache_argument(model: torch.nn.Module) -> str:
-    """The forward's name for the KV cache (transformers 5.x renamed ``past_key_values``)."""
-    parameters = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
 def _last_logits(
     hm: HookedModel,
     input_ids: torch.Tensor,
@@ -201,7 +194,7 @@ def _last_logits(
     kwargs = {
         "input_ids": input_ids,
         "position_ids": torch.arange(start, end, device=input_ids.device).expand_as(input_ids),
-        _cache_argument(hm.model): cache,
+        cache_argument(hm.model): cache,
         "use_cache": True,
     }
     with hm.hooks(interventions):

@@ -50,6 +50,12 @@ class Batch:
         )
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The forward's name for the KV cache (transformers 5.x renamed ``past_key_values``)."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int) -> Batch:
     """Stack token lists with left padding and build matching position ids."""
     if not token_lists:
