@@ -9,7 +9,8 @@ localization rows and its first seed; same steps, same learning-rate grid, same 
 a cold localization cache, each in its own subprocess:
 
 - old: one process with torch's default threads, fp32, every sweep point trained for every step,
-  and the forwards as before the engine (``run_path``): what ``mechunlearn run`` did then;
+  and the forwards and optimiser as before the engine (``bench/old_path.py``): what
+  ``mechunlearn run`` did then;
 - new: ``--workers`` worker processes with one torch thread each (every battery part its own
   unit), ``--selection`` (default: the config's own sweep selection), ``--precision`` forwards.
 
@@ -29,7 +30,9 @@ import time
 from pathlib import Path
 
 
-def reduced_config(args: argparse.Namespace, path: str, selection: str, precision: str) -> dict:
+def reduced_config(
+    args: argparse.Namespace, path: str, selection: str, precision: str, old: bool = False
+) -> dict:
     import yaml
 
     from mechunlearn.experiments.edit_config import resolve_config
@@ -46,21 +49,19 @@ def reduced_config(args: argparse.Namespace, path: str, selection: str, precisio
     data["seeds"] = data.get("seeds", [0])[:1]
     data["sweep"] = {**(data.get("sweep") or {}), "selection": selection}
     data["train"] = {**data["train"], "precision": precision}
+    if old:  # every causal-tracing cell, and forget and maintain terms in separate forwards
+        data["localize_options"] = {**(data.get("localize_options") or {}), "trace_cells": "all"}
+        data["train"]["joint_forward"] = False
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
     return data
 
 
 def run_path(config_path: str, out: Path, workers: int, old: bool) -> float:
     """One ``run_experiment`` in a fresh subprocess (localizations recomputed). ``old``: the
-    forwards as they ran before the engine: without the contiguous-unembedding pre-hook
-    (``models.handle.contiguous_unembedding_input``), hook-only forwards computing full logits,
-    losses unembedding the final position too."""
+    forwards and optimiser as they ran before the engine (``bench/old_path.py``)."""
     unpatched = (
-        "import mechunlearn.models.handle as h; h.contiguous_unembedding_input = lambda m: None;"
-        # hook-only forwards unembedded every position, losses one row more than they read
-        "h.HookedModel.forward_for_activations = lambda self, **kw: self.model(**self.on_device(kw));"
-        "h.HookedModel.forward_predicting_last = lambda self, keep, **kw: "
-        "self.forward(**kw, logits_to_keep=keep + 1).logits[:, :-1];"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "import old_path; old_path.install();"
         if old
         else ""
     )
@@ -151,7 +152,7 @@ def main() -> None:
             results[name] = (json.loads((out / "run.json").read_text()), None)
             continue
         config_path = str(args.out / f"{name}.yaml")
-        reduced_config(args, config_path, selection, precision)
+        reduced_config(args, config_path, selection, precision, old=name == "old")
         print(f"--- {name}: {workers} process(es), {selection} sweep, {precision}", flush=True)
         wall = run_path(config_path, out, workers, old=name == "old")
         results[name] = (json.loads((out / "run.json").read_text()), wall)

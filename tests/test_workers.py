@@ -203,3 +203,8 @@ def test_sigkilled_worker_run_resumes_to_the_same_summary(saved_llama, tmp_path,
     units = plan_units(config)
     n_done = sum(Path(u.path) in set(finished) for u in units)
     assert run["parts"][-1]["units_run"] == len(units) - n_done > 0
+    timeline = run["parts"][-1]["timeline"]
+    assert len(timeline) == len(units) - n_done
+    assert {t["worker"] for t in timeline.values()} == {0, 1}
+    starts = [t["start"] for t in timeline.values()]
+    assert starts == sorted(starts) and starts[0] == 0

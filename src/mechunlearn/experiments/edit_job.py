@@ -71,7 +71,7 @@ from mechunlearn.experiments.sweep import (
     validation_score,
     write_sweep_summaries,
 )
-from mechunlearn.experiments.workers import Unit, phase_seconds, run_units
+from mechunlearn.experiments.workers import Unit, phase_seconds, run_units, unit_timeline
 from mechunlearn.io import atomic_write_json, read_json
 from mechunlearn.localize import Localization
 from mechunlearn.models.loading import load_model
@@ -498,7 +498,12 @@ def run_experiment(
     parts_path = partial / "parts.json"
     parts = read_json(parts_path) if parts_path.is_file() else []
     parts.append(
-        {"workers": workers, "units_run": len(timing), "phases": phase_seconds(timing, units)}
+        {
+            "workers": workers,
+            "units_run": len(timing),
+            "phases": phase_seconds(timing, units),
+            "timeline": unit_timeline(timing),
+        }
     )
     atomic_write_json(parts_path, parts)
 

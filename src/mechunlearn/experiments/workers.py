@@ -341,4 +341,28 @@ def phase_seconds(timing: dict[str, dict[str, float]], units: Sequence[Unit]) ->
     }
 
 
-__all__ = ["Progress", "Unit", "UnitFailed", "idle_cores", "phase_seconds", "run_units"]
+def unit_timeline(timing: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per unit: its worker, start (seconds after the first unit started) and duration, to see
+    where a run spent its time and where a worker sat idle."""
+    if not timing:
+        return {}
+    origin = min(t["started"] for t in timing.values())
+    return {
+        key: {
+            "worker": int(t.get("worker", 0)),
+            "start": round(t["started"] - origin, 1),
+            "seconds": round(t["seconds"], 1),
+        }
+        for key, t in sorted(timing.items(), key=lambda kv: kv[1]["started"])
+    }
+
+
+__all__ = [
+    "Progress",
+    "Unit",
+    "UnitFailed",
+    "idle_cores",
+    "phase_seconds",
+    "run_units",
+    "unit_timeline",
+]
