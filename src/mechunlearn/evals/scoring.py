@@ -115,7 +115,9 @@ def last_logits(token_lists: Sequence[Sequence[int]], hm: HookedModel, keep: int
     an instruction: 13 of the completion format's ~20 tokens on Gemma 3 270M), the prefix runs
     once into a KV cache that every row continues from, the padding between prefix and suffix
     masked out; equal to the plain forward up to float rounding. Keep the last ``keep`` tokens
-    out of the prefix, so that every kept logit row is computed in the suffix."""
+    out of the prefix, so that every kept logit row is computed in the suffix. Call it with no
+    position-dependent hook active (the prefix and the suffixes are separate forwards): scoring
+    an intervened model has its own batch builders (e.g. ``attacks/soft_prompt.py``)."""
     device = hm.device
     shared = _common_prefix(token_lists) if hm.keeps_logits and len(token_lists) > 1 else 0
     shared = min(shared, min(len(t) for t in token_lists) - keep)

@@ -140,7 +140,7 @@ def ensure_cached(name: str, log: Callable[[str], None] = lambda _: None) -> Pat
         return entry.cache_dir()
     entry.require_installed()
     # processes starting together (workers on a fresh cache) convert once: the others wait
-    with _exclusive(entry.cache_dir().parent / f".{name}.lock"):
+    with _exclusive(cache_root() / "locks" / f"{name}.lock"):
         if entry.cached():
             return entry.cache_dir()
         log(f"converting embedded model {name} to an fp32 safetensors cache (once; about a minute)")
