@@ -271,6 +271,7 @@ def test_a_given_accelerator_is_left_reusable(tiny_llama):
             "processes": 1,
             "forward_module": "LlamaForCausalLM",
             "objective": {},
+            "resumed_at": 0,
         }
     assert accelerator._models == [] and accelerator._optimizers == []
     assert tiny_llama.forward_module is None
