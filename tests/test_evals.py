@@ -116,17 +116,22 @@ def _wide_window_gemma3():
     return HookedModel(model, tiny_tokenizer(), name="tiny-gemma3-wide")
 
 
-@pytest.mark.parametrize("wide_gemma", [False, True])
-def test_shared_prefix_runs_once_and_scores_as_the_naive_reference(tiny, wide_gemma):
+def test_shared_prefix_runs_once_and_scores_as_the_naive_reference(tiny):
     """Prompts with a common one-shot prefix (as the completion format's): the prefix runs once
     into a KV cache and each row continues it, padding masked between prefix and suffix; the
     log-probs equal the unpadded naive forward's (single- and multi-token options). A sliding
     window shorter than the prompts (the tiny Gemma's 8 tokens) counts padding slots, so such
     batches run plainly."""
-    if wide_gemma:
-        if tiny.name != "tiny-gemma3":
-            pytest.skip("one wide-window Gemma case is enough")
-        tiny = _wide_window_gemma3()
+    _check_shared_prefix(tiny)
+
+
+def test_shared_prefix_with_sliding_window_layers_that_span_the_prompts():
+    """Gemma 3's sliding-window layers with a window wider than the prompts (as the real
+    model's 512 tokens): the prefix is shared, and the scores still equal the naive ones."""
+    _check_shared_prefix(_wide_window_gemma3())
+
+
+def _check_shared_prefix(tiny):
     shot = "Fact: Tiger Woods plays the sport of golf\nFact: "
     items = [
         item("a", shot + "Al Bo plays the sport of", [" football", " tennis"], 0),
