@@ -262,7 +262,7 @@ def items_of(name: str, record: FactRecord, seed: int = 0, **options: object):
 
 
 def test_registered_formats() -> None:
-    assert FORMATS.names() == ["completion", "mcq", "paraphrase", "question"]
+    assert FORMATS.names() == ["completion", "mcq", "options_word", "paraphrase", "question"]
     for name in FORMATS:
         assert get_formatter(name).name == name
 
@@ -348,6 +348,22 @@ def test_mcq_all_orders(sports_record: FactRecord) -> None:
     assert all(i.labels[i.correct] == "basketball" for i in items)
 
 
+def test_options_word_lists_the_options_and_is_answered_by_the_word(sports_record) -> None:
+    (item,) = items_of("options_word", sports_record)
+    assert item.prompt == (
+        "Question: What sport does LeBron James play?\n"
+        "Options: baseball, basketball, football\nAnswer:"
+    )
+    assert item.continuations == (" baseball", " basketball", " football")
+    assert item.labels[item.correct] == "basketball" and not item.single_token
+    every = items_of("options_word", sports_record, option_order="all")
+    listed = {i.prompt.split("Options: ")[1].split("\n")[0] for i in every}
+    assert len(every) == 6 and len(listed) == 6
+    assert all(i.labels[i.correct] == "basketball" for i in every)  # the words, not the order
+    with pytest.raises(ConfigError, match="unknown option_order 'x' for options_word"):
+        get_formatter("options_word", option_order="x")
+
+
 def test_paraphrase_format(sports_record: FactRecord, cf_record: FactRecord) -> None:
     items = items_of("paraphrase", sports_record)
     assert [i.prompt for i in items] == list(sports_record.paraphrases)
@@ -364,7 +380,9 @@ def test_paraphrase_format(sports_record: FactRecord, cf_record: FactRecord) -> 
 
 
 def test_get_formatter_errors() -> None:
-    with pytest.raises(ConfigError, match="known: completion, mcq, paraphrase, question"):
+    with pytest.raises(
+        ConfigError, match="known: completion, mcq, options_word, paraphrase, question"
+    ):
         get_formatter("cloze")
     with pytest.raises(ConfigError, match="option_order"):
         get_formatter("mcq", option_order="random")

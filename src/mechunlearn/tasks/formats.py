@@ -121,6 +121,30 @@ class QuestionFormat(PromptFormat):
         return [cloze_item(record, self.name, prompt)]
 
 
+def check_option_order(option_order: str, fmt: str) -> str:
+    if option_order not in OPTION_ORDERS:
+        raise ConfigError(
+            f"unknown option_order {option_order!r} for {fmt}; known: {', '.join(OPTION_ORDERS)}"
+        )
+    return option_order
+
+
+def shown_orders(
+    options: tuple[str, ...], option_order: str, rng: random.Random
+) -> list[tuple[str, ...]]:
+    """The orders in which a prompt lists ``options``: the record's (``fixed``), one drawn from
+    ``rng`` (``shuffle``) or every permutation (``all``, one item each, to cancel order bias)."""
+    if option_order == "fixed":
+        return [options]
+    if option_order == "shuffle":
+        shown = list(options)
+        rng.shuffle(shown)
+        return [tuple(shown)]
+    if math.factorial(len(options)) > MAX_ALL_ORDERS:
+        raise DataError(f"option_order='all' with {len(options)} options makes too many items")
+    return list(itertools.permutations(options))
+
+
 @_register
 class MCQFormat(PromptFormat):
     """Multiple choice answered by a letter: the answer is recognised, not generated.
@@ -132,22 +156,10 @@ class MCQFormat(PromptFormat):
     name = "mcq"
 
     def __init__(self, option_order: str = "fixed") -> None:
-        if option_order not in OPTION_ORDERS:
-            raise ConfigError(
-                f"unknown option_order {option_order!r} for mcq; known: {', '.join(OPTION_ORDERS)}"
-            )
-        self.option_order = option_order
+        self.option_order = check_option_order(option_order, self.name)
 
     def orders(self, options: tuple[str, ...], rng: random.Random) -> list[tuple[str, ...]]:
-        if self.option_order == "fixed":
-            return [options]
-        if self.option_order == "shuffle":
-            shown = list(options)
-            rng.shuffle(shown)
-            return [tuple(shown)]
-        if math.factorial(len(options)) > MAX_ALL_ORDERS:
-            raise DataError(f"option_order='all' with {len(options)} options makes too many items")
-        return list(itertools.permutations(options))
+        return shown_orders(options, self.option_order, rng)
 
     def items(self, record: FactRecord, rng: random.Random) -> list[PromptItem]:
         if len(record.options) > len(LETTERS):
@@ -169,6 +181,32 @@ class MCQFormat(PromptFormat):
             labels=shown,
             single_token=True,
         )
+
+
+@_register
+class OptionsWordFormat(PromptFormat):
+    """The options listed in the prompt, answered with the option's own word.
+
+    Between the free question and the letter MCQ: the model sees the candidates (so it is a
+    recognition test, as MCQ is) but answers in words, which a small base model does far better
+    than with letters: on Gemma 3 270M, 61% against the letter MCQ's 33% (chance) on 300 random
+    athletes, 0-shot (completion 73%; ``mechunlearn eval --formats
+    completion,options_word,mcq,question --limit 300``). Scored like a cloze over the options'
+    words; ``option_order`` as for ``mcq``.
+    """
+
+    name = "options_word"
+
+    def __init__(self, option_order: str = "fixed") -> None:
+        self.option_order = check_option_order(option_order, self.name)
+
+    def items(self, record: FactRecord, rng: random.Random) -> list[PromptItem]:
+        question = question_text(record)
+        items = []
+        for shown in shown_orders(record.options, self.option_order, rng):
+            prompt = f"Question: {question}\nOptions: {', '.join(shown)}\nAnswer:"
+            items.append(cloze_item(record, self.name, prompt))
+        return items
 
 
 @_register
