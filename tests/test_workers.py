@@ -208,3 +208,22 @@ def test_sigkilled_worker_run_resumes_to_the_same_summary(saved_llama, tmp_path,
     assert {t["worker"] for t in timeline.values()} == {0, 1}
     starts = [t["start"] for t in timeline.values()]
     assert starts == sorted(starts) and starts[0] == 0
+
+
+def test_idle_cores_come_from_cpu_time_sampled_now(monkeypatch):
+    """The default worker count subtracts what other work uses *now* (CPU time over a short
+    sample), not the 1-minute load average, which after an install still counts the finished
+    pip; without /proc/stat it falls back to the load average."""
+    from mechunlearn.experiments import workers
+
+    samples = iter([(100, 1000), (150, 1100)])  # half the CPU time busy during the sample
+    monkeypatch.setattr(workers, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(workers.os, "getloadavg", lambda: (3.9, 0.0, 0.0))
+    monkeypatch.setattr(workers.time, "sleep", lambda s: None)
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert workers.busy_cores() == pytest.approx(2.0)
+    samples = iter([(100, 1000), (150, 1100)])
+    assert workers.idle_cores() == 2  # the load average (3.9) would have said 1
+    monkeypatch.setattr(workers, "_cpu_times", lambda: None)
+    assert workers.busy_cores() == 3.9 and workers.idle_cores() == 1

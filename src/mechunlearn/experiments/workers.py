@@ -55,15 +55,41 @@ Executor = Callable[[Any, Unit], dict[str, Any] | None]
 ``None`` when the executor wrote the file itself."""
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs since boot, from ``/proc/stat`` (Linux), else None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+def busy_cores(sample_seconds: float = 0.5) -> float:
+    """How many cores other work keeps busy right now: CPU time sampled over ``sample_seconds``
+    (Linux), else the 1-minute load average. The load average trails by about a minute, so
+    right after an install it still counts the finished ``pip`` as a busy core."""
+    before = _cpu_times()
+    if before is not None:
+        time.sleep(sample_seconds)
+        after = _cpu_times()
+        if after is not None and after[1] > before[1]:
+            share = (after[0] - before[0]) / (after[1] - before[1])
+            return share * (os.cpu_count() or 1)
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
 def idle_cores() -> int:
-    """Cores not busy now (1-minute load average subtracted), at least 1."""
+    """Cores not busy now (other work subtracted, see ``busy_cores``), at least 1."""
     total = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     total = total or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(total, round(total - busy)))
+    return max(1, min(total, round(total - busy_cores())))
 
 
 class Progress:
