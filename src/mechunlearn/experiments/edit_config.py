@@ -148,7 +148,8 @@ class SweepConfig(Strict):
     rung_steps: list[int] | None = Field(
         default=None,
         description="halving: the steps each rung reaches (increasing), instead of ceil(log_eta "
-        "n) rungs from rung_fraction; a rung's survivors resume from their checkpoint",
+        "n) rungs from rung_fraction; a rung's survivors resume from their checkpoint (trained "
+        "weights and AdamW state, on disk in the run folder until the sweep is done)",
     )
 
     @field_validator("rung_steps")

@@ -6,8 +6,8 @@ the cost, so: the final position (whose prediction no target reads) and the lead
 that are padding in every row are not unembedded (``logits_to_keep`` with the kept positions),
 and the cross-entropy runs over contiguous ``[rows, vocab]`` logits with padding targets
 ignored. ``F.cross_entropy(logits.transpose(1, 2), ...)`` on ``[batch, vocab, width]`` takes a
-strided log-softmax on the CPU: on Gemma 3 270M it cost 156 ms per 2x15-token batch where the
-contiguous one costs about 15 ms.
+strided log-softmax on the CPU: on Gemma 3 270M it cost 156 ms per 2x15-token batch (plus an
+83 ms copy), where a contiguous log-softmax over 24 rows took 41 ms.
 """
 
 from __future__ import annotations
