@@ -3,7 +3,7 @@
 One implementation for the LM term of training (``edit/trainer.py``) and the LM-loss side
 effect (``evals/lm_loss.py``). With a 262k vocabulary the unembedding and its softmax dominate
 the cost, so: the final position (whose prediction no target reads) and the leading columns
-that are padding in every row are not unembedded (``logits_to_keep`` with the kept positions),
+that are padding in every row are not unembedded (``HookedModel.forward_predicting_last``),
 and the cross-entropy runs over contiguous ``[rows, vocab]`` logits with padding targets
 ignored. ``F.cross_entropy(logits.transpose(1, 2), ...)`` on ``[batch, vocab, width]`` takes a
 strided log-softmax on the CPU: on Gemma 3 270M it cost 156 ms per 2x15-token batch (plus an
@@ -31,11 +31,7 @@ def next_token_nll(hm: HookedModel, batch: Batch) -> tuple[torch.Tensor, int]:
     if columns.numel() == 0:  # no row has two real tokens (or the batch is one token wide)
         return torch.zeros((), device=hm.device), 0
     first = int(columns[0])
-    if hm.keeps_logits:
-        positions = torch.arange(first, width - 1, device=hm.device)
-        logits = hm.forward(**batch.model_inputs(), logits_to_keep=positions).logits
-    else:
-        logits = hm.forward(**batch.model_inputs()).logits[:, first : width - 1]
+    logits = hm.forward_predicting_last(width - 1 - first, **batch.model_inputs())
     targets = ids[:, first + 1 :].to(hm.device).masked_fill(~valid[:, first:], IGNORE)
     nll = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),

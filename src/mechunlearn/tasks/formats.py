@@ -158,14 +158,12 @@ class MCQFormat(PromptFormat):
     def __init__(self, option_order: str = "fixed") -> None:
         self.option_order = check_option_order(option_order, self.name)
 
-    def orders(self, options: tuple[str, ...], rng: random.Random) -> list[tuple[str, ...]]:
-        return shown_orders(options, self.option_order, rng)
-
     def items(self, record: FactRecord, rng: random.Random) -> list[PromptItem]:
         if len(record.options) > len(LETTERS):
             raise DataError(f"record {record.id} has more options than letters for mcq")
         question = question_text(record)
-        return [self._item(record, question, shown) for shown in self.orders(record.options, rng)]
+        orders = shown_orders(record.options, self.option_order, rng)
+        return [self._item(record, question, shown) for shown in orders]
 
     def _item(self, record: FactRecord, question: str, shown: tuple[str, ...]) -> PromptItem:
         letters = LETTERS[: len(shown)]
