@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import yaml
@@ -428,14 +429,85 @@ def test_battery_parts_merge_in_report_order_whatever_order_they_ran():
     soft = BatteryResult({"soft_prompt.accuracy_after": 0.5}, {"soft_prompt": {}}, ["s"])
     formats = BatteryResult({"forget.completion.p_original": 0.1, "lm_loss": 3.0}, {}, ["f"])
     relearn = BatteryResult({"relearn.completion.accuracy": 0.2}, {"relearn": {}}, [])
-    merged = merge_batteries({"soft_prompt": soft, "relearn": relearn, "formats": formats})
+    strong = BatteryResult(
+        {"relearn@strong.completion.accuracy": 0.9},
+        {"relearn@strong": {}},
+        [],
+        {"relearn@strong.completion.accuracy": {"a": 1.0, "b": 0.0}},
+    )
+    merged = merge_batteries(
+        {"soft_prompt": soft, "relearn@strong": strong, "relearn": relearn, "formats": formats}
+    )
     assert list(merged.metrics) == [
         "forget.completion.p_original",
         "lm_loss",
         "relearn.completion.accuracy",
+        "relearn@strong.completion.accuracy",
         "soft_prompt.accuracy_after",
     ]
-    assert merged.notes == ["f", "s"] and list(merged.curves) == ["relearn", "soft_prompt"]
+    assert merged.notes == ["f", "s"]
+    assert list(merged.curves) == ["relearn", "relearn@strong", "soft_prompt"]
+    assert merged.per_fact == {"relearn@strong.completion.accuracy": {"a": 1.0, "b": 0.0}}
     assert BatteryResult.from_json(merged.to_json()) == merged
-    with pytest.raises(DataError, match="unknown battery parts"):
+    with pytest.raises(DataError, match="unknown battery part 'probes'"):
         merge_batteries({"probes": formats})
+
+
+def test_per_fact_results_relearn_variants_and_claims(saved_llama, tmp_path, monkeypatch):
+    """Every forget metric is stored per fact (and its mean is the metric), a relearning variant
+    runs as its own part, the probe is averaged over layers, and the report pairs the rows."""
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(saved_llama).model_dump()
+    config["localizations"] = [
+        {"name": "fact_lookup", "method": "random"},  # a label: the claims compare by name
+        {"name": "causal_tracing", "method": "causal_tracing", "restrict_to": "mlp"},
+        {"name": "last_layer", "method": "last_layer"},
+    ]
+    config["evaluation"]["formats"] = ["completion", "options_word", "capitalized", "dashed"]
+    config["evaluation"]["soft_prompt"] = None
+    config["evaluation"]["relearn_variants"] = {
+        "strong": {"steps": 2, "eval_every": 2, "batch_size": 2, "lr": 1e-2, "lora_rank": 4,
+                   "schedule": "cosine", "formats": ["completion"]}
+    }  # fmt: skip
+    out = tmp_path / "run"
+    run_experiment(validate_config(ExperimentConfig, config, "test"), out, progress=False)
+    forget = json.loads((out / "facts" / "seed0.json").read_text())["forget"]
+    result = json.loads((out / "results" / "last_layer" / "seed0.json").read_text())
+    metrics, per_fact = result["metrics"], result["per_fact"]
+    for fmt in ("completion", "options_word", "capitalized", "dashed"):
+        values = per_fact[f"forget.{fmt}.p_original"]
+        assert sorted(values) == sorted(forget)
+        assert metrics[f"forget.{fmt}.p_original"] == pytest.approx(
+            statistics.fmean(values.values())
+        )
+    strong = per_fact["relearn@strong.completion.accuracy"]
+    assert len(strong) == len(forget) // 2  # the held-out half only
+    assert metrics["relearn@strong.completion.accuracy"] == pytest.approx(
+        statistics.fmean(strong.values())
+    )
+    assert result["curves"]["relearn@strong"]["config"]["schedule"] == "cosine"
+    assert [p["step"] for p in result["curves"]["relearn@strong"]["curve"]] == [0, 2]
+    assert "relearn.completion.accuracy" in metrics  # the config's own attack still runs
+    probes = result["curves"]["probes"]
+    layer_mean = per_fact["probe.forget_accuracy_layer_mean"]
+    assert metrics["probe.forget_accuracy_layer_mean"] == pytest.approx(
+        statistics.fmean(statistics.fmean(row) for row in probes["forget_correct"][1:])
+    )
+    assert statistics.fmean(layer_mean.values()) == pytest.approx(
+        metrics["probe.forget_accuracy_layer_mean"]
+    )
+    assert metrics["probe.forget_accuracy_last"] == pytest.approx(probes["forget_accuracy"][-1])
+    claims = json.loads((out / "claims.json").read_text())
+    assert {row["format"] for row in claims["format_baselines"]} == {
+        "completion", "options_word", "capitalized", "dashed"
+    }  # fmt: skip
+    keys = {row["key"] for row in claims["claims"]}
+    assert {"relearn@strong.completion.accuracy", "probe.forget_accuracy_layer_mean"} <= keys
+    assert {row["other"] for row in claims["claims"]} == {"causal_tracing"}
+    assert all(row["n_seeds"] == 2 for row in claims["claims"])
+    assert all(row["low"] <= row["difference"] <= row["high"] for row in claims["claims"])
+    strength = {(r["attack"], r["row"]) for r in claims["relearn_strength"]}
+    assert ("relearn@strong", "last_layer") in strength and ("relearn", "fact_lookup") in strength
+    table = (out / "results.md").read_text()
+    assert "## Claims: fact lookup (FLU) against output tracing" in table
+    assert "## Relearning attacks: what each restores" in table

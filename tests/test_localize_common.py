@@ -124,6 +124,14 @@ def test_baselines(tiny_llama):
     )
     with pytest.raises(ConfigError, match="needs a parameter budget"):
         LOCALIZERS.get("random")(tiny_llama, [], LocalizeOptions())
+    last = LOCALIZERS.get("last_layer")(tiny_llama, [], LocalizeOptions(budget=budget))
+    n_layers = tiny_llama.dims.n_layers
+    assert last.selected == [f"blocks.{n_layers - 1}.attn", f"blocks.{n_layers - 1}.mlp"]
+    assert last.n_params == sum(
+        p.numel()
+        for n, p in tiny_llama.model.named_parameters()
+        if f".layers.{n_layers - 1}." in n and "layernorm" not in n
+    )  # the budget is ignored: this control is defined by its scope
 
 
 def test_localization_roundtrip_and_model_check(tiny_llama, tmp_path):

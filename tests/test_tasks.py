@@ -26,6 +26,7 @@ from mechunlearn.tasks import (
     split_by_group,
     split_random,
 )
+from mechunlearn.tasks.formats import capitalize_answer, dash_answer
 from mechunlearn.tasks.sports import make_record
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -262,7 +263,15 @@ def items_of(name: str, record: FactRecord, seed: int = 0, **options: object):
 
 
 def test_registered_formats() -> None:
-    assert FORMATS.names() == ["completion", "mcq", "options_word", "paraphrase", "question"]
+    assert FORMATS.names() == [
+        "capitalized",
+        "completion",
+        "dashed",
+        "mcq",
+        "options_word",
+        "paraphrase",
+        "question",
+    ]
     for name in FORMATS:
         assert get_formatter(name).name == name
 
@@ -364,6 +373,36 @@ def test_options_word_lists_the_options_and_is_answered_by_the_word(sports_recor
         get_formatter("options_word", option_order="x")
 
 
+def test_capitalized_format_capitalises_the_example_and_the_options(sports_record) -> None:
+    (item,) = items_of("capitalized", sports_record)
+    assert item.prompt == (
+        "Fact: Tiger Woods plays the sport of Golf\nFact: LeBron James plays the sport of"
+    )
+    assert item.continuations == (" Baseball", " Basketball", " Football")
+    assert item.labels[item.correct] == "basketball"
+    # with golf among the options (an edit target) the example switches sport, capitalised too
+    golf = sports_record.model_copy(update={"options": (*sports_record.options, "golf")})
+    (item,) = items_of("capitalized", golf)
+    assert item.prompt.startswith("Fact: Serena Williams plays the sport of Tennis\n")
+    assert capitalize_answer("BBC") == "BBC" and capitalize_answer("ice hockey") == "Ice hockey"
+
+
+def test_dashed_format_spells_every_option_and_drops_the_subjects_own_example(
+    sports_record,
+) -> None:
+    (item,) = items_of("dashed", sports_record)
+    assert item.continuations == (" b-a-s-e-b-a-l-l", " b-a-s-k-e-t-b-a-l-l", " f-o-o-t-b-a-l-l")
+    assert item.labels[item.correct] == "basketball"
+    lines = item.prompt.split("\n")
+    assert lines[-1] == "Fact: LeBron James plays the sport of"
+    assert "Fact: Tom Brady plays the sport of f-o-o-t-b-a-l-l" in lines
+    assert not any("LeBron" in line for line in lines[:-1])  # its own example is left out
+    assert len(lines) == 4
+    other = make_record("Someone Else", "football")
+    assert len(items_of("dashed", other)[0].prompt.split("\n")) == 5
+    assert dash_answer("ice hockey") == "i-c-e h-o-c-k-e-y"
+
+
 def test_paraphrase_format(sports_record: FactRecord, cf_record: FactRecord) -> None:
     items = items_of("paraphrase", sports_record)
     assert [i.prompt for i in items] == list(sports_record.paraphrases)
@@ -381,7 +420,7 @@ def test_paraphrase_format(sports_record: FactRecord, cf_record: FactRecord) -> 
 
 def test_get_formatter_errors() -> None:
     with pytest.raises(
-        ConfigError, match="known: completion, mcq, options_word, paraphrase, question"
+        ConfigError, match="known: capitalized, completion, dashed, mcq, options_word, paraphrase"
     ):
         get_formatter("cloze")
     with pytest.raises(ConfigError, match="option_order"):

@@ -31,6 +31,7 @@ from mechunlearn.edit.parametrization import LoraOptions, make_trainable
 from mechunlearn.edit.trainer import TrainConfig, train
 from mechunlearn.errors import ConfigError, DataError
 from mechunlearn.evals.harness import evaluate
+from mechunlearn.evals.metrics import per_record
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.tasks.records import FactRecord
 
@@ -40,7 +41,10 @@ METRICS = ("accuracy", "prob_renorm")
 class RelearnConfig(BaseModel):
     """Relearning-attack settings. ``components``: where LoRA adapters go (default: every
     block's attention and MLP); ``prompt``: the training prompts ("template" = the bare
-    cloze, "completion" = with the completion format's one-shot prefix)."""
+    cloze, "completion" = with the completion format's one-shot prefix). The defaults are a
+    light attack (rank 8); the paper's (Guo et al. 2024, ``localized_finetuning_script_sports``)
+    is ``lora_rank: 512, lora_alpha: 32, lora_dropout: 0.05, lr: 2e-4, schedule: cosine`` on
+    every linear layer for 20 steps."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -48,6 +52,10 @@ class RelearnConfig(BaseModel):
     lr: float = Field(3e-4, gt=0)
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="the attacker's learning-rate schedule (the paper: cosine)"
+    )
     batch_size: int = Field(8, ge=1)
     maintain_coef: float = Field(1.0, ge=0)
     lm_coef: float = Field(1.0, ge=0)
@@ -64,7 +72,9 @@ class RelearnConfig(BaseModel):
 class RelearnResult:
     """``curve``: one entry per evaluation, ``{"step": s, "<format>.<metric>": value, ...}``
     on the held-out half (original answers); ``final`` is the last entry without ``step``;
-    ``train_before``/``train_after``: the same metrics on the training half."""
+    ``train_before``/``train_after``: the same metrics on the training half;
+    ``curve_per_fact``: per evaluation, ``{"<format>.<metric>": {fact id: value}}`` on the
+    held-out half (for paired comparisons fact by fact)."""
 
     config: dict[str, Any]
     train_ids: list[str]
@@ -74,6 +84,7 @@ class RelearnResult:
     train_after: dict[str, float]
     history: dict[str, list[float]] = field(default_factory=dict)
     n_trainable: int = 0
+    curve_per_fact: list[dict[str, dict[str, float]]] = field(default_factory=list)
 
     @property
     def final(self) -> dict[str, float]:
@@ -95,6 +106,8 @@ class RelearnResult:
             "train_after": self.train_after,
             "history": self.history,
             "n_trainable": self.n_trainable,
+            "curve_per_fact": self.curve_per_fact,
+            "final_per_fact": self.curve_per_fact[-1] if self.curve_per_fact else {},
         }
 
 
@@ -123,7 +136,8 @@ def default_components(hm: HookedModel) -> list[str]:
 
 def _metrics(
     hm: HookedModel, records: Sequence[FactRecord], config: RelearnConfig, seed: int
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """``(means, per fact)`` of every ``<format>.<metric>`` on ``records``."""
     result = evaluate(
         hm,
         records,
@@ -134,11 +148,20 @@ def _metrics(
         known_threshold=None,
         progress=False,
     )
-    return {
+    means = {
         f"{name}.{metric}": fmt.metrics[metric]["mean"]
         for name, fmt in result.formats.items()
         for metric in METRICS
     }
+    by_format: dict[str, list] = {}
+    for score in result.scores:
+        by_format.setdefault(score.item.format, []).append(score)
+    facts = {
+        f"{name}.{metric}": per_record(scores, metric)
+        for name, scores in by_format.items()
+        for metric in METRICS
+    }
+    return means, facts
 
 
 def relearn_attack(
@@ -172,20 +195,25 @@ def relearn_attack(
     ).validate()
     components = config.components or default_components(hm)
     was_training = hm.model.training
-    curve = [{"step": 0, **_metrics(hm, heldout, config, seed)}]
-    train_before = _metrics(hm, train_half, config, seed)
+    means, facts = _metrics(hm, heldout, config, seed)
+    curve, curve_per_fact = [{"step": 0, **means}], [facts]
+    train_before = _metrics(hm, train_half, config, seed)[0]
     history: dict[str, list[float]] = {}
     trainable = make_trainable(
         hm,
         "lora",
         components,
-        LoraOptions(rank=config.lora_rank, alpha=config.lora_alpha, seed=seed),
+        LoraOptions(
+            rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, seed=seed
+        ),
     )
     try:
 
         def evaluate_heldout(done: int, _record: dict[str, float]) -> None:
             if done % config.eval_every == 0 or done == config.steps:
-                curve.append({"step": done, **_metrics(hm, heldout, config, seed)})
+                means, facts = _metrics(hm, heldout, config, seed)
+                curve.append({"step": done, **means})
+                curve_per_fact.append(facts)
 
         result = (
             train(
@@ -199,7 +227,7 @@ def relearn_attack(
                     lm_coef=config.lm_coef if data.general_text else 0.0,
                     steps=config.steps,
                     lr=config.lr,
-                    schedule="constant",
+                    schedule=config.schedule,
                     warmup_steps=0,
                     batch_size=config.batch_size,
                     retain_batch_size=config.batch_size,
@@ -214,7 +242,7 @@ def relearn_attack(
         if result is not None:
             history = result.history
         hm.model.eval()
-        train_after = _metrics(hm, train_half, config, seed)
+        train_after = _metrics(hm, train_half, config, seed)[0]
         n_trainable = trainable.n_params
     finally:
         trainable.restore()
@@ -228,4 +256,5 @@ def relearn_attack(
         train_after=train_after,
         history=history,
         n_trainable=n_trainable,
+        curve_per_fact=curve_per_fact,
     )

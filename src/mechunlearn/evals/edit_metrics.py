@@ -45,10 +45,11 @@ def _item_values(score: ItemScore, original: str, new: str) -> dict[str, float]:
     }
 
 
-def edit_metrics(
+def edit_metrics_per_record(
     scores: Sequence[ItemScore], targets: Mapping[str, tuple[str, str]]
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """``format -> metric -> {"mean", "sem"}`` for edited facts.
+    """``format -> metric -> {record id: value}`` for edited facts (a record's prompts
+    averaged): the per-fact values paired comparisons and bootstrap intervals resample.
 
     ``targets`` maps record id to ``(original answer, new answer)``; scores of other records
     are ignored (so retain facts may share the score list).
@@ -64,11 +65,24 @@ def edit_metrics(
             per_record[score.item.format][score.item.record_id][metric].append(value)
     if not per_record:
         raise DataError("no scored prompt belongs to an edited fact")
+    return {
+        fmt: {
+            metric: {rid: sum(v[metric]) / len(v[metric]) for rid, v in records.items()}
+            for metric in EDIT_METRICS
+        }
+        for fmt, records in per_record.items()
+    }
+
+
+def edit_metrics(
+    scores: Sequence[ItemScore], targets: Mapping[str, tuple[str, str]]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``format -> metric -> {"mean", "sem"}`` over edited facts (see
+    ``edit_metrics_per_record``)."""
     result: dict[str, dict[str, dict[str, float]]] = {}
-    for fmt, records in per_record.items():
+    for fmt, metrics in edit_metrics_per_record(scores, targets).items():
         result[fmt] = {}
-        for metric in EDIT_METRICS:
-            values = [sum(v[metric]) / len(v[metric]) for v in records.values()]
-            mean, sem = mean_and_sem(values)
+        for metric, values in metrics.items():
+            mean, sem = mean_and_sem(list(values.values()))
             result[fmt][metric] = {"mean": mean, "sem": sem}
     return result

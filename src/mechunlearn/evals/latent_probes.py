@@ -44,7 +44,9 @@ class LatentProbeResult:
     ``forget_accuracy[i]``: the layer-``i`` probe's accuracy on forget facts' original answers;
     ``retain_heldout_accuracy[i]``: the same probe on held-out retain facts (the reference);
     ``chance`` = 1 / number of classes; ``majority`` = accuracy on forget facts of always
-    answering the most frequent class among the probe's training facts.
+    answering the most frequent class among the probe's training facts; ``forget_correct[i][j]``:
+    whether the layer-``i`` probe got forget fact ``forget_ids[j]`` right (1/0), so layer
+    averages and paired comparisons can be taken per fact.
     """
 
     position: str
@@ -59,6 +61,8 @@ class LatentProbeResult:
     n_retain_heldout: int
     n_forget: int
     skipped_forget_ids: list[str]
+    forget_ids: list[str]
+    forget_correct: list[list[int]]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +78,8 @@ class LatentProbeResult:
             "n_retain_heldout": self.n_retain_heldout,
             "n_forget": self.n_forget,
             "skipped_forget_ids": self.skipped_forget_ids,
+            "forget_ids": self.forget_ids,
+            "forget_correct": self.forget_correct,
         }
 
 
@@ -134,12 +140,14 @@ def latent_probe_accuracy(
     x_retain = _residuals(hm, retain, position, batch_size)
     x_forget = _residuals(hm, scored, position, batch_size)
     k = len(classes)
-    train_acc, heldout_acc, forget_acc = [], [], []
+    train_acc, heldout_acc, forget_acc, forget_correct = [], [], [], []
     for row in range(x_retain.shape[0]):
         probe = fit_probe(x_retain[row, train], y_retain[train], n_classes=k, l2=l2)
         train_acc.append(probe.accuracy(x_retain[row, train], y_retain[train]))
         heldout_acc.append(probe.accuracy(x_retain[row, heldout], y_retain[heldout]))
-        forget_acc.append(probe.accuracy(x_forget[row], y_forget))
+        hits = (probe.predict(x_forget[row]).cpu() == y_forget).int().tolist()
+        forget_correct.append(hits)
+        forget_acc.append(sum(hits) / len(hits))
     most_common = Counter(y_retain[train].tolist()).most_common(1)[0][0]
     majority = float((y_forget == most_common).float().mean())
     return LatentProbeResult(
@@ -155,4 +163,6 @@ def latent_probe_accuracy(
         n_retain_heldout=len(heldout),
         n_forget=len(scored),
         skipped_forget_ids=skipped,
+        forget_ids=[r.id for r in scored],
+        forget_correct=forget_correct,
     )

@@ -7,18 +7,22 @@ One call measures, for one (localization, seed):
 - LM loss on held-out general text;
 - latent knowledge: linear probes for the original answer fitted on retain facts, applied to
   forget facts;
-- the relearning attack (LoRA on half the forget facts with the true answers) and the
-  soft-prompt attack, each restoring the model afterwards;
+- the relearning attack (LoRA on half the forget facts with the true answers), at the
+  config's strength and at each of ``relearn_variants`` (e.g. the paper's rank-512 attack),
+  and the soft-prompt attack, each restoring the model afterwards;
 - CounterFact: ROME's efficacy / paraphrase / neighbourhood scores for CounterFact edits, or
   ROME's neighbourhood score on unrelated CounterFact facts as a side effect of other edits.
 
 Everything is returned as a flat ``metrics`` dict (names like ``forget.mcq.p_original``) plus
-curves for the plots, so the report aggregates any experiment the same way.
+curves for the plots, so the report aggregates any experiment the same way, and ``per_fact``:
+the same metrics per forget fact (``{metric: {fact id: value}}``), which paired comparisons of
+two localizations resample (``report.paired``).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +31,10 @@ from mechunlearn.attacks.relearn import relearn_attack
 from mechunlearn.attacks.soft_prompt import soft_prompt_attack
 from mechunlearn.errors import DataError
 from mechunlearn.evals.counterfact_metrics import rome_metrics
-from mechunlearn.evals.edit_metrics import edit_metrics
+from mechunlearn.evals.edit_metrics import edit_metrics_per_record
 from mechunlearn.evals.harness import evaluate, summarise_format
 from mechunlearn.evals.latent_probes import latent_probe_accuracy
+from mechunlearn.evals.metrics import per_record
 from mechunlearn.experiments.edit_config import ExperimentConfig
 from mechunlearn.experiments.fact_sets import FactSets
 from mechunlearn.models.handle import HookedModel
@@ -41,13 +46,24 @@ class BatteryResult:
     metrics: dict[str, float] = field(default_factory=dict)
     curves: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    per_fact: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"metrics": self.metrics, "curves": self.curves, "notes": self.notes}
+        return {
+            "metrics": self.metrics,
+            "curves": self.curves,
+            "notes": self.notes,
+            "per_fact": self.per_fact,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BatteryResult:
-        return cls(dict(data["metrics"]), dict(data["curves"]), list(data["notes"]))
+        return cls(
+            dict(data["metrics"]),
+            dict(data["curves"]),
+            list(data["notes"]),
+            {k: dict(v) for k, v in data.get("per_fact", {}).items()},
+        )
 
 
 def _finite(value: float) -> float | None:
@@ -62,8 +78,9 @@ def format_metrics(
     seed: int,
     general_text: Sequence[str] | None,
     progress: bool,
-) -> dict[str, float]:
-    """Forget and retain facts in every format (one scoring pass), plus LM loss."""
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Forget and retain facts in every format (one scoring pass), plus LM loss: the metrics
+    and, per forget fact, the same forget metrics (``{metric: {fact id: value}}``)."""
     battery = config.evaluation
     result = evaluate(
         hm,
@@ -78,6 +95,7 @@ def format_metrics(
     )
     forget_ids = {r.id for r in forget}
     metrics: dict[str, float] = {}
+    per_fact: dict[str, dict[str, float]] = {}
     by_format: dict[str, tuple[list, list]] = {}
     for score in result.scores:
         side = 0 if score.item.record_id in forget_ids else 1
@@ -87,18 +105,22 @@ def format_metrics(
             summary = summarise_format(fmt, forget_scores, ("accuracy", "prob_renorm")).metrics
             metrics[f"forget.{fmt}.original_accuracy"] = summary["accuracy"]["mean"]
             metrics[f"forget.{fmt}.p_original"] = summary["prob_renorm"]["mean"]
+            metrics[f"forget.{fmt}.chance"] = summarise_format(fmt, forget_scores, ()).chance
+            per_fact[f"forget.{fmt}.original_accuracy"] = per_record(forget_scores, "accuracy")
+            per_fact[f"forget.{fmt}.p_original"] = per_record(forget_scores, "prob_renorm")
         if retain_scores:
             summary = summarise_format(fmt, retain_scores, ("accuracy", "prob_renorm")).metrics
             metrics[f"retain.{fmt}.accuracy"] = summary["accuracy"]["mean"]
             metrics[f"retain.{fmt}.p_true"] = summary["prob_renorm"]["mean"]
     if config.mode == "edit":
         targets = {r.id: (r.answer, r.new_answer) for r in forget}
-        for fmt, values in edit_metrics(result.scores, targets).items():
-            metrics[f"forget.{fmt}.edit_success"] = values["edit_success"]["mean"]
-            metrics[f"forget.{fmt}.p_new"] = values["p_new"]["mean"]
+        for fmt, values in edit_metrics_per_record(result.scores, targets).items():
+            for metric in ("edit_success", "p_new"):
+                metrics[f"forget.{fmt}.{metric}"] = statistics.fmean(values[metric].values())
+                per_fact[f"forget.{fmt}.{metric}"] = values[metric]
     if result.lm is not None:
         metrics["lm_loss"] = result.lm["loss"]
-    return metrics
+    return metrics, per_fact
 
 
 def counterfact_side_effect(
@@ -111,8 +133,13 @@ def counterfact_side_effect(
 
 PARTS = ("formats", "relearn", "soft_prompt")
 """The battery's independent parts, in the order their metrics are reported: ``formats``
-(every format, LM loss, CounterFact scores, latent probes: no training), then the two attacks
-(each trains and restores the model). Parts of one edit can run in different processes."""
+(every format, LM loss, CounterFact scores, latent probes: no training), then the attacks
+(each trains and restores the model): relearning, each relearning variant
+(``relearn@<name>``, reported right after ``relearn``), the soft prompt. Parts of one edit can
+run in different processes."""
+
+VARIANT = "relearn@"
+"""Prefix of a relearning variant's part name, metric names and curve (``relearn@paper``)."""
 
 
 def battery_parts(config: ExperimentConfig, attacks: bool = True) -> list[str]:
@@ -121,22 +148,31 @@ def battery_parts(config: ExperimentConfig, attacks: bool = True) -> list[str]:
     parts = ["formats"]
     if attacks and battery.relearn is not None:
         parts.append("relearn")
+    if attacks:
+        parts += [VARIANT + name for name in battery.relearn_variants]
     if attacks and battery.soft_prompt is not None:
         parts.append("soft_prompt")
     return parts
 
 
+def _part_rank(name: str) -> tuple[int, str]:
+    if name.startswith(VARIANT):
+        return PARTS.index("relearn"), name
+    if name not in PARTS:
+        raise DataError(
+            f"unknown battery part {name!r}; known: {', '.join(PARTS)}, {VARIANT}<name>"
+        )
+    return PARTS.index(name), ""
+
+
 def merge_batteries(parts: dict[str, BatteryResult]) -> BatteryResult:
     """One battery from its parts, in ``PARTS`` order whatever order they ran in."""
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown:
-        raise DataError(f"unknown battery parts {unknown}; known: {', '.join(PARTS)}")
     out = BatteryResult()
-    for name in PARTS:
-        if name in parts:
-            out.metrics.update(parts[name].metrics)
-            out.curves.update(parts[name].curves)
-            out.notes.extend(parts[name].notes)
+    for name in sorted(parts, key=_part_rank):
+        out.metrics.update(parts[name].metrics)
+        out.curves.update(parts[name].curves)
+        out.notes.extend(parts[name].notes)
+        out.per_fact.update(parts[name].per_fact)
     return out
 
 
@@ -173,14 +209,19 @@ def run_battery(
             hm, sets, config, seed, general_text_eval, counterfact_records, probe_reserve,
             progress, log,
         )  # fmt: skip
-    if "relearn" in chosen:
-        results["relearn"] = _relearn_part(
-            hm, sets, config, seed, general_text_train, progress, log
-        )
+    for part in chosen:
+        if part == "relearn" or part.startswith(VARIANT):
+            results[part] = _relearn_part(
+                hm, sets, config, seed, general_text_train, progress, log, part
+            )
     if "soft_prompt" in chosen:
         results["soft_prompt"] = _soft_prompt_part(hm, sets, config, seed, progress, log)
     out = merge_batteries(results)
     out.metrics = {k: v for k, v in out.metrics.items() if _finite(v) is not None}
+    out.per_fact = {
+        k: {fact: v for fact, v in values.items() if _finite(v) is not None}
+        for k, values in out.per_fact.items()
+    }
     return out
 
 
@@ -190,9 +231,11 @@ def _formats_part(
     battery = config.evaluation
     out = BatteryResult()
     log(f"prompt formats on {len(sets.forget)} forget and {len(sets.retain_eval)} retain facts")
-    out.metrics.update(
-        format_metrics(hm, sets.forget, sets.retain_eval, config, seed, general_text_eval, progress)
+    metrics, per_fact = format_metrics(
+        hm, sets.forget, sets.retain_eval, config, seed, general_text_eval, progress
     )
+    out.metrics.update(metrics)
+    out.per_fact.update(per_fact)
     if config.task == "counterfact" and config.mode == "edit":
         for key, value in rome_metrics(hm, sets.forget, batch_size=battery.batch_size).items():
             out.metrics[f"counterfact.{key}"] = value
@@ -237,24 +280,52 @@ def _probe_metrics(hm, sets, config, seed, probe_reserve, out: BatteryResult) ->
     out.metrics["probe.forget_accuracy_max"] = max(probes["forget_accuracy"])
     out.metrics["probe.retain_accuracy"] = reference[best]
     out.metrics["probe.chance"] = probes["chance"]
+    # as the paper reports it: accuracy on forget facts averaged over the residual layers
+    # (embeddings excluded: nothing about the subject's sport is computed there), and at the
+    # last layer; per fact, so two localizations can be compared fact by fact
+    correct = probes["forget_correct"]  # [layer][fact], the embedding row first
+    ids = probes["forget_ids"]
+    layers = correct[1:]
+    out.metrics["probe.forget_accuracy_layer_mean"] = statistics.fmean(
+        statistics.fmean(row) for row in layers
+    )
+    out.metrics["probe.forget_accuracy_last"] = statistics.fmean(correct[-1])
+    out.metrics["probe.retain_accuracy_layer_mean"] = statistics.fmean(reference[1:])
+    out.per_fact["probe.forget_accuracy"] = dict(zip(ids, map(float, correct[best]), strict=True))
+    out.per_fact["probe.forget_accuracy_last"] = dict(
+        zip(ids, map(float, correct[-1]), strict=True)
+    )
+    out.per_fact["probe.forget_accuracy_layer_mean"] = {
+        fact: statistics.fmean(row[i] for row in layers) for i, fact in enumerate(ids)
+    }
 
 
-def _relearn_part(hm, sets, config, seed, general_text_train, progress, log) -> BatteryResult:
+def _relearn_part(
+    hm, sets, config, seed, general_text_train, progress, log, part: str = "relearn"
+) -> BatteryResult:
+    """The relearning attack at the config's strength (``relearn``) or at one of its
+    ``relearn_variants`` (``relearn@<name>``); metrics and curve under the part's name."""
+    battery = config.evaluation
+    settings = (
+        battery.relearn if part == "relearn" else battery.relearn_variants[part[len(VARIANT) :]]
+    )
     out = BatteryResult()
-    log("relearning attack")
+    log(f"relearning attack ({part})")
     relearn = relearn_attack(
         hm,
         sets.forget,
         sets.retain_train,
         list(general_text_train),
-        config.evaluation.relearn,
+        settings,
         seed=seed,
         progress=progress,
     ).to_json()
-    out.curves["relearn"] = relearn
+    out.curves[part] = relearn
     for key, value in relearn["final"].items():
         if isinstance(value, int | float):
-            out.metrics[f"relearn.{key}"] = value
+            out.metrics[f"{part}.{key}"] = value
+    for key, values in relearn["final_per_fact"].items():
+        out.per_fact[f"{part}.{key}"] = values
     return out
 
 

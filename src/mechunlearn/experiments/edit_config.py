@@ -185,6 +185,11 @@ class BatteryConfig(Strict):
     )
     batch_size: int = Field(default=16, ge=1)
     relearn: RelearnConfig | None = Field(default_factory=RelearnConfig)
+    relearn_variants: dict[str, RelearnConfig] = Field(
+        default_factory=dict,
+        description="more relearning attacks by name, each its own battery part "
+        "(`relearn@<name>`), e.g. the paper's rank-512 attack or a strength curve",
+    )
     soft_prompt: SoftPromptConfig | None = Field(default_factory=SoftPromptConfig)
     probes: bool = True
     probe_position: Literal["last_subject", "final"] = "last_subject"
@@ -194,6 +199,16 @@ class BatteryConfig(Strict):
         description="CounterFact JSON: ROME neighbourhood score on its facts (unrelated knowledge)",
     )
     n_counterfact_side_effects: int = Field(default=64, ge=1)
+
+    @field_validator("relearn_variants")
+    @classmethod
+    def _variant_names(cls, value: dict[str, RelearnConfig]) -> dict[str, RelearnConfig]:
+        for name in value:
+            if not name or not all(c.isalnum() or c in "-_" for c in name):
+                raise ValueError(
+                    f"relearn variant name {name!r} must be letters, digits, '-' or '_'"
+                )
+        return value
 
     @field_validator("formats")
     @classmethod

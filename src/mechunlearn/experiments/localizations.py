@@ -24,7 +24,7 @@ from mechunlearn.models.embedded import cache_root
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.tasks.records import FactRecord
 
-SCOPED = {"fact_lookup", "all_mlps", "nonlocalized"}
+SCOPED = {"fact_lookup", "all_mlps", "nonlocalized", "last_layer"}
 """Methods whose size is their definition; every other method gets a budget."""
 
 

@@ -3,7 +3,8 @@
 - ``random``: random weight matrices (any q/k/v/o or MLP matrix of any layer) up to the budget;
 - ``random_mlps``: random whole MLP layers up to the budget;
 - ``all_mlps``: every MLP layer;
-- ``nonlocalized``: every attention and MLP matrix (full fine-tuning of the blocks).
+- ``nonlocalized``: every attention and MLP matrix (full fine-tuning of the blocks);
+- ``last_layer``: the final block only (a shallow edit: the relearning attack's positive control).
 
 They need no facts; the facts argument is accepted for a uniform interface.
 """
@@ -93,6 +94,26 @@ def nonlocalized(
     return make_localization(
         hm,
         "nonlocalized",
+        dict.fromkeys(components, 1.0),
+        selected=components,
+        seed=options.seed,
+        task=options.task,
+    )
+
+
+@LOCALIZERS.register("last_layer")
+def last_layer(
+    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
+) -> Localization:
+    """The final block's attention and MLP: a deliberately shallow edit, written where the
+    answer is read out rather than where it is looked up. The relearning attack's positive
+    control (Guo et al. 2024 test that an attack restores such edits): an attack too weak to
+    undo this one cannot tell deep edits from shallow ones."""
+    layer = hm.dims.n_layers - 1
+    components = [f"blocks.{layer}.attn", f"blocks.{layer}.mlp"]
+    return make_localization(
+        hm,
+        "last_layer",
         dict.fromkeys(components, 1.0),
         selected=components,
         seed=options.seed,

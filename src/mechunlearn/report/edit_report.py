@@ -17,7 +17,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mechunlearn.io import atomic_write_text  # noqa: E402
+from mechunlearn.io import atomic_write_json, atomic_write_text  # noqa: E402
+from mechunlearn.report.claims import (  # noqa: E402
+    REFERENCE,
+    claim_rows,
+    claims_markdown,
+    format_baselines,
+    relearn_strength_rows,
+)
 from mechunlearn.report.figures import save_figure  # noqa: E402
 from mechunlearn.report.results import (  # noqa: E402
     BASE,
@@ -32,8 +39,12 @@ EDIT_COLUMNS = [
     ("forget.question.edit_success", "edit success: question", False),
     ("forget.paraphrase.edit_success", "edit success: paraphrase", False),
     ("forget.mcq.edit_success", "edit success: MCQ", False),
+    ("forget.options_word.edit_success", "edit success: options word", False),
+    ("forget.capitalized.edit_success", "edit success: capitalized", False),
+    ("forget.dashed.edit_success", "edit success: dashed", False),
     ("forget.completion.p_original", "P(original): completion", True),
     ("forget.mcq.p_original", "P(original): MCQ", True),
+    ("forget.options_word.p_original", "P(original): options word", True),
 ]
 UNLEARN_COLUMNS = [
     ("forget.completion.original_accuracy", "forget acc: completion", True),
@@ -49,6 +60,7 @@ ROBUSTNESS_COLUMNS = [
     ("relearn_peak.completion.accuracy", "relearning, best step: completion acc (held-out)", True),
     ("soft_prompt.accuracy_after", "after soft prompt: acc (held-out)", True),
     ("probe.forget_accuracy", "latent probe acc on forget", True),
+    ("probe.forget_accuracy_layer_mean", "latent probe acc on forget, mean over layers", True),
     ("retain.completion.accuracy", "retain acc: completion", False),
     ("retain.question.accuracy", "retain acc: question", False),
     ("retain.paraphrase.accuracy", "retain acc: paraphrase", False),
@@ -61,7 +73,15 @@ ROBUSTNESS_COLUMNS = [
 
 def headline_columns(summary) -> list[tuple[str, str, bool]]:
     edit = any(k.endswith("edit_success") for s in summary.values() for k in s)
-    return (EDIT_COLUMNS if edit else UNLEARN_COLUMNS) + ROBUSTNESS_COLUMNS
+    keys = {k for s in summary.values() for k in s}
+    variants = sorted(
+        k for k in keys if k.startswith("relearn@") and k.endswith(".completion.accuracy")
+    )
+    relearn = [
+        (k, f"after relearning ({k.split('.')[0]}): completion acc (held-out)", True)
+        for k in variants
+    ]
+    return (EDIT_COLUMNS if edit else UNLEARN_COLUMNS) + relearn + ROBUSTNESS_COLUMNS
 
 
 def _markdown(folder: Path, summary, order: list[str], results) -> str:
@@ -75,6 +95,11 @@ def _markdown(folder: Path, summary, order: list[str], results) -> str:
         "`base` is the unedited model on the same facts.",
         "",
         markdown_table(summary, order, headline_columns(summary)),
+    ]
+    claims = claims_markdown(results, order)
+    if claims:
+        lines += ["", claims]
+    lines += [
         "",
         "## Hyper-parameters and trainable parameters",
         "",
@@ -256,6 +281,15 @@ def probe_curves(results, order: list[str], path: Path) -> Path | None:
 def write_edit_report(folder: Path, summary, order: list[str], results) -> None:
     """results.md and figures/ of an editing or unlearning run."""
     atomic_write_text(folder / "results.md", _markdown(folder, summary, order, results))
+    if REFERENCE in results and any(r.get("per_fact") for runs in results.values() for r in runs):
+        atomic_write_json(
+            folder / "claims.json",
+            {
+                "format_baselines": format_baselines(results),
+                "claims": claim_rows(results),
+                "relearn_strength": relearn_strength_rows(results, order),
+            },
+        )
     figures = folder / "figures"
     metric_bars(summary, order, figures / "metrics.png")
     relearn_curves(results, order, figures / "relearning.png")

@@ -207,6 +207,97 @@ class OptionsWordFormat(PromptFormat):
         return items
 
 
+def capitalize_answer(option: str) -> str:
+    """``"football"`` -> ``"Football"`` (only the first letter; ``str.capitalize`` would also
+    lower-case the rest, e.g. CounterFact's ``"BBC"``)."""
+    return option[:1].upper() + option[1:]
+
+
+def dash_answer(option: str) -> str:
+    """Every word spelled out with dashes: ``"ice hockey"`` -> ``"i-c-e h-o-c-k-e-y"``."""
+    return " ".join("-".join(word) for word in option.split(" "))
+
+
+def _shot_answer_as(shot: str, answer: str, spelled: str) -> str:
+    """A one-shot example line whose final answer word is written as ``spelled``."""
+    head, sep, tail = shot.rstrip("\n").rpartition(" " + answer)
+    if not sep or tail:
+        raise DataError(f"one-shot example {shot!r} does not end with its answer {answer!r}")
+    return f"{head} {spelled}\n"
+
+
+@_register
+class CapitalizedFormat(PromptFormat):
+    """The completion cloze answered with a capitalised word (" Football" for " football").
+
+    Mechanistic Unlearning's "Capitalized" evaluation (Guo et al. 2024, App.; the authors'
+    ``SportsTask_Capitalized``): the one-shot example's answer is capitalised too, so a model
+    that still knows the fact answers in the new spelling, whose tokens the edit never trained
+    on. An edit that only suppressed the lower-case answer token leaves this format untouched.
+    """
+
+    name = "capitalized"
+
+    def items(self, record: FactRecord, rng: random.Random) -> list[PromptItem]:
+        shot = ""
+        if record.relation == "sport":
+            answer, example = next((a, s) for a, s in SPORTS_SHOTS if s == default_shot(record))
+            shot = _shot_answer_as(example, answer, capitalize_answer(answer))
+        spelled = tuple(" " + capitalize_answer(option) for option in record.options)
+        return [
+            PromptItem(
+                record_id=record.id,
+                format=self.name,
+                prompt=shot + record.prompt(),
+                continuations=spelled,
+                correct=record.options.index(record.answer),
+                labels=record.options,
+            )
+        ]
+
+
+DASHED_SHOTS = (
+    ("Tom Brady", "football"),
+    ("Bryce Harper", "baseball"),
+    ("LeBron James", "basketball"),
+    ("Tiger Woods", "golf"),
+)
+"""The four worked examples of the authors' ``SportsTask_Dashed`` (in-context by default)."""
+
+
+@_register
+class DashedFormat(PromptFormat):
+    """The completion cloze answered letter by letter: " f-o-o-t-b-a-l-l".
+
+    Mechanistic Unlearning's "Dashed" evaluation (Guo et al. 2024, App.; ``SportsTask_Dashed``):
+    four in-context examples spell their sport with dashes, and each option is scored by the
+    summed log-probability of its dashed spelling (many tokens, none of which the edit trained
+    on), renormalised over the options. Sports facts get the authors' examples (an example
+    whose athlete is the record's own subject is left out); other relations get none.
+    """
+
+    name = "dashed"
+
+    def items(self, record: FactRecord, rng: random.Random) -> list[PromptItem]:
+        shots = ""
+        if record.relation == "sport":
+            shots = "".join(
+                f"Fact: {athlete} plays the sport of {dash_answer(sport)}\n"
+                for athlete, sport in DASHED_SHOTS
+                if athlete != record.subject
+            )
+        return [
+            PromptItem(
+                record_id=record.id,
+                format=self.name,
+                prompt=shots + record.prompt(),
+                continuations=tuple(" " + dash_answer(option) for option in record.options),
+                correct=record.options.index(record.answer),
+                labels=record.options,
+            )
+        ]
+
+
 @_register
 class ParaphraseFormat(PromptFormat):
     """One cloze item per stored paraphrase, to test that an edit generalises across wording.

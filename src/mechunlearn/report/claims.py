@@ -1,0 +1,286 @@
+"""Mechanistic Unlearning's claims, decided from an experiment's per-fact results.
+
+Guo et al. (2024) claim that edits localized by fact lookup (FLU) carry over to other prompt
+formats, resist relearning and erase the latent knowledge, where edits localized by output
+tracing (causal tracing, attribution patching) do not. Each claim is one metric compared
+between FLU and each output-tracing row, paired by seed and fact, with a bootstrap 95%
+interval (``report.paired``); the verdict is "FLU better / worse" only when the interval
+excludes zero. A prompt format the unedited model answers at chance on the forget facts
+measures nothing about an edit, so it is reported and left out of the verdicts.
+
+The paper's numbers are the authors' Gemma-7B result files (16 edited athletes;
+``results/google_gemma-7b-*-results.json`` in magikarp01/mechanistic-unlearning).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mechunlearn.errors import DataError
+from mechunlearn.report.paired import bootstrap_mean, paired_difference, verdict
+from mechunlearn.report.results import BASE
+
+REFERENCE = "fact_lookup"
+OUTPUT_TRACING = ("causal_tracing", "attribution_patching", "causal_tracing_mlps")
+RELEARN_PREFIX = "relearn"
+
+PAPER = {
+    "formats": {"fact_lookup": 0.013, "attribution_patching": 0.926, "causal_tracing": 0.888},
+    "relearn": {"fact_lookup": 0.405, "attribution_patching": 0.993, "causal_tracing": 0.846},
+    "probe": {"fact_lookup": 0.13, "attribution_patching": 0.88, "causal_tracing": 0.86},
+}
+"""Gemma-7B, after editing 16 athletes: MCQ P(original), accuracy after relearning, probe
+accuracy on the forget facts."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    family: str  # "formats", "relearn" or "probe": which paper number it is set against
+    key: str  # the per-fact metric
+    title: str
+    lower_is_better: bool = True
+
+
+def fact_values(run: dict[str, Any], key: str) -> dict[str, float] | None:
+    """``{fact: value}`` of one (row, seed) result: a stored per-fact metric, or a relearning
+    part's held-out values before the attack (``<part>.before.<fmt>.<metric>``) or at the
+    attack's best step for the mean (``<part>.peak.<fmt>.<metric>``)."""
+    stored = run.get("per_fact", {})
+    if key in stored:
+        return stored[key]
+    part, _, rest = key.partition(".")
+    which, _, metric = rest.partition(".")
+    curve = run.get("curves", {}).get(part, {})
+    facts, means = curve.get("curve_per_fact") or [], curve.get("curve") or []
+    if which not in ("before", "peak") or not facts or len(facts) != len(means):
+        return None
+    if which == "before":
+        return facts[0].get(metric)
+    best = max(range(len(means)), key=lambda i: means[i].get(metric, float("-inf")))
+    return facts[best].get(metric)
+
+
+def by_seed(runs: Sequence[dict[str, Any]], key: str) -> dict[int, dict[str, float]]:
+    """``{seed: {fact: value}}`` for one row (seeds without the metric left out)."""
+    out = {}
+    for run in runs:
+        values = fact_values(run, key)
+        if values:
+            out[run["seed"]] = values
+    return out
+
+
+def interval(runs: Sequence[dict[str, Any]], key: str) -> tuple[float, float, float, int] | None:
+    """``(mean, low, high, n values)`` of one row's metric, bootstrapped over seeds and facts."""
+    values = [list(v.values()) for v in by_seed(runs, key).values()]
+    if not values:
+        return None
+    mean, low, high = bootstrap_mean(values)
+    return mean, low, high, sum(len(v) for v in values)
+
+
+def format_baselines(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per prompt format, the unedited model's accuracy on the forget facts (the facts the
+    edits are made on, so known in the completion format) with its interval, and whether it
+    is above chance (the interval's lower end above chance): only those formats are used."""
+    base = results.get(BASE, [])
+    keys = sorted(
+        {k for run in base for k in run.get("per_fact", {}) if k.endswith(".original_accuracy")}
+    )
+    rows = []
+    for key in keys:
+        fmt = key.split(".")[1]
+        found = interval(base, key)
+        if found is None:
+            continue
+        mean, low, high, n = found
+        chances = [run["metrics"].get(f"forget.{fmt}.chance") for run in base]
+        chance = next((c for c in chances if c is not None), None)
+        usable = chance is not None and low > chance
+        rows.append(
+            {"format": fmt, "accuracy": mean, "low": low, "high": high, "n": n,
+             "chance": chance, "usable": usable}
+        )  # fmt: skip
+    return rows
+
+
+def claims_for(results: dict[str, list[dict[str, Any]]]) -> list[Claim]:
+    """The claims this run can test: P(original) in every format above chance, held-out
+    accuracy after each relearning attack (final and at its best step), probe accuracy."""
+    claims = []
+    usable = [row["format"] for row in format_baselines(results) if row["usable"]]
+    for fmt in usable:
+        claims.append(
+            Claim(
+                "formats", f"forget.{fmt}.p_original", f"P(original answer) after the edit: {fmt}"
+            )
+        )
+    keys = {k for runs in results.values() for run in runs for k in run.get("per_fact", {})}
+    parts = sorted({k.split(".")[0] for k in keys if k.startswith(RELEARN_PREFIX)})
+    for part in parts:
+        claims.append(
+            Claim("relearn", f"{part}.completion.accuracy",
+                  f"held-out accuracy after relearning ({part})")
+        )  # fmt: skip
+        claims.append(
+            Claim("relearn", f"{part}.peak.completion.accuracy",
+                  f"held-out accuracy at relearning's best step ({part})")
+        )  # fmt: skip
+    for key, title in (
+        ("probe.forget_accuracy_layer_mean", "probe accuracy on forget facts, mean over layers"),
+        ("probe.forget_accuracy_last", "probe accuracy on forget facts, last layer"),
+        ("probe.forget_accuracy", "probe accuracy on forget facts, best retain layer"),
+    ):
+        if key in keys:
+            claims.append(Claim("probe", key, title))
+    return claims
+
+
+def claim_rows(
+    results: dict[str, list[dict[str, Any]]],
+    reference: str = REFERENCE,
+    others: Sequence[str] = OUTPUT_TRACING,
+) -> list[dict[str, Any]]:
+    """One row per (claim, output-tracing localization): both means, the paired difference
+    ``reference - other`` with its interval, and the verdict."""
+    if reference not in results:
+        raise DataError(f"no {reference!r} row to compare against; rows: {', '.join(results)}")
+    rows = []
+    for claim in claims_for(results):
+        ours = by_seed(results[reference], claim.key)
+        if not ours:
+            continue
+        for other in [o for o in others if o in results]:
+            theirs = by_seed(results[other], claim.key)
+            try:
+                diff = paired_difference(ours, theirs)
+            except DataError:
+                continue
+            paper = PAPER[claim.family]
+            rows.append(
+                {
+                    "claim": claim.title,
+                    "key": claim.key,
+                    "other": other,
+                    "paper_reference": paper.get(reference),
+                    "paper_other": paper.get(other),
+                    "reference_mean": interval(results[reference], claim.key)[0],
+                    "other_mean": interval(results[other], claim.key)[0],
+                    "difference": diff.mean,
+                    "low": diff.low,
+                    "high": diff.high,
+                    "n_seeds": diff.n_seeds,
+                    "n_pairs": diff.n_facts,
+                    "verdict": verdict(diff, claim.lower_is_better, name="FLU"),
+                }
+            )
+    return rows
+
+
+def relearn_strength_rows(
+    results: dict[str, list[dict[str, Any]]], order: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Per relearning attack and row: held-out accuracy before and after the attack and what
+    the attack restored (after - before, paired by fact), each with its interval. A shallow
+    edit (``last_layer``) that the attack does not restore means the attack is too weak."""
+    keys = {k for runs in results.values() for run in runs for k in run.get("per_fact", {})}
+    parts = sorted({k.split(".")[0] for k in keys if k.startswith(RELEARN_PREFIX)})
+    rows = []
+    for part in parts:
+        for name in order:
+            if name == BASE or name not in results:
+                continue
+            before = by_seed(results[name], f"{part}.before.completion.accuracy")
+            after = by_seed(results[name], f"{part}.completion.accuracy")
+            if not before or not after:
+                continue
+            restored = paired_difference(after, before)
+            rows.append(
+                {
+                    "attack": part,
+                    "row": name,
+                    "before": interval(results[name], f"{part}.before.completion.accuracy"),
+                    "after": interval(results[name], f"{part}.completion.accuracy"),
+                    "restored": (restored.mean, restored.low, restored.high),
+                    "n_seeds": restored.n_seeds,
+                }
+            )
+    return rows
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _ci(mean: float, low: float, high: float, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return f"{100 * mean:{sign}.1f} [{100 * low:{sign}.1f}, {100 * high:{sign}.1f}]"
+
+
+def claims_markdown(results: dict[str, list[dict[str, Any]]], order: Sequence[str]) -> str:
+    """The per-format baseline table, the claim table and the relearning-strength table
+    (empty when the run has no per-fact results or no fact-lookup row)."""
+    if REFERENCE not in results or not any(
+        run.get("per_fact") for runs in results.values() for run in runs
+    ):
+        return ""
+    lines = [
+        "## Per-format baseline (unedited model on the forget facts)",
+        "",
+        "Accuracy in percent with its bootstrap 95% interval over seeds and facts; a format whose "
+        "interval does not clear chance measures nothing about an edit and is left out of the "
+        "verdicts.",
+        "",
+        "| format | accuracy | chance | facts x seeds | used |",
+        "|---|---|---|---|---|",
+    ]
+    for row in format_baselines(results):
+        lines.append(
+            f"| {row['format']} | {_ci(row['accuracy'], row['low'], row['high'])} | "
+            f"{_pct(row['chance'])} | {row['n']} | {'yes' if row['usable'] else 'no: at chance'} |"
+        )
+    rows = claim_rows(results)
+    if rows:
+        lines += [
+            "",
+            "## Claims: fact lookup (FLU) against output tracing",
+            "",
+            "Percent; lower is better for every metric here (the original answer should be gone). "
+            "Difference = FLU - other, paired by seed and fact, with its bootstrap 95% interval "
+            "(seeds, then facts within seeds, resampled). Paper: Gemma-7B, 16 athletes (MCQ "
+            "P(original), accuracy after relearning, probe accuracy).",
+            "",
+            "| claim | vs | paper FLU / other | ours FLU | ours other | FLU - other [95% CI] "
+            "| seeds | pairs | verdict |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            lines.append(
+                f"| {row['claim']} | {row['other']} | {_pct(row['paper_reference'])} / "
+                f"{_pct(row['paper_other'])} | {_pct(row['reference_mean'])} | "
+                f"{_pct(row['other_mean'])} | "
+                f"{_ci(row['difference'], row['low'], row['high'], signed=True)} | "
+                f"{row['n_seeds']} | {row['n_pairs']} | **{row['verdict']}** |"
+            )
+    strength = relearn_strength_rows(results, order)
+    if strength:
+        lines += [
+            "",
+            "## Relearning attacks: what each restores",
+            "",
+            "Held-out forget facts (never trained on by the attack), completion accuracy in "
+            "percent with 95% intervals; restored = after - before, paired by fact. The "
+            "`last_layer` row is the positive control: a shallow edit any useful attack undoes.",
+            "",
+            "| attack | row | before | after | restored | seeds |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in strength:
+            before, after = row["before"], row["after"]
+            lines.append(
+                f"| {row['attack']} | {row['row']} | {_ci(*before[:3])} | {_ci(*after[:3])} | "
+                f"{_ci(*row['restored'], signed=True)} | {row['n_seeds']} |"
+            )
+    return "\n".join(lines)

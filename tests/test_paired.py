@@ -1,0 +1,96 @@
+"""Paired bootstrap differences (report.paired) and the claim verdicts built on them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mechunlearn.errors import DataError
+from mechunlearn.report.claims import fact_values, format_baselines
+from mechunlearn.report.paired import (
+    PairedDifference,
+    bootstrap_mean,
+    paired_difference,
+    paired_values,
+    verdict,
+)
+
+
+def test_constant_differences_give_a_point_interval():
+    mean, low, high = bootstrap_mean([[0.25] * 10, [0.25] * 7], n_resamples=500)
+    assert mean == low == high == pytest.approx(0.25)
+
+
+def test_estimate_is_the_mean_of_seed_means_and_the_interval_widens_with_spread():
+    mean, low, high = bootstrap_mean([[0.0] * 10, [1.0] * 2], n_resamples=2000)
+    assert mean == pytest.approx(0.5)  # not the pooled mean 1/6: seeds weigh equally
+    assert low == pytest.approx(0.0) and high == pytest.approx(1.0)  # seeds resampled
+    rng = np.random.default_rng(1)
+    noisy = [list(0.3 + 0.2 * rng.standard_normal(64)) for _ in range(5)]
+    mean, low, high = bootstrap_mean(noisy)
+    assert low < 0.3 < high and low > 0.2 and high < 0.4
+    one_seed = bootstrap_mean(noisy[:1])
+    assert one_seed[1] < one_seed[0] < one_seed[2]  # facts alone are still resampled
+
+
+def test_pairs_only_shared_seeds_and_facts():
+    a = {0: {"x": 1.0, "y": 0.0, "z": 1.0}, 1: {"x": 1.0}, 2: {"x": 0.0}}
+    b = {0: {"x": 0.0, "y": 0.0}, 1: {"w": 1.0}, 3: {"x": 1.0}}
+    assert paired_values(a, b) == {0: [1.0, 0.0]}
+    diff = paired_difference(a, b, n_resamples=500)
+    assert diff.n_seeds == 1 and diff.n_facts == 2 and diff.mean == pytest.approx(0.5)
+    with pytest.raises(DataError, match="share no"):
+        paired_difference({0: {"x": 1.0}}, {1: {"x": 1.0}})
+    with pytest.raises(DataError, match="every seed is empty"):
+        bootstrap_mean([[], []])
+
+
+def test_verdicts_follow_the_interval_and_the_direction():
+    lower = PairedDifference(-0.3, -0.5, -0.1, 5, 160)
+    assert verdict(lower, lower_is_better=True) == "FLU better"
+    assert verdict(lower, lower_is_better=False) == "FLU worse"
+    assert verdict(PairedDifference(0.2, 0.05, 0.3, 5, 160), True) == "FLU worse"
+    assert verdict(PairedDifference(0.1, -0.05, 0.3, 5, 160), True) == "no decidable difference"
+
+
+def test_relearning_fact_values_before_and_at_the_best_step():
+    run = {
+        "per_fact": {"relearn.completion.accuracy": {"a": 1.0, "b": 0.0}},
+        "curves": {
+            "relearn": {
+                "curve": [
+                    {"step": 0, "completion.accuracy": 0.0},
+                    {"step": 5, "completion.accuracy": 1.0},
+                    {"step": 10, "completion.accuracy": 0.5},
+                ],
+                "curve_per_fact": [
+                    {"completion.accuracy": {"a": 0.0, "b": 0.0}},
+                    {"completion.accuracy": {"a": 1.0, "b": 1.0}},
+                    {"completion.accuracy": {"a": 1.0, "b": 0.0}},
+                ],
+            }
+        },
+    }
+    assert fact_values(run, "relearn.completion.accuracy") == {"a": 1.0, "b": 0.0}
+    assert fact_values(run, "relearn.before.completion.accuracy") == {"a": 0.0, "b": 0.0}
+    assert fact_values(run, "relearn.peak.completion.accuracy") == {"a": 1.0, "b": 1.0}
+    assert fact_values(run, "relearn.after.completion.accuracy") is None
+
+
+def test_a_format_at_chance_is_not_used():
+    facts = {f"f{i}": float(i % 3 == 0) for i in range(60)}  # 33% correct, chance 1/3
+    known = {f"f{i}": 1.0 for i in range(60)}
+    base = [
+        {
+            "seed": s,
+            "metrics": {"forget.mcq.chance": 1 / 3, "forget.completion.chance": 1 / 3},
+            "per_fact": {
+                "forget.mcq.original_accuracy": facts,
+                "forget.completion.original_accuracy": known,
+            },
+        }
+        for s in range(3)
+    ]
+    rows = {row["format"]: row for row in format_baselines({"base": base})}
+    assert not rows["mcq"]["usable"] and rows["completion"]["usable"]
+    assert rows["mcq"]["n"] == 180
