@@ -159,3 +159,47 @@ def report_command(
         raise DataError(f"run folder {run} does not exist")
     write_report(run)
     console.print((run / "results.md").read_text(), markup=False, highlight=False)
+
+
+@app.command("derive")
+@user_errors
+def derive_command(
+    name: Annotated[str, typer.Argument(help="derived model to build (gemma3-270m-mcq)")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="athletes CSV (athlete,sport); its athletes outside the shipped set are trained on"
+        ),
+    ],
+    steps: Annotated[
+        int | None, typer.Option(help="training steps (default: the recipe's)")
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build a derived model into the cache by its recorded recipe (e.g. Gemma 3 270M
+    format-tuned on letter MCQ); afterwards ``--model NAME`` loads it anywhere."""
+    import json
+
+    from mechunlearn.experiments.derive_job import RECIPES, derive_model
+
+    if name not in RECIPES:
+        from mechunlearn.errors import ConfigError
+
+        raise ConfigError(f"unknown derived model {name!r}; known: {', '.join(sorted(RECIPES))}")
+    recipe = RECIPES[name]
+    if steps is not None:
+        recipe = recipe.model_copy(update={"steps": steps})
+    out = derive_model(
+        name, data, recipe=recipe, progress=show_progress(quiet), log=make_log(quiet)
+    )
+    saved = json.loads((out / "recipe.json").read_text())
+    after = saved["validation_after"]
+    console.print(
+        f"{name}: letter MCQ {100 * after['mcq_accuracy']:.1f}% (chance "
+        f"{100 * after['chance']:.1f}%), completion {100 * after['completion_accuracy']:.1f}% on "
+        f"{after['n_facts']} held-out known athletes; letters chosen "
+        + ", ".join(f"{k} {100 * v:.0f}%" for k, v in after["letter_share"].items())
+        + f"; MCQ-capable: {saved['mcq_capable']}; saved in {out}",
+        markup=False,
+        highlight=False,
+    )

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import torch
 
 from mechunlearn.errors import ConfigError, ModelNotFoundError
+from mechunlearn.models.derived import DERIVED_NAMES, require_derived
 from mechunlearn.models.embedded import EMBEDDED, ensure_cached
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.runtime import configure_threads, resolve_device
@@ -87,6 +88,8 @@ def load_model(
     name = spec
     if spec in EMBEDDED:
         model, tokenizer = _from_folder(ensure_cached(spec, log), load)
+    elif spec in DERIVED_NAMES:
+        model, tokenizer = _from_folder(require_derived(spec), load)
     else:
         path = Path(spec).expanduser()
         if path.is_file() and path.suffix == ".gguf":
