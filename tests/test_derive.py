@@ -52,7 +52,12 @@ def test_training_athletes_exclude_the_shipped_set(tmp_path):
 
 
 def test_mcq_capable_needs_a_margin_over_chance_and_to_match_completion():
-    ok = {"mcq_accuracy": 0.7, "mcq_accuracy_sem": 0.02, "chance": 1 / 3, "completion_accuracy": 0.75}
+    ok = {
+        "mcq_accuracy": 0.7,
+        "mcq_accuracy_sem": 0.02,
+        "chance": 1 / 3,
+        "completion_accuracy": 0.75,
+    }
     assert mcq_capable(ok)
     assert not mcq_capable(ok | {"mcq_accuracy": 0.5})  # not 25 points above chance
     assert not mcq_capable(ok | {"completion_accuracy": 0.9})  # far below its own completion

@@ -511,3 +511,33 @@ def test_per_fact_results_relearn_variants_and_claims(saved_llama, tmp_path, mon
     table = (out / "results.md").read_text()
     assert "## Claims: fact lookup (FLU) against output tracing" in table
     assert "## Relearning attacks: what each restores" in table
+
+
+def test_relocalize_runs_on_the_base_and_every_edited_model(saved_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(saved_llama).model_dump()
+    config["localizations"] = [
+        {"name": "ct_mlps", "method": "causal_tracing", "restrict_to": "mlp"}
+    ]
+    config["seeds"] = [0]
+    config["evaluation"] |= {
+        "relearn": None,
+        "soft_prompt": None,
+        "relocalize": {"methods": ["fact_lookup", "causal_tracing"], "n_facts": 4},
+    }
+    parsed = validate_config(ExperimentConfig, config, "test")
+    assert battery_parts(parsed, attacks=False) == ["formats", "relocalize"]
+    out = tmp_path / "run"
+    run_experiment(parsed, out, progress=False)
+    base = json.loads((out / "results" / "base" / "seed0.json").read_text())
+    edited = json.loads((out / "results" / "ct_mlps" / "seed0.json").read_text())
+    before, after = base["curves"]["relocalize"], edited["curves"]["relocalize"]
+    assert before["facts"] == after["facts"] and len(before["facts"]) >= 2
+    assert set(before) == {"facts", "fact_lookup", "causal_tracing"}
+    assert after["causal_tracing"]["scores"] != before["causal_tracing"]["scores"]  # edited
+    assert "relocalize.fact_lookup.probe_best" in edited["metrics"]
+    rows = json.loads((out / "claims.json").read_text())["relocalize"]
+    measures = {(r["method"], r["measure"]) for r in rows if r["row"] == "ct_mlps"}
+    assert ("causal_tracing", "on the row's components") in measures
+    assert ("fact_lookup", "clean logit difference") in measures
+    assert "## Localized again after the edit" in (out / "results.md").read_text()

@@ -37,6 +37,8 @@ from mechunlearn.evals.latent_probes import latent_probe_accuracy
 from mechunlearn.evals.metrics import per_record
 from mechunlearn.experiments.edit_config import ExperimentConfig
 from mechunlearn.experiments.fact_sets import FactSets
+from mechunlearn.localize import LOCALIZERS, LocalizeOptions
+from mechunlearn.localize.prompts import choose_pairable_facts
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.tasks.records import FactRecord
 
@@ -131,9 +133,11 @@ def counterfact_side_effect(
     return rome_metrics(hm, records, batch_size=batch_size)["neighborhood_score"]
 
 
-PARTS = ("formats", "relearn", "soft_prompt")
+PARTS = ("formats", "relocalize", "relearn", "soft_prompt")
 """The battery's independent parts, in the order their metrics are reported: ``formats``
-(every format, LM loss, CounterFact scores, latent probes: no training), then the attacks
+(every format, LM loss, CounterFact scores, latent probes: no training), ``relocalize``
+(localization methods run again on this model: no training, so the base model gets it too),
+then the attacks
 (each trains and restores the model): relearning, each relearning variant
 (``relearn@<name>``, reported right after ``relearn``), the soft prompt. Parts of one edit can
 run in different processes."""
@@ -146,6 +150,8 @@ def battery_parts(config: ExperimentConfig, attacks: bool = True) -> list[str]:
     """The parts ``config`` asks for (``attacks=False``: the base model, no attacks)."""
     battery = config.evaluation
     parts = ["formats"]
+    if battery.relocalize is not None:
+        parts.append("relocalize")
     if attacks and battery.relearn is not None:
         parts.append("relearn")
     if attacks:
@@ -209,6 +215,8 @@ def run_battery(
             hm, sets, config, seed, general_text_eval, counterfact_records, probe_reserve,
             progress, log,
         )  # fmt: skip
+    if "relocalize" in chosen:
+        results["relocalize"] = _relocalize_part(hm, sets, config, seed, progress, log)
     for part in chosen:
         if part == "relearn" or part.startswith(VARIANT):
             results[part] = _relearn_part(
@@ -298,6 +306,39 @@ def _probe_metrics(hm, sets, config, seed, probe_reserve, out: BatteryResult) ->
     out.per_fact["probe.forget_accuracy_layer_mean"] = {
         fact: statistics.fmean(row[i] for row in layers) for i, fact in enumerate(ids)
     }
+
+
+def _relocalize_part(hm, sets, config, seed, progress, log) -> BatteryResult:
+    """Each ``relocalize`` method on this model for a pairable subset of the forget facts, with
+    their original answers: the component scores, and for fact lookup the clean logit
+    difference, the raw enrichment per MLP layer and the subject-position probe accuracy."""
+    settings = config.evaluation.relocalize
+    out = BatteryResult()
+    facts = choose_pairable_facts(hm, list(sets.forget), settings.n_facts, seed)
+    if len(facts) < 2:
+        out.notes.append(f"relocalize skipped: only {len(facts)} forget facts can be paired")
+        return out
+    # localized for the ORIGINAL answer (new_answer dropped), as before the edit
+    originals = [r.model_copy(update={"new_answer": None}) for r in facts]
+    found: dict[str, Any] = {"facts": [r.id for r in facts]}
+    for method in settings.methods:
+        log(f"relocalize: {method} on {len(facts)} forget facts")
+        options = LocalizeOptions(trace_cells="scored", seed=seed, top_k=1, progress=progress)
+        loc = LOCALIZERS.get(method)(hm, originals, options)
+        entry: dict[str, Any] = {"scores": dict(loc.scores)}
+        if method == "fact_lookup":
+            evidence = loc.evidence
+            entry["logit_diff_clean"] = evidence["logit_diff"]["clean"]
+            entry["mlp_enrichment_heads"] = evidence["mlp_enrichment_heads"]
+            entry["mlp_layers_patched"] = evidence["mlp_layers_patched"]
+            entry["probe_last_subject"] = evidence["probe"]["last_subject"]["test_accuracy"]
+            out.metrics["relocalize.fact_lookup.logit_diff_clean"] = entry["logit_diff_clean"]
+            out.metrics["relocalize.fact_lookup.probe_best"] = max(entry["probe_last_subject"][1:])
+        if method == "causal_tracing":
+            out.metrics["relocalize.causal_tracing.p_clean"] = loc.evidence["mean_p_clean"]
+        found[method] = entry
+    out.curves["relocalize"] = found
+    return out
 
 
 def _relearn_part(

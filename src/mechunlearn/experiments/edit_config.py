@@ -174,11 +174,30 @@ class Hyperparameters(Strict):
     forget_coef: float = Field(gt=0)
 
 
+class RelocalizeConfig(Strict):
+    """Localize again after the edit (``relocalize`` battery part): each method run on the
+    edited model for (a pairable subset of) the forget facts with their ORIGINAL answers, so the
+    report can say whether the components found before the edit still carry the old answer."""
+
+    methods: list[Annotated[str, registered_name(LOCALIZERS)]] = Field(
+        default_factory=lambda: ["fact_lookup", "causal_tracing"]
+    )
+    n_facts: int = Field(16, ge=2, description="forget facts localized on (drawn in pairs)")
+
+
 class BatteryConfig(Strict):
     """The robustness battery run after every edit."""
 
     formats: list[str] = Field(
-        default_factory=lambda: ["completion", "question", "mcq", "paraphrase"]
+        default_factory=lambda: [
+            "completion",
+            "question",
+            "paraphrase",
+            "mcq",
+            "options_word",
+            "capitalized",
+            "dashed",
+        ]  # fmt: skip
     )
     format_options: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"mcq": {"option_order": "shuffle"}}
@@ -191,6 +210,9 @@ class BatteryConfig(Strict):
         "(`relearn@<name>`), e.g. the paper's rank-512 attack or a strength curve",
     )
     soft_prompt: SoftPromptConfig | None = Field(default_factory=SoftPromptConfig)
+    relocalize: RelocalizeConfig | None = Field(
+        default=None, description="localize again on the edited model (and the base model)"
+    )
     probes: bool = True
     probe_position: Literal["last_subject", "final"] = "last_subject"
     lm_texts: int = Field(default=64, ge=1, description="general sentences for the LM loss")

@@ -284,3 +284,87 @@ def claims_markdown(results: dict[str, list[dict[str, Any]]], order: Sequence[st
                 f"{_ci(*row['restored'], signed=True)} | {row['n_seeds']} |"
             )
     return "\n".join(lines)
+
+
+def _component_sum(entry: dict[str, Any], method: str, components: Sequence[str]) -> float | None:
+    """What ``method`` found on ``components``: fact lookup's raw enrichment (the drop of the
+    extraction heads' answer contribution when the MLP's subject output is corrupted, summed
+    over the row's MLPs), causal tracing's indirect effects summed over the row's components."""
+    if method == "fact_lookup":
+        layers = entry.get("mlp_layers_patched", [])
+        raw = entry.get("mlp_enrichment_heads", [])
+        picked = [int(c.split(".")[1]) for c in components if c.endswith(".mlp")]
+        values = [raw[layers.index(layer)] for layer in picked if layer in layers]
+        return sum(values) if values else None
+    scores = entry.get("scores", {})
+    values = [scores[c] for c in components if c in scores]
+    return sum(values) if values else None
+
+
+def relocalize_rows(
+    results: dict[str, list[dict[str, Any]]], order: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Per edited row and relocalization method: on the same forget facts (original answers),
+    what the method finds on the row's own components before the edit (the base model) and
+    after it, and for fact lookup the clean logit difference and the best subject probe."""
+    base = {r["seed"]: r.get("curves", {}).get("relocalize") for r in results.get(BASE, [])}
+    rows = []
+    for name in order:
+        if name == BASE or name not in results:
+            continue
+        per_method: dict[str, dict[str, list[float]]] = {}
+        for run in results[name]:
+            before, after = base.get(run["seed"]), run.get("curves", {}).get("relocalize")
+            if not before or not after or before.get("facts") != after.get("facts"):
+                continue
+            for method in [m for m in after if m != "facts" and m in before]:
+                measures = per_method.setdefault(method, {})
+                pairs = [
+                    ("on the row's components", _component_sum(before[method], method, run["components"]),
+                     _component_sum(after[method], method, run["components"])),
+                ]  # fmt: skip
+                if method == "fact_lookup":
+                    pairs += [
+                        ("clean logit difference", before[method]["logit_diff_clean"],
+                         after[method]["logit_diff_clean"]),
+                        ("best subject-probe accuracy", max(before[method]["probe_last_subject"][1:]),
+                         max(after[method]["probe_last_subject"][1:])),
+                    ]  # fmt: skip
+                for label, b, a in pairs:
+                    if b is not None and a is not None:
+                        measures.setdefault(label, []).append((b, a))
+        for method, measures in per_method.items():
+            for label, values in measures.items():
+                rows.append(
+                    {
+                        "row": name, "method": method, "measure": label, "n_seeds": len(values),
+                        "before": sum(b for b, _ in values) / len(values),
+                        "after": sum(a for _, a in values) / len(values),
+                    }
+                )  # fmt: skip
+    return rows
+
+
+def relocalize_markdown(results: dict[str, list[dict[str, Any]]], order: Sequence[str]) -> str:
+    rows = relocalize_rows(results, order)
+    if not rows:
+        return ""
+    lines = [
+        "## Localized again after the edit",
+        "",
+        "Each method run again on the edited model, on the same forget facts with their "
+        "original answers, against the same run on the unedited model (mean over seeds). "
+        "Fact lookup: raw enrichment summed over the row's MLPs (how much of the extraction "
+        "heads' original-answer signal those MLPs' subject outputs carry), the clean logit "
+        "difference and the best subject-probe accuracy; causal tracing: indirect effects "
+        "summed over the row's components.",
+        "",
+        "| row | method | measure | before the edit | after | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['row']} | {row['method']} | {row['measure']} | {row['before']:.3f} | "
+            f"{row['after']:.3f} | {row['n_seeds']} |"
+        )
+    return "\n".join(lines)

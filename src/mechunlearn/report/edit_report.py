@@ -24,6 +24,8 @@ from mechunlearn.report.claims import (  # noqa: E402
     claims_markdown,
     format_baselines,
     relearn_strength_rows,
+    relocalize_markdown,
+    relocalize_rows,
 )
 from mechunlearn.report.figures import save_figure  # noqa: E402
 from mechunlearn.report.results import (  # noqa: E402
@@ -96,9 +98,9 @@ def _markdown(folder: Path, summary, order: list[str], results) -> str:
         "",
         markdown_table(summary, order, headline_columns(summary)),
     ]
-    claims = claims_markdown(results, order)
-    if claims:
-        lines += ["", claims]
+    for section in (claims_markdown(results, order), relocalize_markdown(results, order)):
+        if section:
+            lines += ["", section]
     lines += [
         "",
         "## Hyper-parameters and trainable parameters",
@@ -281,13 +283,14 @@ def probe_curves(results, order: list[str], path: Path) -> Path | None:
 def write_edit_report(folder: Path, summary, order: list[str], results) -> None:
     """results.md and figures/ of an editing or unlearning run."""
     atomic_write_text(folder / "results.md", _markdown(folder, summary, order, results))
-    if REFERENCE in results and any(r.get("per_fact") for runs in results.values() for r in runs):
+    if any(r.get("per_fact") for runs in results.values() for r in runs):
         atomic_write_json(
             folder / "claims.json",
             {
                 "format_baselines": format_baselines(results),
-                "claims": claim_rows(results),
+                "claims": claim_rows(results) if REFERENCE in results else [],
                 "relearn_strength": relearn_strength_rows(results, order),
+                "relocalize": relocalize_rows(results, order),
             },
         )
     figures = folder / "figures"

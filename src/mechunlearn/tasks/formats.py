@@ -234,6 +234,7 @@ class CapitalizedFormat(PromptFormat):
     ``SportsTask_Capitalized``): the one-shot example's answer is capitalised too, so a model
     that still knows the fact answers in the new spelling, whose tokens the edit never trained
     on. An edit that only suppressed the lower-case answer token leaves this format untouched.
+    Gemma 3 270M: 71.0% on 300 athletes (completion 73.0%).
     """
 
     name = "capitalized"
@@ -273,7 +274,10 @@ class DashedFormat(PromptFormat):
     four in-context examples spell their sport with dashes, and each option is scored by the
     summed log-probability of its dashed spelling (many tokens, none of which the edit trained
     on), renormalised over the options. Sports facts get the authors' examples (an example
-    whose athlete is the record's own subject is left out); other relations get none.
+    whose athlete is the record's own subject is left out; the golf example stays when golf is
+    an edit target, as in the authors' evaluation); other relations get none. Gemma 3 270M
+    cannot spell sports this way (31.7% on 300 athletes, chance 33.3%), so there it is reported
+    and left out of verdicts.
     """
 
     name = "dashed"
