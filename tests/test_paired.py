@@ -94,3 +94,34 @@ def test_a_format_at_chance_is_not_used():
     rows = {row["format"]: row for row in format_baselines({"base": base})}
     assert not rows["mcq"]["usable"] and rows["completion"]["usable"]
     assert rows["mcq"]["n"] == 180
+
+
+def _row(seed: int, edited: dict[str, float], p_original: dict[str, float]) -> dict:
+    return {
+        "seed": seed,
+        "metrics": {},
+        "per_fact": {
+            "forget.completion.edit_success": edited,
+            "probe.forget_accuracy_layer_mean": p_original,
+        },
+    }
+
+
+def test_claims_pair_every_fact_or_only_the_facts_both_rows_edited():
+    from mechunlearn.report.claims import claim_rows
+
+    facts = [f"f{i}" for i in range(8)]
+    flu = [_row(s, dict.fromkeys(facts, 1.0), dict.fromkeys(facts, 0.0)) for s in range(2)]
+    # causal tracing edited only half the facts; the probe still finds every original answer
+    half = {f: float(i < 4) for i, f in enumerate(facts)}
+    ct = [_row(s, half, dict.fromkeys(facts, 1.0)) for s in range(2)]
+    results = {"fact_lookup": flu, "causal_tracing": ct}
+    every = {r["key"]: r for r in claim_rows(results)}
+    edited = {r["key"]: r for r in claim_rows(results, both_edited=True)}
+    probe = "probe.forget_accuracy_layer_mean"
+    assert every[probe]["n_pairs"] == 16 and edited[probe]["n_pairs"] == 8
+    assert every[probe]["verdict"] == edited[probe]["verdict"] == "FLU better"
+    assert every["forget.completion.edit_success"]["difference"] == pytest.approx(0.5)
+    assert every["forget.completion.edit_success"]["verdict"] == "FLU better"  # higher is better
+    assert edited["forget.completion.edit_success"]["difference"] == pytest.approx(0.0)
+    assert edited[probe]["facts"] == "both rows edited" and every[probe]["facts"] == "all"

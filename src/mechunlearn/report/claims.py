@@ -138,36 +138,76 @@ def claims_for(results: dict[str, list[dict[str, Any]]]) -> list[Claim]:
     return claims
 
 
+EDITED = "forget.completion.edit_success"
+"""Per fact: did the edit install the new answer (completion format)? Conditions the
+"facts both rows edited" comparison."""
+
+
+def _restrict(
+    values: dict[int, dict[str, float]], keep: dict[int, set[str]]
+) -> dict[int, dict[str, float]]:
+    return {
+        s: {f: v for f, v in facts.items() if f in keep.get(s, ())} for s, facts in values.items()
+    }
+
+
+def _edited_facts(runs: Sequence[dict[str, Any]]) -> dict[int, set[str]]:
+    return {
+        s: {f for f, v in facts.items() if v >= 0.5} for s, facts in by_seed(runs, EDITED).items()
+    }
+
+
+def _paired_mean(values: dict[int, dict[str, float]], other: dict[int, dict[str, float]]) -> float:
+    means = []
+    for seed in set(values) & set(other):
+        shared = set(values[seed]) & set(other[seed])
+        if shared:
+            means.append(sum(values[seed][f] for f in shared) / len(shared))
+    return sum(means) / len(means) if means else float("nan")
+
+
 def claim_rows(
     results: dict[str, list[dict[str, Any]]],
     reference: str = REFERENCE,
     others: Sequence[str] = OUTPUT_TRACING,
+    both_edited: bool = False,
 ) -> list[dict[str, Any]]:
-    """One row per (claim, output-tracing localization): both means, the paired difference
-    ``reference - other`` with its interval, and the verdict."""
+    """One row per (claim, output-tracing localization): both means on the paired facts, the
+    paired difference ``reference - other`` with its interval, and the verdict.
+
+    ``both_edited``: only the facts both rows' edits installed (completion edit success), so a
+    row whose edit took on fewer facts is not credited or blamed for the facts it never edited
+    (a conditional comparison: the facts kept can differ between the two pairings)."""
     if reference not in results:
         raise DataError(f"no {reference!r} row to compare against; rows: {', '.join(results)}")
     rows = []
-    for claim in claims_for(results):
+    claims = [Claim("edit", EDITED, "edit success: completion (context, not a claim)", False)]
+    for claim in claims + claims_for(results):
         ours = by_seed(results[reference], claim.key)
         if not ours:
             continue
         for other in [o for o in others if o in results]:
             theirs = by_seed(results[other], claim.key)
+            mine = ours
+            if both_edited:
+                a, b = _edited_facts(results[reference]), _edited_facts(results[other])
+                keep = {s: a[s] & b[s] for s in set(a) & set(b)}
+                mine, theirs = _restrict(ours, keep), _restrict(theirs, keep)
             try:
-                diff = paired_difference(ours, theirs)
+                diff = paired_difference(mine, theirs)
             except DataError:
                 continue
-            paper = PAPER[claim.family]
+            paper = PAPER.get(claim.family, {})
             rows.append(
                 {
                     "claim": claim.title,
                     "key": claim.key,
                     "other": other,
+                    "facts": "both rows edited" if both_edited else "all",
                     "paper_reference": paper.get(reference),
                     "paper_other": paper.get(other),
-                    "reference_mean": interval(results[reference], claim.key)[0],
-                    "other_mean": interval(results[other], claim.key)[0],
+                    "reference_mean": _paired_mean(mine, theirs),
+                    "other_mean": _paired_mean(theirs, mine),
                     "difference": diff.mean,
                     "low": diff.low,
                     "high": diff.high,
@@ -219,6 +259,39 @@ def _ci(mean: float, low: float, high: float, signed: bool = False) -> str:
     return f"{100 * mean:{sign}.1f} [{100 * low:{sign}.1f}, {100 * high:{sign}.1f}]"
 
 
+def _claim_table(rows: list[dict[str, Any]], both_edited: bool) -> list[str]:
+    if not rows:
+        return []
+    title = "on the facts both rows edited" if both_edited else "on every forget fact"
+    lines = [
+        "",
+        f"## Claims: fact lookup (FLU) against output tracing, {title}",
+        "",
+        "Percent. Difference = FLU - other, paired by seed and fact, with its bootstrap 95% "
+        "interval (seeds, then facts within seeds, resampled); lower is better for every claim "
+        "(the original answer should be gone), higher for the edit-success context row. Paper: "
+        "Gemma-7B, 16 athletes (MCQ P(original), accuracy after relearning, probe accuracy)."
+        + (
+            " Only facts whose completion-format edit succeeded in both rows are compared."
+            if both_edited
+            else ""
+        ),
+        "",
+        "| claim | vs | paper FLU / other | ours FLU | ours other | FLU - other [95% CI] "
+        "| seeds | pairs | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['claim']} | {row['other']} | {_pct(row['paper_reference'])} / "
+            f"{_pct(row['paper_other'])} | {_pct(row['reference_mean'])} | "
+            f"{_pct(row['other_mean'])} | "
+            f"{_ci(row['difference'], row['low'], row['high'], signed=True)} | "
+            f"{row['n_seeds']} | {row['n_pairs']} | **{row['verdict']}** |"
+        )
+    return lines
+
+
 def claims_markdown(results: dict[str, list[dict[str, Any]]], order: Sequence[str]) -> str:
     """The per-format baseline table, the claim table and the relearning-strength table
     (empty when the run has no per-fact results or no fact-lookup row)."""
@@ -241,29 +314,8 @@ def claims_markdown(results: dict[str, list[dict[str, Any]]], order: Sequence[st
             f"| {row['format']} | {_ci(row['accuracy'], row['low'], row['high'])} | "
             f"{_pct(row['chance'])} | {row['n']} | {'yes' if row['usable'] else 'no: at chance'} |"
         )
-    rows = claim_rows(results)
-    if rows:
-        lines += [
-            "",
-            "## Claims: fact lookup (FLU) against output tracing",
-            "",
-            "Percent; lower is better for every metric here (the original answer should be gone). "
-            "Difference = FLU - other, paired by seed and fact, with its bootstrap 95% interval "
-            "(seeds, then facts within seeds, resampled). Paper: Gemma-7B, 16 athletes (MCQ "
-            "P(original), accuracy after relearning, probe accuracy).",
-            "",
-            "| claim | vs | paper FLU / other | ours FLU | ours other | FLU - other [95% CI] "
-            "| seeds | pairs | verdict |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for row in rows:
-            lines.append(
-                f"| {row['claim']} | {row['other']} | {_pct(row['paper_reference'])} / "
-                f"{_pct(row['paper_other'])} | {_pct(row['reference_mean'])} | "
-                f"{_pct(row['other_mean'])} | "
-                f"{_ci(row['difference'], row['low'], row['high'], signed=True)} | "
-                f"{row['n_seeds']} | {row['n_pairs']} | **{row['verdict']}** |"
-            )
+    for both_edited in (False, True):
+        lines += _claim_table(claim_rows(results, both_edited=both_edited), both_edited)
     strength = relearn_strength_rows(results, order)
     if strength:
         lines += [

@@ -288,7 +288,11 @@ def write_edit_report(folder: Path, summary, order: list[str], results) -> None:
             folder / "claims.json",
             {
                 "format_baselines": format_baselines(results),
-                "claims": claim_rows(results) if REFERENCE in results else [],
+                "claims": (
+                    claim_rows(results) + claim_rows(results, both_edited=True)
+                    if REFERENCE in results
+                    else []
+                ),
                 "relearn_strength": relearn_strength_rows(results, order),
                 "relocalize": relocalize_rows(results, order),
             },
