@@ -212,34 +212,47 @@ def _curve_key(points: list[dict[str, Any]]) -> str | None:
 
 
 def relearn_curves(results, order: list[str], path: Path) -> Path | None:
-    """Held-out forget accuracy during the relearning attack, mean over seeds per localization."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    drawn, label = 0, ""
-    for name in order:
-        curves = [
-            r["curves"]["relearn"]["curve"]
-            for r in results[name]
-            if "relearn" in r.get("curves", {})
-        ]
-        if not curves or not curves[0]:
-            continue
-        key = _curve_key(curves[0])
-        if key is None:
-            continue
-        steps = [p["step"] for p in curves[0]]
-        values = np.array(
-            [[p.get(key, np.nan) for p in c[: len(steps)]] for c in curves if len(c) >= len(steps)]
-        )
-        ax.plot(steps, np.nanmean(values, 0), marker="o", label=name)
-        drawn, label = drawn + 1, key
+    """Held-out forget accuracy during each relearning attack (one panel per attack: the
+    config's and every ``relearn@<name>`` variant), mean over seeds per localization."""
+    parts = sorted(
+        {p for runs in results.values() for r in runs for p in r.get("curves", {})
+         if p == "relearn" or p.startswith("relearn@")}
+    )  # fmt: skip
+    if not parts:
+        return None
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4), squeeze=False)
+    drawn = 0
+    for ax, part in zip(axes.flat, parts, strict=True):
+        label = ""
+        for name in order:
+            curves = [
+                r["curves"][part]["curve"] for r in results[name] if part in r.get("curves", {})
+            ]
+            if not curves or not curves[0]:
+                continue
+            key = _curve_key(curves[0])
+            if key is None:
+                continue
+            steps = [p["step"] for p in curves[0]]
+            values = np.array(
+                [
+                    [p.get(key, np.nan) for p in c[: len(steps)]]
+                    for c in curves
+                    if len(c) >= len(steps)
+                ]
+            )
+            ax.plot(steps, np.nanmean(values, 0), marker="o", label=name)
+            drawn, label = drawn + 1, key
+        ax.set_title(part, fontsize=9)
+        ax.set_xlabel("relearning step (LoRA, true answers, train half)")
+        ax.set_ylabel(f"held-out forget facts: {label}")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xlabel("relearning step (LoRA, true answers, train half)")
-    ax.set_ylabel(f"held-out forget facts: {label}")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig.tight_layout()
     return save_figure(fig, path)
 
 
