@@ -174,21 +174,22 @@ def derive_command(
     steps: Annotated[
         int | None, typer.Option(help="training steps (default: the recipe's)")
     ] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate (default: the recipe's)")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Build a derived model into the cache by its recorded recipe (e.g. Gemma 3 270M
     format-tuned on letter MCQ); afterwards ``--model NAME`` loads it anywhere."""
     import json
 
-    from mechunlearn.experiments.derive_job import RECIPES, derive_model
+    from mechunlearn.experiments.derive_job import RECIPES, FormatTuneRecipe, derive_model
 
     if name not in RECIPES:
         from mechunlearn.errors import ConfigError
 
         raise ConfigError(f"unknown derived model {name!r}; known: {', '.join(sorted(RECIPES))}")
     recipe = RECIPES[name]
-    if steps is not None:
-        recipe = recipe.model_copy(update={"steps": steps})
+    changes = {k: v for k, v in {"steps": steps, "lr": lr}.items() if v is not None}
+    recipe = FormatTuneRecipe.model_validate({**recipe.model_dump(), **changes})
     out = derive_model(
         name, data, recipe=recipe, progress=show_progress(quiet), log=make_log(quiet)
     )
