@@ -137,8 +137,7 @@ PARTS = ("formats", "relocalize", "relearn", "soft_prompt")
 """The battery's independent parts, in the order their metrics are reported: ``formats``
 (every format, LM loss, CounterFact scores, latent probes: no training), ``relocalize``
 (localization methods run again on this model: no training, so the base model gets it too),
-then the attacks
-(each trains and restores the model): relearning, each relearning variant
+then the attacks (each trains and restores the model): relearning, each relearning variant
 (``relearn@<name>``, reported right after ``relearn``), the soft prompt. Parts of one edit can
 run in different processes."""
 
