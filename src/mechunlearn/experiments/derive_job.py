@@ -12,6 +12,10 @@ saved with ``recipe.json``: the recipe, the data file's sha256, the athletes use
 training curve, and the validation on the shipped athletes the base model knows (held out):
 letter-MCQ accuracy over every option order, the completion accuracy on the same facts, and
 the letter bias (how often each letter is chosen, and accuracy by the correct letter).
+
+Measured (docs/results/derived-gemma3-270m-mcq/): lr 2e-4 for 150 steps learned only the
+letter prior (MCQ 33.4%, every answer "C"); the defaults, lr 1e-3 for 200 steps, reach 85.9%
+letter-MCQ accuracy with no letter bias, completion 89.2% on the same held-out facts.
 """
 
 from __future__ import annotations
@@ -53,11 +57,11 @@ class FormatTuneRecipe(BaseModel):
     format: str = "mcq"
     n_athletes: int = Field(400, ge=8, description="known athletes trained on")
     known_threshold: float = Field(0.5, ge=0, le=1)
-    steps: int = Field(150, ge=1)
+    steps: int = Field(200, ge=1)
     batch_size: int = Field(16, ge=1)
     retain_batch_size: int = Field(8, ge=1)
     lm_batch_size: int = Field(2, ge=1)
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(1e-3, gt=0)
     lora_rank: int = Field(16, ge=1)
     lora_alpha: float = Field(32.0, gt=0)
     seed: int = 0
