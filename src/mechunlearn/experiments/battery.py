@@ -104,10 +104,10 @@ def format_metrics(
         by_format.setdefault(score.item.format, ([], []))[side].append(score)
     for fmt, (forget_scores, retain_scores) in by_format.items():
         if forget_scores:
-            summary = summarise_format(fmt, forget_scores, ("accuracy", "prob_renorm")).metrics
-            metrics[f"forget.{fmt}.original_accuracy"] = summary["accuracy"]["mean"]
-            metrics[f"forget.{fmt}.p_original"] = summary["prob_renorm"]["mean"]
-            metrics[f"forget.{fmt}.chance"] = summarise_format(fmt, forget_scores, ()).chance
+            summary = summarise_format(fmt, forget_scores, ("accuracy", "prob_renorm"))
+            metrics[f"forget.{fmt}.original_accuracy"] = summary.metrics["accuracy"]["mean"]
+            metrics[f"forget.{fmt}.p_original"] = summary.metrics["prob_renorm"]["mean"]
+            metrics[f"forget.{fmt}.chance"] = summary.chance
             per_fact[f"forget.{fmt}.original_accuracy"] = per_record(forget_scores, "accuracy")
             per_fact[f"forget.{fmt}.p_original"] = per_record(forget_scores, "prob_renorm")
         if retain_scores:

@@ -51,6 +51,20 @@ def _random_selection(
     )
 
 
+def _whole_scope(
+    hm: HookedModel, method: str, components: list[str], options: LocalizeOptions
+) -> Localization:
+    """A baseline defined by its scope: every one of ``components`` selected, no budget."""
+    return make_localization(
+        hm,
+        method,
+        dict.fromkeys(components, 1.0),
+        selected=components,
+        seed=options.seed,
+        task=options.task,
+    )
+
+
 @LOCALIZERS.register("random")
 def random_matrices(
     hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
@@ -73,14 +87,7 @@ def all_mlps(
 ) -> Localization:
     """Every MLP layer (ignores the budget: this baseline is defined by its scope)."""
     components = _mlps(hm)
-    return make_localization(
-        hm,
-        "all_mlps",
-        dict.fromkeys(components, 1.0),
-        selected=components,
-        seed=options.seed,
-        task=options.task,
-    )
+    return _whole_scope(hm, "all_mlps", components, options)
 
 
 @LOCALIZERS.register("nonlocalized")
@@ -91,14 +98,7 @@ def nonlocalized(
     components = [
         f"blocks.{layer}.{kind}" for layer in range(hm.dims.n_layers) for kind in ("attn", "mlp")
     ]
-    return make_localization(
-        hm,
-        "nonlocalized",
-        dict.fromkeys(components, 1.0),
-        selected=components,
-        seed=options.seed,
-        task=options.task,
-    )
+    return _whole_scope(hm, "nonlocalized", components, options)
 
 
 @LOCALIZERS.register("last_layer")
@@ -111,11 +111,4 @@ def last_layer(
     undo this one cannot tell deep edits from shallow ones."""
     layer = hm.dims.n_layers - 1
     components = [f"blocks.{layer}.attn", f"blocks.{layer}.mlp"]
-    return make_localization(
-        hm,
-        "last_layer",
-        dict.fromkeys(components, 1.0),
-        selected=components,
-        seed=options.seed,
-        task=options.task,
-    )
+    return _whole_scope(hm, "last_layer", components, options)

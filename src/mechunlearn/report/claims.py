@@ -81,6 +81,15 @@ def interval(runs: Sequence[dict[str, Any]], key: str) -> tuple[float, float, fl
     return mean, low, high, sum(len(v) for v in values)
 
 
+def _per_fact_keys(results: dict[str, list[dict[str, Any]]]) -> set[str]:
+    return {k for runs in results.values() for run in runs for k in run.get("per_fact", {})}
+
+
+def _relearn_parts(keys: set[str]) -> list[str]:
+    """The relearning attacks with per-fact results (``relearn``, ``relearn@<name>``)."""
+    return sorted({k.split(".")[0] for k in keys if k.startswith(RELEARN_PREFIX)})
+
+
 def format_baselines(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Per prompt format, the unedited model's accuracy on the forget facts (the facts the
     edits are made on, so known in the completion format) with its interval, and whether it
@@ -117,9 +126,8 @@ def claims_for(results: dict[str, list[dict[str, Any]]]) -> list[Claim]:
                 "formats", f"forget.{fmt}.p_original", f"P(original answer) after the edit: {fmt}"
             )
         )
-    keys = {k for runs in results.values() for run in runs for k in run.get("per_fact", {})}
-    parts = sorted({k.split(".")[0] for k in keys if k.startswith(RELEARN_PREFIX)})
-    for part in parts:
+    keys = _per_fact_keys(results)
+    for part in _relearn_parts(keys):
         claims.append(
             Claim("relearn", f"{part}.completion.accuracy",
                   f"held-out accuracy after relearning ({part})")
@@ -159,8 +167,8 @@ def _edited_facts(runs: Sequence[dict[str, Any]]) -> dict[int, set[str]]:
 
 def _paired_mean(values: dict[int, dict[str, float]], other: dict[int, dict[str, float]]) -> float:
     means = []
-    for seed in set(values) & set(other):
-        shared = set(values[seed]) & set(other[seed])
+    for seed in sorted(set(values) & set(other)):
+        shared = sorted(set(values[seed]) & set(other[seed]))  # a fixed summation order
         if shared:
             means.append(sum(values[seed][f] for f in shared) / len(shared))
     return sum(means) / len(means) if means else float("nan")
@@ -225,10 +233,8 @@ def relearn_strength_rows(
     """Per relearning attack and row: held-out accuracy before and after the attack and what
     the attack restored (after - before, paired by fact), each with its interval. A shallow
     edit (``last_layer``) that the attack does not restore means the attack is too weak."""
-    keys = {k for runs in results.values() for run in runs for k in run.get("per_fact", {})}
-    parts = sorted({k.split(".")[0] for k in keys if k.startswith(RELEARN_PREFIX)})
     rows = []
-    for part in parts:
+    for part in _relearn_parts(_per_fact_keys(results)):
         for name in order:
             if name == BASE or name not in results:
                 continue
