@@ -71,6 +71,17 @@ def test_hand_checked_values(monkeypatch):
     assert m["neighborhood_n_records"] == 2
 
 
+def test_per_record_scores_average_each_record_over_its_prompts(monkeypatch):
+    monkeypatch.setattr(cm, "score_items", fake_score_items)
+    records = [record(0), record(1, neighborhood=("N{i}a", "N{i}b"))]
+    per = cm.rome_per_record(None, records)
+    assert per["efficacy_score"] == {"cf:0": 1.0, "cf:1": 0.0}
+    assert per["paraphrase_score"] == {"cf:0": 0.5, "cf:1": 1.0}
+    assert per["neighborhood_score"] == {"cf:0": 1.0, "cf:1": 0.5}
+    # the summary is the mean over records of these values
+    assert cm.summarize_records(per) == pytest.approx(cm.rome_metrics(None, records))
+
+
 def test_items_use_rewrite_paraphrase_and_neighbourhood_prompts():
     items = cm.rome_items([record(0)])
     assert [(i.format, i.prompt) for i in items] == [

@@ -125,3 +125,30 @@ def test_claims_pair_every_fact_or_only_the_facts_both_rows_edited():
     assert every["forget.completion.edit_success"]["verdict"] == "FLU better"  # higher is better
     assert edited["forget.completion.edit_success"]["difference"] == pytest.approx(0.0)
     assert edited[probe]["facts"] == "both rows edited" and every[probe]["facts"] == "all"
+
+
+def test_counterfact_scores_are_claims_where_higher_is_better():
+    from mechunlearn.report.claims import claim_rows
+
+    facts = [f"cf:{i}" for i in range(8)]
+
+    def run(seed, paraphrase):
+        return {
+            "seed": seed,
+            "metrics": {},
+            "per_fact": {
+                "counterfact.efficacy_score": dict.fromkeys(facts, 1.0),
+                "counterfact.paraphrase_score": dict.fromkeys(facts, paraphrase),
+                "counterfact.neighborhood_score": dict.fromkeys(facts, 0.9),
+            },
+        }
+
+    results = {
+        "fact_lookup": [run(s, 0.8) for s in range(2)],
+        "causal_tracing": [run(s, 0.3) for s in range(2)],
+    }
+    rows = {r["key"]: r for r in claim_rows(results)}
+    assert rows["counterfact.paraphrase_score"]["verdict"] == "FLU better"
+    assert rows["counterfact.paraphrase_score"]["difference"] == pytest.approx(0.5)
+    assert rows["counterfact.neighborhood_score"]["verdict"] == "no decidable difference"
+    assert rows["counterfact.efficacy_score"]["n_pairs"] == 16

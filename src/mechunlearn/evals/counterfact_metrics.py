@@ -101,12 +101,10 @@ def _harmonic_mean(values: Sequence[float]) -> float:
     return len(values) / sum(1 / v for v in values)
 
 
-def summarize_scores(scores: Sequence[ItemScore]) -> dict[str, float]:
-    """ROME's summary of per-prompt scores (see the module docstring).
-
-    Per kind, values are averaged over a record's prompts first, then over records, so a
-    record with ten paraphrases counts as much as one with two.
-    """
+def per_record_scores(scores: Sequence[ItemScore]) -> dict[str, dict[str, float]]:
+    """Per kind, each record's success and magnitude averaged over its prompts:
+    ``{"<kind>_score": {record: value}, "<kind>_magnitude": {...}}`` (a record without
+    prompts of a kind is absent from it). The per-fact values a paired comparison needs."""
     per_record: dict[str, dict[str, list[tuple[float, float]]]] = {
         kind: defaultdict(list) for kind in KINDS
     }
@@ -114,18 +112,36 @@ def summarize_scores(scores: Sequence[ItemScore]) -> dict[str, float]:
         if score.item.format not in per_record:
             raise DataError(f"unexpected prompt kind {score.item.format!r} in ROME scores")
         per_record[score.item.format][score.item.record_id].append(_success_and_margin(score))
-    out: dict[str, float] = {}
+    out: dict[str, dict[str, float]] = {}
     for kind in KINDS:
         records = per_record[kind]
         if not records:
             raise DataError(f"no {kind} prompts were scored")
-        success = [sum(s for s, _ in v) / len(v) for v in records.values()]
-        margin = [sum(m for _, m in v) / len(v) for v in records.values()]
-        out[f"{kind}_score"] = sum(success) / len(success)
-        out[f"{kind}_magnitude"] = sum(margin) / len(margin)
-        out[f"{kind}_n_records"] = float(len(records))
+        out[f"{kind}_score"] = {r: sum(s for s, _ in v) / len(v) for r, v in records.items()}
+        out[f"{kind}_magnitude"] = {r: sum(m for _, m in v) / len(v) for r, v in records.items()}
+    return out
+
+
+def summarize_records(per_record: dict[str, dict[str, float]]) -> dict[str, float]:
+    """ROME's summary from :func:`per_record_scores` (see the module docstring)."""
+    out: dict[str, float] = {}
+    for kind in KINDS:
+        success = per_record[f"{kind}_score"]
+        out[f"{kind}_score"] = sum(success.values()) / len(success)
+        margin = per_record[f"{kind}_magnitude"]
+        out[f"{kind}_magnitude"] = sum(margin.values()) / len(margin)
+        out[f"{kind}_n_records"] = float(len(success))
     out["score"] = _harmonic_mean([out[f"{kind}_score"] for kind in KINDS])
     return out
+
+
+def summarize_scores(scores: Sequence[ItemScore]) -> dict[str, float]:
+    """ROME's summary of per-prompt scores (see the module docstring).
+
+    Per kind, values are averaged over a record's prompts first, then over records, so a
+    record with ten paraphrases counts as much as one with two.
+    """
+    return summarize_records(per_record_scores(scores))
 
 
 def rome_metrics(
@@ -139,3 +155,11 @@ def rome_metrics(
     """
     items = rome_items(records)
     return summarize_scores(score_items(hm, items, batch_size=batch_size))
+
+
+def rome_per_record(
+    hm: HookedModel, records: Sequence[FactRecord], batch_size: int = 16
+) -> dict[str, dict[str, float]]:
+    """:func:`per_record_scores` of ``hm`` on ``records`` (the scores behind
+    :func:`rome_metrics`, per record)."""
+    return per_record_scores(score_items(hm, rome_items(records), batch_size=batch_size))

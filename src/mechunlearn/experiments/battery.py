@@ -30,7 +30,7 @@ from typing import Any
 from mechunlearn.attacks.relearn import relearn_attack
 from mechunlearn.attacks.soft_prompt import soft_prompt_attack
 from mechunlearn.errors import DataError
-from mechunlearn.evals.counterfact_metrics import rome_metrics
+from mechunlearn.evals.counterfact_metrics import rome_metrics, rome_per_record, summarize_records
 from mechunlearn.evals.edit_metrics import edit_metrics_per_record
 from mechunlearn.evals.harness import evaluate, summarise_format
 from mechunlearn.evals.latent_probes import latent_probe_accuracy
@@ -244,8 +244,11 @@ def _formats_part(
     out.metrics.update(metrics)
     out.per_fact.update(per_fact)
     if config.task == "counterfact" and config.mode == "edit":
-        for key, value in rome_metrics(hm, sets.forget, batch_size=battery.batch_size).items():
+        per_record = rome_per_record(hm, sets.forget, batch_size=battery.batch_size)
+        for key, value in summarize_records(per_record).items():
             out.metrics[f"counterfact.{key}"] = value
+        for key, values in per_record.items():
+            out.per_fact[f"counterfact.{key}"] = values
     if counterfact_records:
         out.metrics["side_effects.counterfact_neighborhood"] = counterfact_side_effect(
             hm, counterfact_records, battery.batch_size

@@ -137,6 +137,12 @@ def claims_for(results: dict[str, list[dict[str, Any]]]) -> list[Claim]:
                   f"held-out accuracy at relearning's best step ({part})")
         )  # fmt: skip
     for key, title in (
+        ("counterfact.paraphrase_score", "ROME paraphrase score (new answer wins on paraphrases)"),
+        ("counterfact.neighborhood_score", "ROME neighbourhood score (neighbours keep theirs)"),
+    ):
+        if key in keys:
+            claims.append(Claim("counterfact", key, title, lower_is_better=False))
+    for key, title in (
         ("probe.forget_accuracy_layer_mean", "probe accuracy on forget facts, mean over layers"),
         ("probe.forget_accuracy_last", "probe accuracy on forget facts, last layer"),
         ("probe.forget_accuracy", "probe accuracy on forget facts, best retain layer"),
@@ -149,6 +155,10 @@ def claims_for(results: dict[str, list[dict[str, Any]]]) -> list[Claim]:
 EDITED = "forget.completion.edit_success"
 """Per fact: did the edit install the new answer (completion format)? Conditions the
 "facts both rows edited" comparison."""
+
+EFFICACY = "counterfact.efficacy_score"
+"""Per CounterFact record: does the new answer beat the true one on the rewrite prompt (ROME's
+efficacy): the edit's own success, context beside the claims."""
 
 
 def _restrict(
@@ -190,6 +200,7 @@ def claim_rows(
         raise DataError(f"no {reference!r} row to compare against; rows: {', '.join(results)}")
     rows = []
     claims = [Claim("edit", EDITED, "edit success: completion (context, not a claim)", False)]
+    claims.append(Claim("edit", EFFICACY, "ROME efficacy score (context, not a claim)", False))
     for claim in claims + claims_for(results):
         ours = by_seed(results[reference], claim.key)
         if not ours:
@@ -275,7 +286,8 @@ def _claim_table(rows: list[dict[str, Any]], both_edited: bool) -> list[str]:
         "",
         "Percent. Difference = FLU - other, paired by seed and fact, with its bootstrap 95% "
         "interval (seeds, then facts within seeds, resampled); lower is better for every claim "
-        "(the original answer should be gone), higher for the edit-success context row. Paper: "
+        "(the original answer should be gone) except ROME's scores, higher for them and for the "
+        "edit-success context rows. Paper: "
         "Gemma-7B, 16 athletes (MCQ P(original), accuracy after relearning, probe accuracy)."
         + (
             " Only facts whose completion-format edit succeeded in both rows are compared."
