@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mechunlearn.attacks.latent import LatentAdversaryConfig
 from mechunlearn.attacks.relearn import RelearnConfig
 from mechunlearn.attacks.soft_prompt import SoftPromptConfig
+from mechunlearn.edit.engine import OPTIM_FIELDS, with_changes
 from mechunlearn.edit.objectives import check_objective_options
 from mechunlearn.edit.trainer import TrainConfig
 from mechunlearn.experiments.config import Seeds, TaskName, registered_name
@@ -47,16 +48,37 @@ class LocalizationSpec(Strict):
     latent_adversary: LatentAdversaryConfig | None = Field(
         default=None, description="targeted LAT on the forget term (a per-step latent adversary)"
     )
+    train: dict[str, Any] | None = Field(
+        default=None,
+        description="fields of the experiment's train block replaced for this row (e.g. "
+        "{steps: 60} for a shallow control that needs a longer edit); its sweep trains as long",
+    )
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
-        """The experiment's ``train`` block with this row's objective (validated)."""
-        update: dict[str, Any] = {}
+        """The experiment's ``train`` block with this row's objective and ``train`` fields
+        (validated)."""
+        update: dict[str, Any] = dict(self.train or {})
         if self.objective is not None:
             update["objective"] = self.objective
             update["objective_options"] = {}
         if self.objective_options is not None:
             update["objective_options"] = self.objective_options
-        return TrainConfig.model_validate({**base.model_dump(), **update})
+        return with_changes(base, **update)
+
+    @field_validator("train")
+    @classmethod
+    def _known_train_fields(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        known = set(TrainConfig.model_fields) | set(OPTIM_FIELDS)
+        unknown = sorted(set(value or {}) - known)
+        if unknown:
+            raise ValueError(f"unknown train field(s) {unknown}; known: {sorted(known)}")
+        chosen = sorted({"lr", "forget_coef", "seed"} & set(value or {}))
+        if chosen:
+            raise ValueError(
+                f"train field(s) {chosen} cannot be set per row: the sweep or `hyperparameters` "
+                "choose lr and forget_coef, and the seed is the experiment's"
+            )
+        return value
 
     @field_validator("name")
     @classmethod
@@ -282,6 +304,11 @@ class ExperimentConfig(Strict):
         if isinstance(value, dict) and "trace_cells" not in value:
             return {**value, "trace_cells": "scored"}
         return value
+
+    def row_train(self, name: str) -> TrainConfig:
+        """The train block of localization ``name`` (the experiment's, with the row's fields)."""
+        spec = next(s for s in self.localizations if s.name == name)
+        return spec.train_config(self.train)
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:

@@ -235,7 +235,8 @@ def plan_units(config: ExperimentConfig) -> list[Unit]:
             continue
         n_points = len(sweep_grid(config.sweep))
         previous: tuple[str, ...] = ()
-        for rung in range(len(sweep_rungs(config.sweep, n_points, config.train.steps))):
+        steps = config.row_train(spec.name).steps
+        for rung in range(len(sweep_rungs(config.sweep, n_points, steps))):
             keys = tuple(f"sweep/{spec.name}/r{rung}p{i}" for i in range(n_points))
             for i, key in enumerate(keys):
                 units.append(
@@ -389,7 +390,7 @@ def _sweep_unit(ctx: EditContext, unit: Unit) -> dict[str, Any]:
     sweep = ctx.config.sweep
     points = sweep_grid(sweep)
     lr, coef = points[index]
-    rungs = sweep_rungs(sweep, len(points), ctx.config.train.steps)
+    rungs = sweep_rungs(sweep, len(points), ctx.config.row_train(name).steps)
     # a point's checkpoint carries it from one rung to the next (only between rungs)
     checkpoints = ctx.folder / SWEEP_CHECKPOINTS / name / f"p{index}" if len(rungs) > 1 else None
     if rung > 0 and index not in rung_survivors(ctx.folder, name, rung, sweep):

@@ -158,7 +158,7 @@ def sweep_point(
         lr=lr,
         forget_coef=coef,
         seed=sweep.seed,
-        steps=sweep.steps or config.train.steps,
+        steps=sweep.steps or config.row_train(spec.name).steps,
         checkpoint_every=stop_after if keep_checkpoint else None,
     )
     curve: list[dict[str, Any]] = []
@@ -204,7 +204,7 @@ def chosen_hyperparameters(folder: Path, config: ExperimentConfig, name: str) ->
     if name in config.hyperparameters:
         return config.hyperparameters[name]
     n_points = len(sweep_grid(config.sweep))
-    last = len(sweep_rungs(config.sweep, n_points, config.train.steps)) - 1
+    last = len(sweep_rungs(config.sweep, n_points, config.row_train(name).steps)) - 1
     best = rank_points(_rung_results(folder, name, last, n_points))[0]
     return Hyperparameters(lr=best["lr"], forget_coef=best["forget_coef"])
 
@@ -214,10 +214,10 @@ def write_sweep_summaries(folder: Path, config: ExperimentConfig, base_retain) -
     if config.sweep is None:
         return
     n_points = len(sweep_grid(config.sweep))
-    rungs = sweep_rungs(config.sweep, n_points, config.train.steps)
     for spec in config.localizations:
         if spec.name in config.hyperparameters:
             continue
+        rungs = sweep_rungs(config.sweep, n_points, config.row_train(spec.name).steps)
         tried = [
             p for r in range(len(rungs)) for p in _rung_results(folder, spec.name, r, n_points)
         ]
