@@ -75,3 +75,21 @@ def test_experiments_trace_only_scored_cells_unless_asked():
     from mechunlearn.localize import LocalizeOptions
 
     assert LocalizeOptions().trace_cells == "all"  # `mechunlearn localize` draws every heatmap
+
+
+def test_a_row_train_block_replaces_fields_and_errors_name_the_row():
+    def config(train):
+        return {
+            "localizations": [{"name": "shallow", "method": "last_layer", "train": train}],
+            "sweep": None,
+            "hyperparameters": {"shallow": {"lr": 1e-3, "forget_coef": 1.0}},
+        }
+
+    row = validate_experiment(config({"steps": 60, "max_grad_norm": 5.0}), "t")
+    assert row.row_train("shallow").steps == 60
+    assert row.row_train("shallow").optim.max_grad_norm == 5.0
+    assert row.train.steps != 60  # the experiment's own block is untouched
+    with pytest.raises(ConfigError, match=r"localizations\.0\.train.*unknown train field"):
+        validate_experiment(config({"stepz": 60}), "t")
+    with pytest.raises(ConfigError, match=r"\['lr'\] cannot be set per row"):
+        validate_experiment(config({"lr": 1.0}), "t")

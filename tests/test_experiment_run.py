@@ -461,7 +461,7 @@ def test_per_fact_results_relearn_variants_and_claims(saved_llama, tmp_path, mon
     config["localizations"] = [
         {"name": "fact_lookup", "method": "random"},  # a label: the claims compare by name
         {"name": "causal_tracing", "method": "causal_tracing", "restrict_to": "mlp"},
-        {"name": "last_layer", "method": "last_layer"},
+        {"name": "last_layer", "method": "last_layer", "train": {"steps": 3}},
     ]
     config["evaluation"]["formats"] = ["completion", "options_word", "capitalized", "dashed"]
     config["evaluation"]["soft_prompt"] = None
@@ -473,6 +473,11 @@ def test_per_fact_results_relearn_variants_and_claims(saved_llama, tmp_path, mon
     run_experiment(validate_config(ExperimentConfig, config, "test"), out, progress=False)
     forget = json.loads((out / "facts" / "seed0.json").read_text())["forget"]
     result = json.loads((out / "results" / "last_layer" / "seed0.json").read_text())
+    # the row's own train length, in its edit and in its sweep; the other rows keep theirs
+    assert result["train"]["steps"] == 3
+    assert json.loads((out / "sweep" / "last_layer.json").read_text())["rung_steps"] == [3]
+    other = json.loads((out / "results" / "causal_tracing" / "seed0.json").read_text())
+    assert other["train"]["steps"] == 2
     metrics, per_fact = result["metrics"], result["per_fact"]
     for fmt in ("completion", "options_word", "capitalized", "dashed"):
         values = per_fact[f"forget.{fmt}.p_original"]
