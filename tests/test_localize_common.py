@@ -22,6 +22,7 @@ from mechunlearn.localize.prompts import (
     answer_logit_diff,
     check_same_layout,
     choose_pairable_facts,
+    subject_aligned,
     subject_token_span,
 )
 from mechunlearn.localize.result import select_under_budget
@@ -38,6 +39,29 @@ def test_subject_span_tokens(tiny_llama):
     assert decoded.strip() == "LeBron James"
     with pytest.raises(DataError, match="not found"):
         subject_token_span(tiny_llama, prompt, "Serena Williams")
+
+
+class MergingTokenizer:
+    """Word pieces, but ".'" is one token (as BPE vocabularies often have it)."""
+
+    vocab: dict[str, int] = {}
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        import re
+
+        return [
+            self.vocab.setdefault(t, len(self.vocab)) for t in re.findall(r"\.'|\w+|\s|\S", text)
+        ]
+
+
+def test_a_subject_cut_inside_a_token_is_not_aligned():
+    def fact(subject):
+        return FactRecord(id=subject, subject=subject, template="{subject}'s headquarters are in",
+                          answer="Paris", options=("Paris", "Rome"))  # fmt: skip
+
+    hm = MergingTokenizer()
+    assert subject_aligned(hm, fact("Acme Holdings"))
+    assert not subject_aligned(hm, fact("Trafigura Beheer B.V."))  # "." + "'s" -> ".'" "s"
 
 
 def test_fact_prompts_positions_in_padded_batch(tiny_llama):

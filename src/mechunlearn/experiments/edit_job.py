@@ -74,6 +74,7 @@ from mechunlearn.experiments.sweep import (
 from mechunlearn.experiments.workers import Unit, phase_seconds, run_units, unit_timeline
 from mechunlearn.io import atomic_write_json, read_json
 from mechunlearn.localize import Localization
+from mechunlearn.localize.prompts import subject_aligned
 from mechunlearn.models.loading import load_model
 from mechunlearn.report.experiment import write_report
 from mechunlearn.tasks.counterfact import load_counterfact
@@ -450,6 +451,8 @@ def run_experiment(
         known_ids = {r.id for r in scored}
     else:
         known_ids = {r.id for r in records}
+    if saved_plan is None:
+        known_ids = _subject_aligned_ids(hm, [r for r in records if r.id in known_ids], log)
     known, facts, seed_sets, validation = _fact_views(config, records, known_ids)
     log(f"{len(known)} of {len(records)} facts known")
     text_eval, text_train = _texts(config)
@@ -536,6 +539,19 @@ def run_experiment(
     )
     write_report(partial)
     return run.finalise()
+
+
+def _subject_aligned_ids(hm, records: list[FactRecord], log: Callable[[str], None]) -> set[str]:
+    """The facts whose subject falls on token boundaries (localization, probes and patching
+    read the subject's tokens); the others are left out of every split, and said so."""
+    kept = {r.id for r in records if subject_aligned(hm, r)}
+    left_out = [r for r in records if r.id not in kept]
+    if left_out:
+        log(
+            f"{len(left_out)} known facts left out: their subject does not fall on token "
+            f"boundaries (e.g. {left_out[0].subject!r} in {left_out[0].prompt()!r})"
+        )
+    return kept
 
 
 def _edit(ctx: EditContext, spec, loc, hp: Hyperparameters, data: TrainData, seed, weights):

@@ -79,6 +79,19 @@ def subject_token_span(hm: HookedModel, prompt: str, subject: str) -> tuple[list
     return tokens, list(range(n_before, n_through))
 
 
+def subject_aligned(hm: HookedModel, record: FactRecord, fmt: str = "completion") -> bool:
+    """Whether ``record``'s subject falls on token boundaries of its ``fmt`` prompt (e.g. not
+    CounterFact's "Trafigura Beheer B.V." + "'s", whose final "." merges with "'s"): only such
+    facts can be localized, probed or patched at the subject's tokens."""
+    items = get_formatter(fmt).items(record, random.Random(0))
+    try:
+        for item in items:
+            subject_token_span(hm, item.prompt, record.subject)
+    except DataError:
+        return False
+    return True
+
+
 def build_fact_prompts(
     hm: HookedModel, records: Sequence[FactRecord], fmt: str = "completion"
 ) -> FactPrompts:
