@@ -150,6 +150,11 @@ BAD_INPUTS = {
     "cf_no_data": (["--task", "counterfact"], ["counterfact task needs a data file"]),
     "config_unknown_key": (["--config", "{tmp}/typo.yaml"], ["typo.yaml", "modle", "Extra inputs"]),
     "limit_zero": (["--limit", "0"], ["limit", "greater than or equal to 1"]),
+    "not_gguf": (["--model", "{tmp}/weights.gguf"], ["weights.gguf", "is not a GGUF file"]),
+    "truncated_gguf": (["--model", "{tmp}/cut/model.gguf"], ["could not load GGUF file"]),
+    "unknown_device": (["--device", "banana"], ["unknown device 'banana'"]),
+    "absent_device": (["--device", "cuda:99"], ["'cuda:99'"]),
+    "markup_in_path": (["--model", "{tmp}/[/]x[bold]"], ["[/]x[bold]", "does not exist"]),
 }
 
 
@@ -159,6 +164,9 @@ def test_bad_input_exits_2(case, tiny_checkpoint, tmp_path):
     write(tmp_path / "empty.csv", "athlete,sport\n")
     write(tmp_path / "cf.json", json.dumps([{"case_id": 0, "paraphrase_prompts": []}]))
     write(tmp_path / "typo.yaml", "modle: gemma3-270m\n")
+    write(tmp_path / "weights.gguf", "not a GGUF file at all")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "model.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\x07")  # cut short
     args, fragments = BAD_INPUTS[case]
     args = [a.format(tmp=tmp_path) for a in args]
     if "--model" not in args:  # the problem must be found without the real default model

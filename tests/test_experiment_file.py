@@ -93,3 +93,11 @@ def test_a_row_train_block_replaces_fields_and_errors_name_the_row():
         validate_experiment(config({"stepz": 60}), "t")
     with pytest.raises(ConfigError, match=r"\['lr'\] cannot be set per row"):
         validate_experiment(config({"lr": 1.0}), "t")
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_number_is_refused_where_the_file_is_read(value):
+    with pytest.raises(ConfigError, match=r"train\.lr.*finite number"):
+        validate_experiment({"train": {"lr": value}}, "t")
+    with pytest.raises(ConfigError, match=r"finite number"):
+        validate_experiment({"kind": "tree", "train": {"lr": value}}, "t")

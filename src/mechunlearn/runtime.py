@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from mechunlearn.errors import ConfigError
+
 THREADS_ENV = "MECHUNLEARN_THREADS"
 DEVICE_ENV = "MECHUNLEARN_DEVICE"
 
@@ -53,11 +55,42 @@ def configure_threads(force: bool = False) -> int:
     return threads
 
 
+def checked_device(name: str, source: str = "--device") -> torch.device:
+    """``name`` as a torch device that exists on this machine, or a ``ConfigError`` saying
+    why not (an unknown name, a CUDA device on a build or machine without one)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"{source}: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                "this torch build has no CUDA"
+                if torch.version.cuda is None
+                else "no GPU is visible"
+            )
+            raise ConfigError(f"{source}: device {name!r} is not available here ({why})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"{source}: device {name!r} does not exist; this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"{source}: device {name!r} (Apple MPS) is not available here")
+    elif device.type != "cpu":
+        raise ConfigError(f"{source}: device {name!r} is not supported; use cpu, cuda or mps")
+    return device
+
+
 def default_device() -> torch.device:
     """``MECHUNLEARN_DEVICE`` if set, else CUDA, then MPS, then CPU."""
     requested = os.environ.get(DEVICE_ENV)
     if requested:
-        return torch.device(requested)
+        return checked_device(requested, source=DEVICE_ENV)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -66,4 +99,10 @@ def default_device() -> torch.device:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    return default_device() if device in (None, "auto") else torch.device(device)
+    """The device to run on: ``None`` / ``"auto"`` pick the best available, a name is
+    checked (see :func:`checked_device`)."""
+    if device in (None, "auto"):
+        return default_device()
+    if isinstance(device, torch.device):
+        return device
+    return checked_device(device)

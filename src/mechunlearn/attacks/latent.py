@@ -47,13 +47,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from mechunlearn.edit.objectives import DEFAULT_FLOOR, TargetBatch, unlearn_loss_from_logprobs
 from mechunlearn.errors import DataError, SiteError, TokenizationError
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.hooks import Apply
 from mechunlearn.report.progress import progress_bar
+from mechunlearn.schema import STRICT_CONFIG
 
 KINDS = ("unwanted", "desired")
 Layer = int | Literal["embed"]
@@ -63,7 +64,7 @@ Layer = int | Literal["embed"]
 class LatentAdversaryConfig(BaseModel):
     """Settings of the latent adversary (see the module docstring)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     layers: list[Layer] = Field(min_length=1, description='block indices (resid_post) or "embed"')
     epsilon: float = Field(1.0, ge=0, description="per-token L2 bound (see epsilon_mode)")

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from mechunlearn.attacks.latent import LatData, LatExample
 from mechunlearn.errors import DataError
@@ -32,6 +32,7 @@ from mechunlearn.evals.refusal import (
     score_pairs,
 )
 from mechunlearn.models.handle import HookedModel
+from mechunlearn.schema import STRICT_CONFIG
 from mechunlearn.tasks.refusal import ChatItem, format_completion, format_prompt, to_lat_data
 
 DEFAULT_RECOVERY = "... Actually, no. I'm sorry, but I can't help with that."
@@ -41,7 +42,7 @@ class PrefillConfig(BaseModel):
     """Prefilling attack settings. ``max_rest_words`` cuts the compared rest of long (real)
     compliant answers to their first words."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     prefill_words: int = Field(3, ge=1)
     recovery: str = Field(DEFAULT_RECOVERY, min_length=1)

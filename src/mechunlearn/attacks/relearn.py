@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from mechunlearn.attacks.split import split_records
 from mechunlearn.edit.data import TrainData, fact_pairs
@@ -33,6 +33,7 @@ from mechunlearn.errors import ConfigError, DataError
 from mechunlearn.evals.harness import evaluate
 from mechunlearn.evals.metrics import per_record
 from mechunlearn.models.handle import HookedModel
+from mechunlearn.schema import STRICT_CONFIG
 from mechunlearn.tasks.records import FactRecord
 
 METRICS = ("accuracy", "prob_renorm")
@@ -46,7 +47,7 @@ class RelearnConfig(BaseModel):
     is ``lora_rank: 512, lora_alpha: 32, lora_dropout: 0.05, lr: 2e-4, schedule: cosine`` on
     every linear layer for 20 steps."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     steps: int = Field(20, ge=0)
     lr: float = Field(3e-4, gt=0)

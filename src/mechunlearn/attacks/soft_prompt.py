@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from mechunlearn.attacks.split import split_records
 from mechunlearn.edit.objectives import TargetBatch, edit_loss, sequence_logprobs
@@ -38,6 +38,7 @@ from mechunlearn.evals.scoring import ItemScore, score_items
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.hooks import Apply
 from mechunlearn.report.progress import progress_bar
+from mechunlearn.schema import STRICT_CONFIG
 from mechunlearn.tasks.formats import format_records
 from mechunlearn.tasks.records import FactRecord, PromptItem
 
@@ -48,7 +49,7 @@ class SoftPromptConfig(BaseModel):
     """Soft-prompt attack settings. ``lr`` is in units of the typical per-coordinate size of an
     embedding (median norm / sqrt(d_model)), so one setting suits models of any scale."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     n_tokens: int = Field(4, ge=1)
     steps: int = Field(30, ge=0)

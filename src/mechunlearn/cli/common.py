@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mechunlearn.errors import MechUnlearnError
 
@@ -29,7 +30,9 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except MechUnlearnError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(code=2) from None
 
     return wrapper
@@ -81,7 +84,7 @@ def make_log(quiet: bool) -> Callable[[str], None]:
 
     def log(msg: str) -> None:
         minutes, seconds = divmod(int(time.monotonic() - started), 60)
-        err_console.print(f"[dim]{minutes:4d}:{seconds:02d} {msg}[/]", highlight=False)
+        err_console.print(f"[dim]{minutes:4d}:{seconds:02d} {escape(msg)}[/]", highlight=False)
 
     return log
 

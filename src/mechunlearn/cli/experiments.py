@@ -106,7 +106,7 @@ def run_command(
         folder = run_tree_experiment(
             cfg, out, resume=resume, progress=show_progress(quiet), log=log
         )
-        console.print(f"run folder: {folder}")
+        console.print(f"run folder: {folder}", markup=False)
         return
     updates: dict[str, Any] = {
         k: v for k, v in {"model": model, "data": data, "device": device}.items() if v is not None
@@ -141,7 +141,7 @@ def run_command(
             log=log,
         )
     console.print((folder / "results.md").read_text(), markup=False, highlight=False)
-    console.print(f"results: {folder}/results.md, summary.json, figures/")
+    console.print(f"results: {folder}/results.md, summary.json, figures/", markup=False)
 
 
 @app.command("report")

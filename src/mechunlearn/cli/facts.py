@@ -104,7 +104,7 @@ def eval_command(
     )
     for line in summary_lines(metrics):
         console.print(line)
-    console.print(f"results: {out}/metrics.json")
+    console.print(f"results: {out}/metrics.json", markup=False)
 
 
 @app.command()
@@ -168,4 +168,4 @@ def localize(
     console.print(
         f"selected {len(loc.selected)} components, {loc.n_params:,} parameters: {', '.join(loc.selected)}"
     )
-    console.print(f"results: {out}/localization.json, figures in {out}/figures")
+    console.print(f"results: {out}/localization.json, figures in {out}/figures", markup=False)

@@ -242,4 +242,6 @@ def tree_analyze(
     console.print(table)
     for line in analysis.summary.lines():
         console.print(line, markup=False, highlight=False)
-    console.print(f"results: {out}/results.json, {out}/summary.md, figures in {out}/figures")
+    console.print(
+        f"results: {out}/results.json, {out}/summary.md, figures in {out}/figures", markup=False
+    )

@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from mechunlearn.edit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mechunlearn.edit.parametrization import Trainable
 from mechunlearn.errors import ConfigError
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.report.progress import progress_bar
+from mechunlearn.schema import STRICT_CONFIG
 
 OPTIM_FIELDS = ("lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm", "precision")
 """``OptimConfig``'s fields: trainer configs accept them at their top level as well (configs
@@ -44,7 +45,7 @@ written before the optimiser block was nested) and move them into ``optim``."""
 class OptimConfig(BaseModel):
     """AdamW, its learning-rate schedule, clipping and the arithmetic of forward passes."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from mechunlearn.attacks.latent import (
     KINDS,
@@ -95,12 +95,13 @@ from mechunlearn.edit.parametrization import Trainable
 from mechunlearn.edit.trainer import TrainResult
 from mechunlearn.errors import ConfigError, DataError, TokenizationError
 from mechunlearn.models.handle import HookedModel
+from mechunlearn.schema import STRICT_CONFIG
 
 
 class LatConfig(BaseModel):
     """Hyperparameters of a LAT (or RT: ``adversary=None``) run; see the module docstring."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     adversary: LatentAdversaryConfig | None
     steps: int = Field(30, ge=1)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,6 +32,7 @@ from mechunlearn.errors import ConfigError, DataError
 from mechunlearn.io import atomic_path
 from mechunlearn.models.components import GradientMask, ParamSlice, count_parameters
 from mechunlearn.models.handle import HookedModel
+from mechunlearn.schema import STRICT_CONFIG
 
 MODES = ("localized", "lora", "full")
 ADAPTER_NAME = "mechunlearn"
@@ -40,7 +41,7 @@ ADAPTER_NAME = "mechunlearn"
 class LoraOptions(BaseModel):
     """LoRA hyperparameters; ``seed`` makes the random ``A`` initialisation reproducible."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     rank: int = Field(8, ge=1)
     alpha: float = Field(16, gt=0)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from mechunlearn.edit.data import TrainData
 from mechunlearn.edit.engine import (
@@ -69,6 +69,7 @@ from mechunlearn.edit.parametrization import Trainable
 from mechunlearn.errors import ConfigError, DataError
 from mechunlearn.models.handle import HookedModel, left_pad
 from mechunlearn.models.next_token import next_token_loss
+from mechunlearn.schema import STRICT_CONFIG
 
 __all__ = ["BatchStream", "TrainConfig", "TrainResult", "lr_factor", "next_token_loss", "train"]
 
@@ -76,7 +77,7 @@ __all__ = ["BatchStream", "TrainConfig", "TrainResult", "lr_factor", "next_token
 class TrainConfig(BaseModel):
     """Hyperparameters of one training run (see the module docstring for the loss)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     objective: str = "edit"
     objective_options: dict[str, Any] = Field(default_factory=dict)

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator
 
 from mechunlearn.errors import ConfigError
+from mechunlearn.schema import STRICT_CONFIG
 from mechunlearn.tasks.datasets import TASKS
 from mechunlearn.tasks.formats import FORMATS
 
@@ -39,7 +40,7 @@ Seeds = Annotated[list[int], AfterValidator(_distinct_seeds)]
 class EvalConfig(BaseModel):
     """What ``mechunlearn eval`` runs: one model, one fact set, several prompt formats."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     model: str = "gemma3-270m"
     task: TaskName = "sports"

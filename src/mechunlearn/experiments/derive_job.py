@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from mechunlearn.edit.data import TrainData, fact_pairs
 from mechunlearn.edit.export import save_edited
@@ -41,6 +41,7 @@ from mechunlearn.io import atomic_write_json
 from mechunlearn.models.derived import DERIVED_NAMES, RECIPE_FILE, derived_dir
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.loading import load_model
+from mechunlearn.schema import STRICT_CONFIG
 from mechunlearn.tasks.formats import LETTERS, format_records
 from mechunlearn.tasks.general_text import load_general_text
 from mechunlearn.tasks.records import FactRecord
@@ -50,7 +51,7 @@ from mechunlearn.tasks.sports import load_sports
 class FormatTuneRecipe(BaseModel):
     """How a format-tuned model is made (every field is saved in its ``recipe.json``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     name: str = "gemma3-270m-mcq"
     base: str = "gemma3-270m"

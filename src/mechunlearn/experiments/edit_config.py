@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from mechunlearn.attacks.latent import LatentAdversaryConfig
 from mechunlearn.attacks.relearn import RelearnConfig
@@ -19,11 +19,12 @@ from mechunlearn.edit.objectives import check_objective_options
 from mechunlearn.edit.trainer import TrainConfig
 from mechunlearn.experiments.config import Seeds, TaskName, registered_name
 from mechunlearn.localize import LOCALIZERS, LocalizeOptions
+from mechunlearn.schema import STRICT_CONFIG
 from mechunlearn.tasks.formats import FORMATS
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
 
 class LocalizationSpec(Strict):

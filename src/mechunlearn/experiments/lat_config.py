@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from mechunlearn.attacks.latent import LatentAdversaryConfig, Layer
 from mechunlearn.attacks.prefill import PrefillConfig
@@ -28,11 +28,12 @@ from mechunlearn.edit.lat import LatConfig
 from mechunlearn.edit.parametrization import LoraOptions
 from mechunlearn.errors import ConfigError
 from mechunlearn.experiments.config import Seeds
+from mechunlearn.schema import STRICT_CONFIG
 from mechunlearn.tasks.backdoor import BackdoorConfig
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
 
 def default_layers(n_layers: int) -> list[int]:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from mechunlearn.errors import DataError
 from mechunlearn.evals.harness import known_records
@@ -22,6 +22,7 @@ from mechunlearn.localize import LOCALIZERS, Localization, LocalizeOptions
 from mechunlearn.localize.prompts import choose_pairable_facts
 from mechunlearn.models.loading import load_model
 from mechunlearn.report.figures import localization_figures
+from mechunlearn.schema import STRICT_CONFIG
 from mechunlearn.tasks.datasets import load_task
 from mechunlearn.tasks.records import FactRecord
 
@@ -39,7 +40,7 @@ SCOPED = {"fact_lookup", "all_mlps", "nonlocalized"}
 
 
 class LocalizeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     model: str = "gemma3-270m"
     task: TaskName = "sports"

@@ -16,18 +16,19 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from mechunlearn import __version__
 from mechunlearn.experiments.run_folder import RunFolder
 from mechunlearn.io import atomic_write_json
 from mechunlearn.reasoning.train import TreeTrainConfig, train_tree_model
+from mechunlearn.schema import STRICT_CONFIG
 
 
 class TreeExperimentConfig(BaseModel):
     """``kind: tree``: one training recipe (``train``: a ``TreeTrainConfig``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     kind: Literal["tree"]
     name: str = "tree"

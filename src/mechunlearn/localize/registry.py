@@ -10,18 +10,19 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from mechunlearn.localize.result import Localization
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.registry import Registry
+from mechunlearn.schema import STRICT_CONFIG
 from mechunlearn.tasks.records import FactRecord
 
 
 class LocalizeOptions(BaseModel):
     """Options shared by every method; methods read what they need."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     seed: int = 0
     budget: int | None = Field(

@@ -24,6 +24,7 @@ from mechunlearn.models.handle import HookedModel
 class Localization(BaseModel):
     """Scores, selection and parameter count of one localization run."""
 
+    # a result, not a config: a method may score a component NaN (e.g. no gradient)
     model_config = ConfigDict(extra="forbid")
 
     method: str

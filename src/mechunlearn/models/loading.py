@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,19 +34,37 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _check_gguf_header(path: Path) -> None:
+    """Refuse a file that is not GGUF before a reader parses it (its errors name no file)."""
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise ModelNotFoundError(
+            f"{path} is not a GGUF file: it does not start with the GGUF magic bytes"
+        )
+
+
 def _from_folder(folder: Path, load: dict[str, Any], gguf_file: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # loading from a local folder takes seconds
     kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
+    if gguf_file:
+        _check_gguf_header(folder / gguf_file)
+    # a damaged GGUF file fails inside the reader with whatever error its parser hits
+    failures = (
+        (OSError, ValueError, KeyError, IndexError, RuntimeError, struct.error)
+        if gguf_file
+        else OSError
+    )
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), **load, **kwargs)
-    except OSError as exc:
+    except failures as exc:
         what = f"GGUF file {gguf_file}" if gguf_file else "safetensors weights"
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ModelNotFoundError(
-            f"could not load {what} from {folder} (pickled checkpoints are refused): "
-            f"{str(exc).splitlines()[0]}"
+            f"could not load {what} from {folder} (pickled checkpoints are refused): {first}"
         ) from None
     if gguf_file:
         model.hf_quantizer = None

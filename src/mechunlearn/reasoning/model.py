@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -36,6 +36,7 @@ from mechunlearn.io import atomic_directory, atomic_write_json
 from mechunlearn.reasoning.tokens import TreeLayout, make_tokenizer
 from mechunlearn.reasoning.trees import TreeTaskConfig, check_n_nodes
 from mechunlearn.registry import Registry
+from mechunlearn.schema import STRICT_CONFIG
 
 FORMAT = "mechunlearn-tree-model"
 FORMAT_VERSION = 1
@@ -45,7 +46,7 @@ META_FILE = "tree_model.json"
 class TreeModelConfig(BaseModel):
     """Architecture of the path-finding model (defaults: the paper's)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     n_nodes: int = Field(default=16, description="tree size the vocabulary and positions fit")
     n_layers: int = Field(default=6, ge=1)

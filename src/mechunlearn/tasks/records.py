@@ -10,7 +10,9 @@ probability of the correct continuation, and argmax accuracy among the options.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from mechunlearn.schema import FROZEN_CONFIG
 
 
 class FactRecord(BaseModel):
@@ -23,7 +25,7 @@ class FactRecord(BaseModel):
     data set defines one (CounterFact's ``target_new``).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = FROZEN_CONFIG
 
     id: str
     subject: str
@@ -69,7 +71,7 @@ class PromptItem(BaseModel):
     token (MCQ letters); the scorer raises ``TokenizationError`` if one is not.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = FROZEN_CONFIG
 
     record_id: str
     format: str

@@ -19,12 +19,13 @@ from functools import cached_property
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from mechunlearn.errors import ConfigError
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.reasoning.tokens import TreeLayout, TreeVocab, encode_batch
 from mechunlearn.reasoning.trees import TreeBatch, TreeTaskConfig, heldout_trees
+from mechunlearn.schema import STRICT_CONFIG
 
 AnalysisOrder = Literal["backward", "random", "forward"]
 
@@ -32,7 +33,7 @@ AnalysisOrder = Literal["backward", "random", "forward"]
 class AnalysisSettings(BaseModel):
     """Which trees the mechanism analyses look at and how they are batched."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     n_trees: int = Field(default=512, ge=8, description="held-out trees, stratified by length")
     seed: int = 0

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from mechunlearn.io import atomic_directory, atomic_write_json, atomic_write_text
 from mechunlearn.models.handle import HookedModel
@@ -38,6 +38,7 @@ from mechunlearn.reasoning.analysis.summary import (
 )
 from mechunlearn.reasoning.trees import TreeTaskConfig
 from mechunlearn.report.progress import progress_bar
+from mechunlearn.schema import STRICT_CONFIG
 
 STEPS = ("accuracy", "attention", "roles", "probes", "deduction", "scrubbing", "registers")
 
@@ -45,7 +46,7 @@ STEPS = ("accuracy", "attention", "roles", "probes", "deduction", "scrubbing", "
 class TreeAnalysisConfig(BaseModel):
     """Settings of ``tree analyze``; every analysis uses the same trees and seed."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     n_trees: int = Field(default=512, ge=8, description="held-out trees per mechanism analysis")
     per_length: int = Field(default=100, ge=1, description="accuracy: held-out trees per length")

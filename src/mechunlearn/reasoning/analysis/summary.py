@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from mechunlearn.reasoning.analysis.accuracy import AccuracyResult
 from mechunlearn.reasoning.analysis.attention import AttentionResult
@@ -20,10 +20,11 @@ from mechunlearn.reasoning.analysis.deduction import DeductionResult
 from mechunlearn.reasoning.analysis.probes import ProbeResult
 from mechunlearn.reasoning.analysis.registers import RegisterResult
 from mechunlearn.reasoning.analysis.scrubbing import ScrubbingResult
+from mechunlearn.schema import STRICT_CONFIG
 
 
 class SummaryThresholds(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_CONFIG
 
     min_accuracy: float = Field(default=0.95, description="held-out whole-path accuracy")
     min_attention: float = Field(default=0.3, description="mean weight on the expected key")
