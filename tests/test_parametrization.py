@@ -90,6 +90,27 @@ def test_localized_head_changes_only_its_rows_and_columns_even_with_weight_decay
     assert all(torch.equal(after[k], before[k]) for k in others)
 
 
+def test_a_head_slice_gets_no_gradient_outside_its_rows(tiny_llama):
+    """The gradient itself is masked, not only the weights reset after a step: otherwise the
+    other heads' gradients would enter the optimiser's moments and the clipped gradient norm,
+    changing the step the selected head takes."""
+    hm = tiny_llama
+    trainable = make_trainable(hm, "localized", ["blocks.0.attn.head1"])
+    try:
+        batch = TargetBatch.from_pairs(hm, PAIRS)
+        logits = hm.model(**batch.model_inputs()).logits
+        logits.float().logsumexp(-1).mean().backward()
+        q = hm.model.get_submodule("model.layers.0.self_attn.q_proj").weight
+        rows = slice(16, 32)
+        assert q.grad[rows].abs().max() > 0
+        outside = q.grad.clone()
+        outside[rows] = 0
+        assert outside.abs().max() == 0
+    finally:
+        hm.model.zero_grad(set_to_none=True)
+        trainable.restore()
+
+
 def test_restore_returns_requires_grad_flags(tiny_llama):
     hm = tiny_llama
     hm.model.model.norm.weight.requires_grad_(False)

@@ -90,6 +90,11 @@ def test_trains_toward_true_answers_on_forget_facts_only(tiny_llama, facts, monk
         )
     assert set(result.final) == {"completion.accuracy", "completion.prob_renorm"}
     assert result.to_json()["final"] == result.final
+    # every evaluation, step 0 included, scores the held-out half and only it
+    for facts_at_step in result.curve_per_fact:
+        assert set(facts_at_step["completion.accuracy"]) == set(result.heldout_ids)
+    # the curve's step 0 and the training half's "before" are different facts' numbers
+    assert set(result.train_ids).isdisjoint(result.heldout_ids)
 
 
 def test_model_restored_even_on_error(tiny_llama, facts, monkeypatch):

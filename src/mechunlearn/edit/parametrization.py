@@ -30,7 +30,7 @@ from torch import nn
 
 from mechunlearn.errors import ConfigError, DataError
 from mechunlearn.io import atomic_path
-from mechunlearn.models.components import GradientMask, ParamSlice, count_parameters
+from mechunlearn.models.components import GradientMask, count_parameters
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.schema import STRICT_CONFIG
 
@@ -220,16 +220,6 @@ class Trainable:
         )
 
 
-def _keep_mask(param: nn.Parameter, slices: Sequence[ParamSlice]) -> torch.Tensor | None:
-    mine = [s for s in slices if s.param is param]
-    if any(s.whole for s in mine):
-        return None
-    keep = torch.zeros_like(param, dtype=torch.bool)
-    for s in mine:
-        keep.index_fill_(s.dim, torch.tensor(s.index, device=param.device), True)
-    return keep
-
-
 def _localized(hm: HookedModel, components: Sequence[str], saved: dict[str, bool]) -> Trainable:
     slices = hm.parameters_of(components)
     if not slices:
@@ -238,7 +228,7 @@ def _localized(hm: HookedModel, components: Sequence[str], saved: dict[str, bool
     params = mask.trainable()
     frozen = []
     for param in params:
-        keep = _keep_mask(param, slices)
+        keep = mask.keep_mask(param)
         if keep is not None:
             frozen.append((param, keep, param.detach().clone()))
     return Trainable(

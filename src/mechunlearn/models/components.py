@@ -201,12 +201,13 @@ class GradientMask:
             p.requires_grad_(False)
         for param in self.trainable():
             param.requires_grad_(True)
-            keep = self._keep_mask(param)
+            keep = self.keep_mask(param)
             if keep is not None:
                 self._handles.append(param.register_hook(lambda g, keep=keep: g * keep.to(g.dtype)))
         return self
 
-    def _keep_mask(self, param: nn.Parameter) -> torch.Tensor | None:
+    def keep_mask(self, param: nn.Parameter) -> torch.Tensor | None:
+        """Boolean mask of ``param``'s selected entries (``None``: the whole tensor)."""
         mine = [s for s in self.slices if s.param is param]
         if any(s.whole for s in mine):
             return None
