@@ -74,6 +74,8 @@ def test_run_writes_a_complete_report(saved_llama, tmp_path, monkeypatch):
     assert [p["step"] for p in curve] == [0, 1, 2]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["order"] == ["base", "random", "ct_mlps", "all_mlps_lora"]
+    page = (out / "report.html").read_text()
+    assert "<table>" in page and page.count('src="data:image/png;base64,') >= 2
     assert summary["summary"]["random"]["lm_loss_delta"]["n"] == 2
     assert summary["summary"]["random"]["train_seconds"]["mean"] > 0
     peaks = [

@@ -5,7 +5,8 @@ results.
 
 - ``summary.json``: every metric per localization as mean, std (over seeds, n - 1) and n;
 - ``results.md``: the headline table (method x metric, mean ± std) and the full table;
-- ``figures/``: bar charts of the headline metrics, relearning curves, probe accuracy by layer.
+- ``figures/``: bar charts of the headline metrics, relearning curves, probe accuracy by layer;
+- ``report.html``: all of it in one static page, figures embedded, with config and provenance.
 
 Targeted-LAT runs (``kind: lat`` in ``run.json``, or in ``config.yaml`` while partial) get their
 own columns (per application: refusal or backdoor), a compute table (training time and
@@ -26,6 +27,7 @@ from typing import Any
 
 from mechunlearn.io import atomic_write_json
 from mechunlearn.report.edit_report import write_edit_report
+from mechunlearn.report.html import write_html_report
 from mechunlearn.report.lat_report import write_lat_report
 from mechunlearn.report.results import load_results, result_order, run_kind, summarise
 
@@ -39,4 +41,5 @@ def write_report(folder: str | Path) -> dict[str, Any]:
     atomic_write_json(folder / "summary.json", {"order": order, "summary": summary})
     write = write_lat_report if run_kind(folder) == "lat" else write_edit_report
     write(folder, summary, order, results)
+    write_html_report(folder)
     return summary
