@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -97,7 +98,56 @@ def test_a_row_train_block_replaces_fields_and_errors_name_the_row():
 
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
 def test_a_non_finite_number_is_refused_where_the_file_is_read(value):
-    with pytest.raises(ConfigError, match=r"train\.lr.*finite number"):
+    with pytest.raises(ConfigError, match=r"train\.(optim\.)?lr.*finite number"):
         validate_experiment({"train": {"lr": value}}, "t")
     with pytest.raises(ConfigError, match=r"finite number"):
         validate_experiment({"kind": "tree", "train": {"lr": value}}, "t")
+
+
+def test_set_overrides_keep_yaml_types_index_lists_and_are_validated():
+    from mechunlearn.experiments.config import apply_overrides
+
+    data = {"train": {"steps": 20}, "localizations": [{"name": "a", "method": "last_layer"}]}
+    out = apply_overrides(
+        data,
+        ["train.steps=40", "train.lr=1e-3", "seeds=[0, 1]", "localizations.0.train={steps: 60}",
+         "sweep.lr=[1.0e-4]"],
+    )  # fmt: skip
+    assert out["train"] == {"steps": 40, "lr": 1e-3} and out["seeds"] == [0, 1]
+    assert out["localizations"][0]["train"] == {"steps": 60} and out["sweep"] == {"lr": [1e-4]}
+    assert data["train"] == {"steps": 20}  # the input is not changed
+    for bad, message in (
+        ("train.steps", "expected key.path=value"),
+        ("localizations.5.name=x", "not an index of a 1-item list"),
+        ("train.steps.x=1", "inside a single value"),
+        ("train.steps=[1", "not valid YAML"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            apply_overrides(data, [bad])
+    with pytest.raises(ConfigError, match="train.stepz: Extra inputs"):
+        validate_experiment(apply_overrides({}, ["train.stepz=3"]), "t")
+
+
+def test_cli_set_and_full(tmp_path, monkeypatch):
+    """--set reaches the validated config (a wrong key fails before anything runs) and --full
+    wins over --seeds, as the quickstart's `--seeds 1 ... --full` needs."""
+    from mechunlearn.cli import experiments as cli_experiments
+
+    seen = {}
+
+    def fake_run(cfg, out, **kwargs):
+        seen["cfg"] = cfg
+        (tmp_path / "done").mkdir(exist_ok=True)
+        (tmp_path / "done" / "results.md").write_text("ok")
+        return tmp_path / "done"
+
+    monkeypatch.setattr("mechunlearn.experiments.edit_job.run_experiment", fake_run)
+    runner = CliRunner()
+    args = ["run", "sports-athlete-edit-16", "--out", str(tmp_path / "r"), "--quiet",
+            "--workers", "1"]  # fmt: skip
+    result = runner.invoke(app, [*args, "--seeds", "1", "--full", "--set", "train.steps=7"])
+    assert result.exit_code == 0, result.output
+    assert seen["cfg"].train.steps == 7 and len(seen["cfg"].seeds) == 3
+    result = runner.invoke(app, [*args, "--set", "train.stepz=7"])
+    assert result.exit_code == 2 and "train.stepz: Extra inputs" in result.output
+    assert cli_experiments is not None

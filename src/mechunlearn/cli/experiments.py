@@ -35,7 +35,20 @@ def run_command(
     seeds: Annotated[
         int | None, typer.Option(help="use only the first N seeds of the config (quick: 1)")
     ] = None,
-    full: Annotated[bool, typer.Option("--full", help="every seed in the config")] = False,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full", help="every seed in the config, overriding --seeds (e.g. the quickstart's)"
+        ),
+    ] = False,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="override a config value, KEY.PATH=VALUE (YAML value; repeatable), e.g. "
+            "--set train.steps=40 --set localizations.0.train.steps=60",
+        ),
+    ] = None,
     model: ModelOpt = None,
     data: DataOpt = None,
     device: DeviceOpt = None,
@@ -71,14 +84,15 @@ def run_command(
     (``kind: lat``: train, attack, report) or path-finding training (``kind: tree``); the
     YAML's ``kind`` selects the config schema it is validated against."""
     from mechunlearn.errors import ConfigError
-    from mechunlearn.experiments.config import validate_config
+    from mechunlearn.experiments.config import apply_overrides, read_yaml_mapping, validate_config
     from mechunlearn.experiments.edit_config import ExperimentConfig, resolve_config
-    from mechunlearn.experiments.experiment_file import load_experiment
+    from mechunlearn.experiments.experiment_file import validate_experiment
     from mechunlearn.experiments.lat_config import LatExperimentConfig
 
-    cfg = load_experiment(resolve_config(config))
-    if seeds is not None and full:
-        raise typer.BadParameter("give --seeds N or --full, not both")
+    path = resolve_config(config)
+    cfg = validate_experiment(apply_overrides(read_yaml_mapping(path), overrides or []), str(path))
+    if full:
+        seeds = None  # every seed, whatever --seeds said
     if seeds is not None and seeds < 1:
         raise typer.BadParameter("--seeds must be at least 1")
     log = make_log(quiet)

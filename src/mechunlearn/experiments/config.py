@@ -107,3 +107,53 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
 
 def load_yaml_config(cls: type[BaseModel], path: str | Path) -> BaseModel:
     return validate_config(cls, read_yaml_mapping(path), str(path))
+
+
+def _number_if_numeric(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; on a command line it means the number."""
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip().lower() not in ("inf", "nan", "-inf") else value
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(data: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """``data`` with each ``key.path=value`` of ``assignments`` set (a copy; ``value`` is read
+    as YAML, so ``5``, ``1e-3``, ``[0, 1]`` and ``{steps: 60}`` keep their types; a number
+    in the path indexes a list, e.g. ``localizations.3.train.steps=60``). The result is
+    validated by the caller with the same schema as the file, so a wrong key or value is
+    reported the same way."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for assignment in assignments:
+        path, sep, raw = assignment.partition("=")
+        keys = path.strip().split(".")
+        if not sep or not all(keys):
+            raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {assignment!r}: the value is not valid YAML: {exc}") from None
+        value = _number_if_numeric(value)
+        node: Any = out
+        for depth, key in enumerate(keys):
+            last = depth == len(keys) - 1
+            where = ".".join(keys[: depth + 1])
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ConfigError(
+                        f"--set {assignment!r}: {where} is not an index of a {len(node)}-item list"
+                    )
+                key = int(key)  # type: ignore[assignment]
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {assignment!r}: {where} is inside a single value")
+            if last:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and node.get(key) is None:
+                    node[key] = {}  # a block the file leaves out (or null) is started
+                node = node[key]
+    return out
