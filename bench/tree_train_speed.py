@@ -1,7 +1,7 @@
 """Training throughput of the tree path-finding trainer (Brinkmann et al. 2024 task) versus a
 straightforward reference loop on the same model config, from one run.
 
-    .venv/bin/python bench/tree_train_speed.py [--model cpu|paper] [--batch-size 256]
+    .venv/bin/python bench/tree_train_speed.py [--preset cpu|paper] [--batch-size 256]
         [--steps 10] [--warmup 2] [--precision fp32|bf16] [--compile] [--device cuda]
         [--json out.json]
 
@@ -170,7 +170,7 @@ def matmul_peak(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="cpu", help="preset: cpu | paper")
+    parser.add_argument("--preset", default="cpu", help="model preset: cpu | paper")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2)
@@ -183,7 +183,7 @@ def main() -> None:
 
     threads = configure_threads()
     device = resolve_device(args.device)
-    model_cfg = resolve_model_config(args.model)
+    model_cfg = resolve_model_config(args.preset)
     total = args.warmup + args.steps
     config = TreeTrainConfig(
         model=model_cfg,
@@ -237,7 +237,7 @@ def main() -> None:
         "reference_fraction_of_peak": reference * flops_per_seq / peak_fp32,
     }
     print(
-        f"{args.model} ({n_params['total']:,} params), batch {args.batch_size}, {device}, "
+        f"{args.preset} ({n_params['total']:,} params), batch {args.batch_size}, {device}, "
         f"{threads} thread(s), {args.precision}{' compiled' if args.compile else ''}:\n"
         f"  toolkit   {toolkit:8.1f} seq/s  {toolkit * flops_per_seq / 1e9:9.2f} GFLOP/s "
         f"({100 * results['toolkit_fraction_of_peak']:.1f}% of the {args.precision} matmul peak)\n"

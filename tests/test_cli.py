@@ -251,3 +251,16 @@ def test_python_dash_m_runs_the_same_cli():
     )
     assert proc.returncode == 0, proc.stderr
     assert "analyze" in proc.stdout and "train" in proc.stdout
+
+
+def test_help_lists_what_the_registries_hold():
+    from mechunlearn.cli.common import LOCALIZATION_METHODS
+    from mechunlearn.localize import LOCALIZERS
+    from mechunlearn.tasks.datasets import TASKS
+    from mechunlearn.tasks.formats import FORMATS
+
+    assert list(LOCALIZATION_METHODS) == LOCALIZERS.names()
+    text = " ".join(invoke("localize", "--help").output.split())
+    assert all(name in text for name in LOCALIZERS.names())
+    text = " ".join(invoke("eval", "--help").output.split())
+    assert all(name in text for name in TASKS.names() + FORMATS.names())

@@ -390,3 +390,11 @@ def test_schedule_restarts_train_an_extended_run_in_one_go(tmp_path):
         tiny_config(steps=20, schedule_restarts=[[10, 5]])
     with pytest.raises(ConfigError, match="schedule_restarts"):
         tiny_config(steps=20, schedule_restarts=[[20, 20]])
+
+
+def test_tree_train_takes_its_model_preset_as_preset():
+    """--model is a model spec in every other command; tree train's preset is --preset."""
+    result = CliRunner().invoke(app, ["tree", "train", "--model", "paper", "--quiet"])
+    assert result.exit_code == 2 and "No such option: --model" in result.output
+    result = CliRunner().invoke(app, ["tree", "train", "--help"])
+    assert "--preset" in result.output

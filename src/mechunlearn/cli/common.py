@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from mechunlearn.errors import MechUnlearnError
+from mechunlearn.tasks.datasets import TASKS
+from mechunlearn.tasks.formats import FORMATS
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Robust knowledge editing and unlearning."
@@ -41,7 +43,18 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 ModelOpt = Annotated[
     str | None, typer.Option(help="embedded name, HF folder, .gguf file or hub name")
 ]
-TaskOpt = Annotated[str | None, typer.Option(help="fact set: sports | counterfact")]
+TaskOpt = Annotated[str | None, typer.Option(help=f"fact set: {' | '.join(TASKS.names())}")]
+FormatsOpt = Annotated[
+    str | None,
+    typer.Option(help=f"comma-separated prompt formats, of: {' | '.join(FORMATS.names())}"),
+]
+LOCALIZATION_METHODS = (
+    "activation_patching", "all_mlps", "attribution_patching", "causal_tracing",
+    "edge_attribution_patching", "fact_lookup", "last_layer", "nonlocalized", "random",
+    "random_mlps",
+)  # fmt: skip
+"""The localization registry's names, for help text without importing the methods (seconds of
+torch and transformers at every ``--help``); a test keeps it equal to ``LOCALIZERS.names()``."""
 DataOpt = Annotated[str | None, typer.Option(help="data file (sports CSV or CounterFact JSON)")]
 ConfigOpt = Annotated[
     Path | None, typer.Option(help="YAML config; command-line options override it")

@@ -9,9 +9,11 @@ import typer
 from rich.table import Table
 
 from mechunlearn.cli.common import (
+    LOCALIZATION_METHODS,
     ConfigOpt,
     DataOpt,
     DeviceOpt,
+    FormatsOpt,
     ModelOpt,
     QuietOpt,
     SeedOpt,
@@ -56,9 +58,7 @@ def eval_command(
     model: ModelOpt = None,
     task: TaskOpt = None,
     data: DataOpt = None,
-    formats: Annotated[
-        str | None, typer.Option(help="comma-separated: completion,question,mcq,paraphrase")
-    ] = None,
+    formats: FormatsOpt = None,
     out: Annotated[Path, typer.Option(help="run folder to write (replaced atomically)")] = Path(
         "runs/eval"
     ),
@@ -114,7 +114,7 @@ def localize(
     task: TaskOpt = None,
     data: DataOpt = None,
     method: Annotated[
-        str | None, typer.Option(help="fact_lookup, causal_tracing, activation_patching, ...")
+        str | None, typer.Option(help=f"localization method: {' | '.join(LOCALIZATION_METHODS)}")
     ] = None,
     out: Annotated[Path, typer.Option(help="run folder to write (replaced atomically)")] = Path(
         "runs/localize"

@@ -59,8 +59,9 @@ def tree_train(
     out: Annotated[
         Path, typer.Option(help="run folder: state/ (resume), model/ (checkpoint), metrics.json")
     ] = Path("runs/tree"),
-    model: Annotated[
-        str | None, typer.Option(help="model preset: paper | cpu (default: the config's)")
+    preset: Annotated[
+        str | None,
+        typer.Option(help="model preset: paper | cpu (default: the config's model)"),
     ] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
     batch_size: Annotated[int | None, typer.Option(help="trees per step")] = None,
@@ -91,7 +92,7 @@ def tree_train(
     from mechunlearn.reasoning.train import TreeTrainConfig, train_tree_model
 
     values = {
-        "model": model,
+        "model": preset,
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
