@@ -53,7 +53,7 @@ from mechunlearn.edit.objectives import DEFAULT_FLOOR, TargetBatch, unlearn_loss
 from mechunlearn.errors import DataError, SiteError, TokenizationError
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.hooks import Apply
-from mechunlearn.report.progress import progress_bar
+from mechunlearn.progress import progress_bar
 from mechunlearn.schema import STRICT_CONFIG
 
 KINDS = ("unwanted", "desired")

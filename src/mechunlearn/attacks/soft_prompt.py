@@ -37,7 +37,7 @@ from mechunlearn.evals.metrics import mean_and_sem
 from mechunlearn.evals.scoring import ItemScore, score_items
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.hooks import Apply
-from mechunlearn.report.progress import progress_bar
+from mechunlearn.progress import progress_bar
 from mechunlearn.schema import STRICT_CONFIG
 from mechunlearn.tasks.formats import format_records
 from mechunlearn.tasks.records import FactRecord, PromptItem

@@ -34,7 +34,7 @@ from mechunlearn.edit.checkpoint import latest_checkpoint, load_checkpoint, save
 from mechunlearn.edit.parametrization import Trainable
 from mechunlearn.errors import ConfigError
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.report.progress import progress_bar
+from mechunlearn.progress import progress_bar
 from mechunlearn.schema import STRICT_CONFIG
 
 OPTIM_FIELDS = ("lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm", "precision")

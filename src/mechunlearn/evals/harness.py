@@ -18,7 +18,7 @@ from mechunlearn.evals.lm_loss import lm_loss
 from mechunlearn.evals.metrics import DEFAULT_METRICS, mean_and_sem, per_record
 from mechunlearn.evals.scoring import ItemScore, count_units, score_items
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.report.progress import progress_bar
+from mechunlearn.progress import progress_bar
 from mechunlearn.tasks.formats import format_records
 from mechunlearn.tasks.records import FactRecord
 

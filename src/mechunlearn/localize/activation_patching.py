@@ -52,7 +52,7 @@ from mechunlearn.localize.result import Localization, make_localization
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.hooks import Handler, Patch, position_mask
 from mechunlearn.models.sites import Site
-from mechunlearn.report.progress import progress_bar
+from mechunlearn.progress import progress_bar
 from mechunlearn.tasks.records import FactRecord
 
 MIN_DENOMINATOR = 1e-6

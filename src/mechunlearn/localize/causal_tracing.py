@@ -55,7 +55,7 @@ from mechunlearn.localize.result import Localization, make_localization
 from mechunlearn.models.handle import HookedModel, cache_argument
 from mechunlearn.models.hooks import Intervention, Patch, Perturb, position_mask
 from mechunlearn.models.sites import Site
-from mechunlearn.report.progress import progress_bar
+from mechunlearn.progress import progress_bar
 from mechunlearn.tasks.records import FactRecord
 
 ROLES: tuple[str, ...] = (

@@ -63,7 +63,7 @@ from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
 from mechunlearn.localize.result import Localization, make_localization, select_under_budget
 from mechunlearn.models.adapters import head_contributions
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.report.progress import progress_bar
+from mechunlearn.progress import progress_bar
 from mechunlearn.tasks.records import FactRecord
 
 DEFAULT_TOP_EDGES = 50

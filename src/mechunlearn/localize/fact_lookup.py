@@ -73,7 +73,7 @@ from mechunlearn.localize.result import Localization, make_localization, select_
 from mechunlearn.models.adapters import head_contributions
 from mechunlearn.models.handle import Batch, HookedModel
 from mechunlearn.models.hooks import Handler, Patch
-from mechunlearn.report.progress import progress_bar
+from mechunlearn.progress import progress_bar
 from mechunlearn.tasks.records import FactRecord
 
 EXTRACTION_FRACTION = 0.1

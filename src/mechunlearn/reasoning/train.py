@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from mechunlearn.errors import ConfigError, DataError
 from mechunlearn.io import atomic_directory, atomic_write_json
+from mechunlearn.progress import progress_bar
 from mechunlearn.reasoning.model import (
     TreeModelConfig,
     build_model,
@@ -53,7 +54,6 @@ from mechunlearn.reasoning.trees import (
     heldout_trees,
     training_trees,
 )
-from mechunlearn.report.progress import progress_bar
 from mechunlearn.runtime import configure_threads, resolve_device
 from mechunlearn.schema import STRICT_CONFIG
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from mechunlearn.io import atomic_directory, atomic_write_json, atomic_write_text
 from mechunlearn.models.handle import HookedModel
+from mechunlearn.progress import progress_bar
 from mechunlearn.reasoning.analysis.accuracy import AccuracyResult, accuracy_analysis
 from mechunlearn.reasoning.analysis.attention import AttentionResult, attention_analysis
 from mechunlearn.reasoning.analysis.common import AnalysisOrder, AnalysisSettings, check_tree_model
@@ -37,7 +38,6 @@ from mechunlearn.reasoning.analysis.summary import (
     summarize,
 )
 from mechunlearn.reasoning.trees import TreeTaskConfig
-from mechunlearn.report.progress import progress_bar
 from mechunlearn.schema import STRICT_CONFIG
 
 STEPS = ("accuracy", "attention", "roles", "probes", "deduction", "scrubbing", "registers")
