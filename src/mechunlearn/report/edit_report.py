@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mechunlearn.io import atomic_write_json, atomic_write_text  # noqa: E402
+from mechunlearn.plotting import save_figure  # noqa: E402
 from mechunlearn.report.claims import (  # noqa: E402
     REFERENCE,
     claim_rows,
@@ -27,7 +28,6 @@ from mechunlearn.report.claims import (  # noqa: E402
     relocalize_markdown,
     relocalize_rows,
 )
-from mechunlearn.report.figures import save_figure  # noqa: E402
 from mechunlearn.report.results import (  # noqa: E402
     BASE,
     format_cell,

@@ -16,19 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mechunlearn.localize.result import Localization  # noqa: E402
+from mechunlearn.plotting import save_figure  # noqa: E402
 
 _HEAD_RE = re.compile(r"^blocks\.(\d+)\.attn\.head(\d+)$")
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.(attn|mlp)$")
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Write a PNG atomically (temporary file + rename) and close the figure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
 
 
 def position_heatmap(loc: Localization, kind: str, path: Path) -> Path:

@@ -17,8 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from mechunlearn.io import atomic_write_text  # noqa: E402
+from mechunlearn.plotting import save_figure  # noqa: E402
 from mechunlearn.report.edit_report import metric_bars  # noqa: E402
-from mechunlearn.report.figures import save_figure  # noqa: E402
 from mechunlearn.report.results import format_cell, markdown_table, mean_ratio  # noqa: E402
 
 ATTACKS = (("latent_attack", "latent attack"), ("embed_attack", "embedding attack"))

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mechunlearn.plotting import save_figure  # noqa: E402
 from mechunlearn.reasoning.analysis.accuracy import AccuracyResult  # noqa: E402
 from mechunlearn.reasoning.analysis.attention import AttentionResult  # noqa: E402
 from mechunlearn.reasoning.analysis.deduction import DeductionResult  # noqa: E402
@@ -20,7 +21,6 @@ from mechunlearn.reasoning.analysis.probes import ProbeResult  # noqa: E402
 from mechunlearn.reasoning.analysis.registers import RegisterResult  # noqa: E402
 from mechunlearn.reasoning.analysis.roles import RoleResult  # noqa: E402
 from mechunlearn.reasoning.analysis.scrubbing import ScrubbingResult  # noqa: E402
-from mechunlearn.report.figures import save_figure  # noqa: E402
 
 
 def _nan(values) -> np.ndarray:
