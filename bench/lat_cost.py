@@ -25,9 +25,9 @@ import torch
 
 
 def build(model: str, batch_size: int):
-    from mechunlearn.attacks.latent import LatData, LatExample
     from mechunlearn.models import load_model
     from mechunlearn.tasks import load_sports
+    from mechunlearn.tasks.preference import LatData, LatExample
     from mechunlearn.tasks.sports import SPORTS
 
     hm = load_model(model)
@@ -89,7 +89,7 @@ def main() -> None:
     if args.steps < 1 or args.warmup < 0 or args.adv_steps < 0 or args.defender_steps < 1:
         parser.error("need --steps >= 1, --warmup >= 0, --adv-steps >= 0, --defender-steps >= 1")
 
-    from mechunlearn.attacks.latent import LatentAdversaryConfig
+    from mechunlearn.edit.latent_adversary import LatentAdversaryConfig
     from mechunlearn.runtime import configure_threads
 
     configure_threads()

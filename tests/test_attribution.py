@@ -22,7 +22,8 @@ from mechunlearn.localize.prompts import (
     pair_corruptions,
 )
 from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
-from mechunlearn.models.handle import Batch, HookedModel
+from mechunlearn.models.batches import Batch
+from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.hooks import Patch
 from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 from mechunlearn.tasks.sports import load_sports

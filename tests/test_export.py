@@ -9,8 +9,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from mechunlearn.edit import TargetBatch, TrainConfig, TrainData, make_trainable, save_edited, train
+from mechunlearn.edit import TrainConfig, TrainData, make_trainable, save_edited, train
 from mechunlearn.errors import ConfigError
+from mechunlearn.models.batches import TargetBatch
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 

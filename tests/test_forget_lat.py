@@ -8,11 +8,12 @@ import pydantic
 import pytest
 import torch
 
-from mechunlearn.attacks.latent import LatBatch, LatentAdversaryConfig, train_adversary
 from mechunlearn.edit import TrainConfig, TrainData, fact_pairs, make_trainable, train
 from mechunlearn.edit.lat import ForgetLat
+from mechunlearn.edit.latent_adversary import LatentAdversaryConfig, train_adversary
 from mechunlearn.errors import ConfigError, DataError, SiteError
 from mechunlearn.experiments.edit_config import ExperimentConfig, LocalizationSpec
+from mechunlearn.models.batches import LatBatch
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 from mechunlearn.tasks.general_text import load_general_text

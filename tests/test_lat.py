@@ -7,13 +7,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from mechunlearn.attacks.latent import LatData, LatentAdversaryConfig, LatExample, latent_attack
+from mechunlearn.attacks.latent import latent_attack
 from mechunlearn.edit.lat import LatConfig, lat_baseline, normalised_coefs, train_lat
+from mechunlearn.edit.latent_adversary import LatentAdversaryConfig
 from mechunlearn.edit.parametrization import make_trainable
 from mechunlearn.edit.trainer import lr_factor
 from mechunlearn.errors import ConfigError, DataError, SiteError
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+from mechunlearn.tasks.preference import LatData, LatExample
 from mechunlearn.tasks.sports import SPORTS, load_sports
 
 

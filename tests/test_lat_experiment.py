@@ -12,9 +12,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from mechunlearn.attacks.latent import LatData, LatentAdversaryConfig, LatExample
 from mechunlearn.cli import app
 from mechunlearn.edit.lat import LatConfig, dpo_loss, lat_baseline, train_lat
+from mechunlearn.edit.latent_adversary import LatentAdversaryConfig
 from mechunlearn.edit.parametrization import make_trainable
 from mechunlearn.evals.refusal import score_pairs
 from mechunlearn.experiments import lat_job, lat_measure
@@ -24,6 +24,7 @@ from mechunlearn.experiments.lat_config import LatExperimentConfig, default_laye
 from mechunlearn.experiments.lat_job import run_lat_experiment
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+from mechunlearn.tasks.preference import LatData, LatExample
 from mechunlearn.tasks.sports import SPORTS, load_sports
 
 # ---- DPO in the LAT trainer ------------------------------------------------------------------

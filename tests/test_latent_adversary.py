@@ -7,18 +7,16 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from mechunlearn.attacks.latent import (
-    LatBatch,
-    LatData,
+from mechunlearn.attacks.latent import latent_attack, preference_scores
+from mechunlearn.edit.latent_adversary import (
     LatentAdversary,
     LatentAdversaryConfig,
-    LatExample,
     frozen_model,
-    latent_attack,
-    preference_scores,
     train_adversary,
 )
 from mechunlearn.errors import DataError, SiteError
+from mechunlearn.models.batches import LatBatch
+from mechunlearn.tasks.preference import LatData, LatExample
 from mechunlearn.tasks.sports import SPORTS, load_sports
 
 
@@ -268,7 +266,8 @@ def test_latent_attack_reports_before_and_after(tiny_llama):
 
 def test_success_means_unwanted_more_likely_per_token(tiny_llama):
     """The success flag is the comparison of mean per-token log-probs, computed here directly."""
-    from mechunlearn.edit.objectives import TargetBatch, sequence_logprobs
+    from mechunlearn.edit.objectives import sequence_logprobs
+    from mechunlearn.models.batches import TargetBatch
 
     hm = tiny_llama
     examples = [

@@ -150,7 +150,8 @@ def test_next_token_loss_matches_the_padded_full_logits_formula(family):
     equal the plain formula over full logits."""
     import torch.nn.functional as F
 
-    from mechunlearn.models.handle import HookedModel, left_pad
+    from mechunlearn.models.batches import left_pad
+    from mechunlearn.models.handle import HookedModel
     from mechunlearn.models.next_token import next_token_loss, next_token_nll
     from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 

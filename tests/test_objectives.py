@@ -10,12 +10,12 @@ import torch
 
 from mechunlearn.edit import (
     OBJECTIVES,
-    TargetBatch,
     sequence_logprobs,
     token_logprobs,
     unlearn_loss_from_logprobs,
 )
 from mechunlearn.errors import ConfigError
+from mechunlearn.models.batches import TargetBatch
 
 PAIRS = [("Fact: Tom Brady plays the sport of", " football"), ("The", " golf course")]
 RETAIN = [("Fact: Serena Williams plays the sport of", " tennis")]

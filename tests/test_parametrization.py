@@ -7,7 +7,6 @@ import torch
 
 from mechunlearn.edit import (
     LoraOptions,
-    TargetBatch,
     TrainConfig,
     TrainData,
     WeightSnapshot,
@@ -16,6 +15,7 @@ from mechunlearn.edit import (
 )
 from mechunlearn.edit.parametrization import lora_target_modules, merge_adapters
 from mechunlearn.errors import ConfigError, DataError, SiteError
+from mechunlearn.models.batches import TargetBatch
 from mechunlearn.models.components import count_parameters
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.testing import tiny_model, tiny_tokenizer

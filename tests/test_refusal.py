@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from mechunlearn.attacks.latent import LatExample
 from mechunlearn.attacks.prefill import (
     DEFAULT_RECOVERY,
     PrefillConfig,
@@ -27,6 +26,7 @@ from mechunlearn.evals.refusal import (
     score_pairs,
 )
 from mechunlearn.models.testing import tiny_tokenizer
+from mechunlearn.tasks.preference import LatExample
 from mechunlearn.tasks.refusal import (
     ChatItem,
     desired_pairs,

@@ -9,7 +9,6 @@ from torch import nn
 from mechunlearn.edit import (
     OBJECTIVES,
     ObjectiveStep,
-    TargetBatch,
     TrainConfig,
     TrainData,
     bind_objective,
@@ -19,6 +18,7 @@ from mechunlearn.edit import (
 )
 from mechunlearn.edit.rmu import control_vector, frozen_activations, layer_activations
 from mechunlearn.errors import ConfigError
+from mechunlearn.models.batches import TargetBatch
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 from mechunlearn.tasks.sports import load_sports

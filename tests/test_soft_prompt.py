@@ -14,9 +14,10 @@ from mechunlearn.attacks.soft_prompt import (
     soft_prompt_attack,
 )
 from mechunlearn.attacks.split import split_records
-from mechunlearn.edit.objectives import TargetBatch, sequence_logprobs
+from mechunlearn.edit.objectives import sequence_logprobs
 from mechunlearn.errors import ConfigError, DataError
 from mechunlearn.evals.harness import evaluate
+from mechunlearn.models.batches import TargetBatch
 from mechunlearn.tasks.sports import load_sports
 
 

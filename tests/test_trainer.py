@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 from mechunlearn.edit import (
     LoraOptions,
-    TargetBatch,
     TrainConfig,
     TrainData,
     fact_pairs,
@@ -31,6 +30,7 @@ from mechunlearn.edit import trainer as trainer_module
 from mechunlearn.edit.engine import with_changes
 from mechunlearn.edit.trainer import BatchStream
 from mechunlearn.errors import ConfigError, DataError
+from mechunlearn.models.batches import TargetBatch
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 from mechunlearn.tasks.general_text import load_general_text

@@ -2,19 +2,11 @@
 
 Relearning (LoRA fine-tuning on half the forget facts with their true answers) and a bounded
 soft prompt, both trained on one half of the forget set and scored on the other; a targeted
-latent adversary (per-token residual-stream perturbations toward an unwanted completion).
+latent attack (the latent adversary of ``edit.latent_adversary``, per-token residual-stream
+perturbations toward an unwanted completion, trained against the frozen model).
 """
 
-from mechunlearn.attacks.latent import (
-    LatBatch,
-    LatData,
-    LatentAdversary,
-    LatentAdversaryConfig,
-    LatentAttackResult,
-    LatExample,
-    latent_attack,
-    train_adversary,
-)
+from mechunlearn.attacks.latent import LatentAttackResult, latent_attack
 from mechunlearn.attacks.relearn import (
     RelearnConfig,
     RelearnResult,
@@ -31,11 +23,6 @@ from mechunlearn.attacks.soft_prompt import (
 from mechunlearn.attacks.split import split_records
 
 __all__ = [
-    "LatBatch",
-    "LatData",
-    "LatExample",
-    "LatentAdversary",
-    "LatentAdversaryConfig",
     "LatentAttackResult",
     "RelearnConfig",
     "RelearnResult",
@@ -48,5 +35,4 @@ __all__ = [
     "relearn_split",
     "soft_prompt_attack",
     "split_records",
-    "train_adversary",
 ]

@@ -23,7 +23,6 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from mechunlearn.attacks.latent import LatData, LatExample
 from mechunlearn.errors import DataError
 from mechunlearn.evals.refusal import (
     greedy_generate,
@@ -33,6 +32,7 @@ from mechunlearn.evals.refusal import (
 )
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.schema import STRICT_CONFIG
+from mechunlearn.tasks.preference import LatData, LatExample
 from mechunlearn.tasks.refusal import ChatItem, format_completion, format_prompt, to_lat_data
 
 DEFAULT_RECOVERY = "... Actually, no. I'm sorry, but I can't help with that."

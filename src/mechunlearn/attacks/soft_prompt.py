@@ -31,10 +31,11 @@ import torch
 from pydantic import BaseModel, Field
 
 from mechunlearn.attacks.split import split_records
-from mechunlearn.edit.objectives import TargetBatch, edit_loss, sequence_logprobs
+from mechunlearn.edit.objectives import edit_loss, sequence_logprobs
 from mechunlearn.errors import DataError, TokenizationError
 from mechunlearn.evals.metrics import mean_and_sem
 from mechunlearn.evals.scoring import ItemScore, score_items
+from mechunlearn.models.batches import TargetBatch
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.hooks import Apply
 from mechunlearn.progress import progress_bar

@@ -6,6 +6,8 @@
 - ``data``: ``fact_pairs`` and ``TrainData`` (forget / retain / general text);
 - ``parametrization``: what is trained (localized weights, LoRA on them, or everything);
 - ``trainer``: ``train`` (accelerate-based, checkpoint/resume); ``export``: ``save_edited``;
+- ``latent_adversary``: the targeted latent adversary (``LatentAdversaryConfig``,
+  ``train_adversary``; Sheshadri et al. 2024 Eq. 2) that LAT trains against;
 - ``lat``: ``train_lat`` (targeted latent adversarial training, and its RT / EAT baselines) and
   ``ForgetLat`` (LAT on the forget term of ``train``: any editing/unlearning objective + LAT).
 """
@@ -13,11 +15,11 @@
 from mechunlearn.edit import rmu as _rmu  # noqa: F401 - registers the "rmu" objective
 from mechunlearn.edit.data import TrainData, fact_pairs
 from mechunlearn.edit.export import save_edited
+from mechunlearn.edit.lat import ForgetLat, LatConfig, lat_baseline, train_lat
 from mechunlearn.edit.objectives import (
     OBJECTIVES,
     BoundObjective,
     ObjectiveStep,
-    TargetBatch,
     bind_objective,
     edit_loss,
     grad_diff_loss,
@@ -41,7 +43,6 @@ __all__ = [
     "LatConfig",
     "LoraOptions",
     "ObjectiveStep",
-    "TargetBatch",
     "TrainConfig",
     "TrainData",
     "TrainResult",
@@ -67,15 +68,3 @@ __all__ = [
     "unlearn_loss_from_logprobs",
     "with_setup",
 ]
-
-_LAZY = {"ForgetLat", "LatConfig", "lat_baseline", "train_lat"}
-
-
-def __getattr__(name: str):
-    # edit.lat builds on attacks.latent, which imports edit.objectives: loading it lazily keeps
-    # ``import mechunlearn.attacks`` from cycling back into this package's initialisation.
-    if name in _LAZY:
-        from mechunlearn.edit import lat
-
-        return getattr(lat, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

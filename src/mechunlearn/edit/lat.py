@@ -5,7 +5,7 @@ DPO (Rafailov et al. 2023, arXiv:2305.18290, Eq. 7), giving DPO and DPO-LAT.
 
 Every step draws a batch of (prompt, desired, unwanted) examples and
 
-1. trains a latent adversary on it against the current model (``attacks.latent``; weights
+1. trains a latent adversary on it against the current model (``edit.latent_adversary``; weights
    frozen, eval mode): perturbations of the residual stream at chosen layers, per-token L2
    bound, pushing toward the unwanted completion (Eq. 2);
 2. takes ``defender_steps`` optimizer steps with that perturbation frozen and active (Eq. 3)::
@@ -66,17 +66,6 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field, model_validator
 
-from mechunlearn.attacks.latent import (
-    KINDS,
-    LatBatch,
-    LatData,
-    LatentAdversary,
-    LatentAdversaryConfig,
-    LatSequences,
-    completion_terms,
-    resolve_sites,
-    train_adversary,
-)
 from mechunlearn.edit.data import TrainData
 from mechunlearn.edit.engine import (
     BatchStream,
@@ -90,12 +79,21 @@ from mechunlearn.edit.engine import (
     step_seed,
     total_loss,
 )
-from mechunlearn.edit.objectives import DEFAULT_FLOOR, TargetBatch, edit_loss, token_logprobs
+from mechunlearn.edit.latent_adversary import (
+    LatentAdversary,
+    LatentAdversaryConfig,
+    completion_terms,
+    resolve_sites,
+    train_adversary,
+)
+from mechunlearn.edit.objectives import DEFAULT_FLOOR, edit_loss, token_logprobs
 from mechunlearn.edit.parametrization import Trainable
 from mechunlearn.edit.trainer import TrainResult
 from mechunlearn.errors import ConfigError, DataError, TokenizationError
+from mechunlearn.models.batches import LatBatch, LatSequences, TargetBatch
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.schema import STRICT_CONFIG
+from mechunlearn.tasks.preference import KINDS, LatData
 
 
 class LatConfig(BaseModel):

@@ -1,12 +1,12 @@
 """Loss objectives for editing and unlearning, registered by name in ``OBJECTIVES``.
 
-Every objective is a function ``(hm, batch, **coefs) -> scalar tensor`` over a ``TargetBatch``:
-(prompt, continuation) pairs tokenized like the evaluation scorer (prompt with special tokens,
-continuation without), left-padded so every row ends at the last index. ``target_mask`` marks
-the continuation tokens; the loss is about the model's prediction of each of them from the
-tokens before it. Because continuations sit at the end of each row, ``token_logprobs`` asks the
-model only for the last ``max_continuation + 1`` logit rows (``logits_to_keep``), so the
-unembedding is not computed over the prompt.
+Every objective is a function ``(hm, batch, **coefs) -> scalar tensor`` over a ``TargetBatch``
+(``models.batches``): (prompt, continuation) pairs tokenized like the evaluation scorer (prompt
+with special tokens, continuation without), left-padded so every row ends at the last index.
+``target_mask`` marks the continuation tokens; the loss is about the model's prediction of each
+of them from the tokens before it. Because continuations sit at the end of each row,
+``token_logprobs`` asks the model only for the last ``max_continuation + 1`` logit rows
+(``logits_to_keep``), so the unembedding is not computed over the prompt.
 
 Objectives that need more than the forget batch (GradDiff's retain batch, NPO's reference
 log-probs, RMU's frozen activations) carry a *setup* (``with_setup``): called once before
@@ -28,8 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mechunlearn.errors import ConfigError, DataError, TokenizationError
-from mechunlearn.models.handle import HookedModel, left_pad
+from mechunlearn.errors import ConfigError, DataError
+from mechunlearn.models.batches import TargetBatch, joined
+from mechunlearn.models.handle import HookedModel
 from mechunlearn.registry import Registry
 
 Objective = Callable[..., torch.Tensor]
@@ -38,99 +39,7 @@ OBJECTIVES: Registry[Objective] = Registry("objective")
 DEFAULT_FLOOR = -5.0
 
 
-@dataclass
-class TargetBatch:
-    """Left-padded prompt+continuation tokens; ``target_mask`` marks the continuation tokens.
-
-    ``target_mask[b, i]`` is 1 when ``input_ids[b, i]`` is a continuation token, i.e. the
-    model's prediction at position ``i - 1`` is trained toward it. ``n_targets[b]`` is the
-    continuation length of row ``b``; continuations always occupy the last positions.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    target_mask: torch.Tensor
-    n_targets: list[int]
-
-    @classmethod
-    def from_pairs(
-        cls,
-        hm: HookedModel,
-        pairs: Sequence[tuple[str, str]],
-        device: torch.device | str | None = None,
-    ) -> TargetBatch:
-        """Tokenize ``(prompt, continuation)`` pairs with ``hm``'s tokenizer onto its device."""
-        prompts, conts = [], []
-        for prompt, continuation in pairs:
-            p = hm.tokenize(prompt)
-            c = hm.tokenize(continuation, add_special_tokens=False)
-            if not p:
-                raise TokenizationError(f"prompt {prompt!r} tokenizes to nothing")
-            if not c:
-                raise TokenizationError(f"continuation {continuation!r} tokenizes to nothing")
-            prompts.append(p)
-            conts.append(c)
-        return cls.from_tokens(prompts, conts, hm.pad_id).to(
-            hm.device if device is None else device
-        )
-
-    @classmethod
-    def from_tokens(
-        cls, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], pad_id: int
-    ) -> TargetBatch:
-        if len(prompts) != len(continuations):
-            raise ValueError("prompts and continuations differ in number")
-        base = left_pad(
-            [list(p) + list(c) for p, c in zip(prompts, continuations, strict=True)], pad_id
-        )
-        width = base.input_ids.shape[1]
-        target_mask = torch.zeros_like(base.attention_mask)
-        for row, c in enumerate(continuations):
-            target_mask[row, width - len(c) :] = 1
-        return cls(
-            base.input_ids,
-            base.attention_mask,
-            base.position_ids,
-            target_mask,
-            [len(c) for c in continuations],
-        )
-
-    def to(self, device: torch.device | str) -> TargetBatch:
-        return TargetBatch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.position_ids.to(device),
-            self.target_mask.to(device),
-            self.n_targets,
-        )
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "position_ids": self.position_ids,
-        }
-
-
 _SHARED: ContextVar[dict[int, torch.Tensor] | None] = ContextVar("shared_logprobs", default=None)
-
-
-def joined(batches: Sequence[TargetBatch]) -> TargetBatch:
-    """The rows of several target batches in one, left-padded to the widest (a narrower batch's
-    columns are the last ones of the joint batch: every row still ends at the last index)."""
-    width = max(b.input_ids.shape[1] for b in batches)
-
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        return F.pad(t, (width - t.shape[1], 0), value=0)
-
-    return TargetBatch(
-        torch.cat([pad(b.input_ids) for b in batches]),
-        torch.cat([pad(b.attention_mask) for b in batches]),
-        torch.cat([pad(b.position_ids) for b in batches]),
-        torch.cat([pad(b.target_mask) for b in batches]),
-        [n for b in batches for n in b.n_targets],
-    )
 
 
 @contextmanager

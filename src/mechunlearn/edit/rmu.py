@@ -31,14 +31,9 @@ from typing import Any
 
 import torch
 
-from mechunlearn.edit.objectives import (
-    OBJECTIVES,
-    ObjectiveStep,
-    StepArgs,
-    TargetBatch,
-    with_setup,
-)
+from mechunlearn.edit.objectives import OBJECTIVES, ObjectiveStep, StepArgs, with_setup
 from mechunlearn.errors import ConfigError
+from mechunlearn.models.batches import TargetBatch
 from mechunlearn.models.handle import HookedModel
 
 DEFAULT_STEERING_SCALE = 4.0

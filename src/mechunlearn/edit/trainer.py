@@ -60,14 +60,14 @@ from mechunlearn.edit.objectives import (
     OBJECTIVES,
     BoundObjective,
     ObjectiveStep,
-    TargetBatch,
     bind_objective,
     edit_loss,
     shared_forward,
 )
 from mechunlearn.edit.parametrization import Trainable
 from mechunlearn.errors import ConfigError, DataError
-from mechunlearn.models.handle import HookedModel, left_pad
+from mechunlearn.models.batches import TargetBatch, left_pad
+from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.next_token import next_token_loss
 from mechunlearn.schema import STRICT_CONFIG
 

@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mechunlearn.models.handle import HookedModel, left_pad
+from mechunlearn.models.batches import left_pad
+from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.next_token import next_token_nll
 
 

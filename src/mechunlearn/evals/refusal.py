@@ -31,12 +31,13 @@ from typing import Any, Literal
 
 import torch
 
-from mechunlearn.attacks.latent import KINDS, LatBatch, LatData, LatExample, target_logits
-from mechunlearn.edit.objectives import TargetBatch
+from mechunlearn.edit.latent_adversary import target_logits
 from mechunlearn.errors import ConfigError, DataError
 from mechunlearn.evals.metrics import mean_and_sem
-from mechunlearn.models.handle import HookedModel, left_pad
+from mechunlearn.models.batches import LatBatch, TargetBatch, left_pad
+from mechunlearn.models.handle import HookedModel
 from mechunlearn.tasks.backdoor import DEFAULT_RESPONSE, DEFAULT_TRIGGER, insert_trigger
+from mechunlearn.tasks.preference import KINDS, LatData, LatExample
 from mechunlearn.tasks.refusal import ChatItem, format_completion, format_prompt
 
 # Refusal openings (after the GCG / HarmBench keyword lists): a generation that contains one

@@ -16,7 +16,8 @@ import torch
 from transformers import DynamicCache
 
 from mechunlearn.errors import TokenizationError
-from mechunlearn.models.handle import HookedModel, cache_argument, left_pad
+from mechunlearn.models.batches import left_pad
+from mechunlearn.models.handle import HookedModel, cache_argument
 from mechunlearn.tasks.records import PromptItem
 
 

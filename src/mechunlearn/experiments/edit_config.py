@@ -11,10 +11,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from mechunlearn.attacks.latent import LatentAdversaryConfig
 from mechunlearn.attacks.relearn import RelearnConfig
 from mechunlearn.attacks.soft_prompt import SoftPromptConfig
 from mechunlearn.edit.engine import OPTIM_FIELDS, with_changes
+from mechunlearn.edit.latent_adversary import LatentAdversaryConfig
 from mechunlearn.edit.objectives import check_objective_options
 from mechunlearn.edit.trainer import TrainConfig
 from mechunlearn.experiments.config import Seeds, TaskName, registered_name

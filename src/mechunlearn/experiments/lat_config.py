@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from mechunlearn.attacks.latent import LatentAdversaryConfig, Layer
 from mechunlearn.attacks.prefill import PrefillConfig
 from mechunlearn.edit.lat import LatConfig
+from mechunlearn.edit.latent_adversary import LatentAdversaryConfig, Layer
 from mechunlearn.edit.parametrization import LoraOptions
 from mechunlearn.errors import ConfigError
 from mechunlearn.experiments.config import Seeds

@@ -8,11 +8,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mechunlearn.attacks.latent import LatData
 from mechunlearn.attacks.prefill import prefill_examples
 from mechunlearn.errors import DataError
 from mechunlearn.experiments.lat_config import LatExperimentConfig
 from mechunlearn.tasks.backdoor import poisoning_pairs, removal_data
+from mechunlearn.tasks.preference import LatData
 from mechunlearn.tasks.refusal import (
     ChatItem,
     desired_pairs,

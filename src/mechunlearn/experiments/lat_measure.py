@@ -10,15 +10,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from mechunlearn.attacks.latent import LatData, LatentAdversaryConfig, latent_attack
+from mechunlearn.attacks.latent import latent_attack
 from mechunlearn.attacks.prefill import prefill_attack
 from mechunlearn.edit.lat import LatConfig, train_lat
+from mechunlearn.edit.latent_adversary import LatentAdversaryConfig
 from mechunlearn.edit.parametrization import WeightSnapshot, make_trainable
 from mechunlearn.edit.trainer import TrainResult
 from mechunlearn.evals.refusal import backdoor_success_rate, benign_compliance, refusal_rate
 from mechunlearn.experiments.lat_config import LatExperimentConfig, MethodSpec, TrainableSpec
 from mechunlearn.experiments.lat_data import SeedData
 from mechunlearn.models.handle import HookedModel
+from mechunlearn.tasks.preference import LatData
 
 Log = Callable[[str], None]
 

@@ -71,7 +71,8 @@ from mechunlearn.localize.prompts import FactPrompts, answer_logit_diff
 from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
 from mechunlearn.localize.result import Localization, make_localization, select_under_budget
 from mechunlearn.models.adapters import head_contributions
-from mechunlearn.models.handle import Batch, HookedModel
+from mechunlearn.models.batches import Batch
+from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.hooks import Handler, Patch
 from mechunlearn.progress import progress_bar
 from mechunlearn.tasks.records import FactRecord

@@ -26,7 +26,8 @@ import torch
 
 from mechunlearn.errors import DataError
 from mechunlearn.localize.prompts import FactPrompts
-from mechunlearn.models.handle import Batch, HookedModel
+from mechunlearn.models.batches import Batch
+from mechunlearn.models.handle import HookedModel
 
 DEFAULT_L2 = 1e-2
 MIN_FACTS_PER_SPLIT = 2

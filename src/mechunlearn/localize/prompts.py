@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from mechunlearn.errors import DataError
-from mechunlearn.models.handle import Batch, HookedModel, left_pad
+from mechunlearn.models.batches import Batch, left_pad
+from mechunlearn.models.handle import HookedModel
 from mechunlearn.tasks.formats import get_formatter
 from mechunlearn.tasks.records import FactRecord
 

@@ -6,6 +6,7 @@ from mechunlearn.models.adapters import (
     dimensions,
     head_contributions,
 )
+from mechunlearn.models.batches import Batch, left_pad
 from mechunlearn.models.components import (
     GradientMask,
     ParamSlice,
@@ -13,7 +14,7 @@ from mechunlearn.models.components import (
     count_parameters,
 )
 from mechunlearn.models.embedded import EMBEDDED, ensure_cached
-from mechunlearn.models.handle import Batch, HookedModel, left_pad
+from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.hooks import (
     ActivationCache,
     Apply,

@@ -19,56 +19,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mechunlearn.errors import SiteError
 from mechunlearn.models.adapters import ArchitectureAdapter, Dimensions, adapter_for, dimensions
+from mechunlearn.models.batches import Batch, left_pad
 from mechunlearn.models.components import ParamSlice, parameters_of
 from mechunlearn.models.hooks import ActivationCache, Handler, Intervention, hooked
 from mechunlearn.models.sites import Site, SiteFilter
-
-
-@dataclass
-class Batch:
-    """Left-padded token batch with explicit positions, so every row ends at index -1 and
-    absolute-position models (GPT-2) see the same positions as unpadded inputs."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    lengths: list[int] = field(default_factory=list)
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "position_ids": self.position_ids,
-        }
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.position_ids.to(device),
-            self.lengths,
-        )
 
 
 def cache_argument(model: nn.Module) -> str:
     """The forward's name for the KV cache (transformers 5.x renamed ``past_key_values``)."""
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
-
-
-def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int) -> Batch:
-    """Stack token lists with left padding and build matching position ids."""
-    if not token_lists:
-        raise ValueError("cannot build a batch from no sequences")
-    width = max(len(t) for t in token_lists)
-    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
-    for row, tokens in enumerate(token_lists):
-        if tokens:
-            ids[row, width - len(tokens) :] = torch.tensor(list(tokens), dtype=torch.long)
-            mask[row, width - len(tokens) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return Batch(ids, mask, positions, [len(t) for t in token_lists])
 
 
 def _contiguous(_module: nn.Module, args: tuple) -> tuple | None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mechunlearn.models.handle import Batch, HookedModel
+from mechunlearn.models.batches import Batch
+from mechunlearn.models.handle import HookedModel
 
 IGNORE = -100
 

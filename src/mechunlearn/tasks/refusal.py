@@ -30,8 +30,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from mechunlearn.attacks.latent import LatData, LatExample
 from mechunlearn.errors import ConfigError, DataError
+from mechunlearn.tasks.preference import LatData, LatExample
 
 TEMPLATES_FILE = "refusal_templates.csv"
 TOPICS_FILE = "refusal_topics.csv"
