@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 torch.set_num_threads(1)
 
 from mechunlearn.models.handle import HookedModel  # noqa: E402
-from mechunlearn.models.testing import TINY_CONFIGS, tiny_model, tiny_tokenizer  # noqa: E402
+from mechunlearn.testing.tiny_models import TINY_CONFIGS, tiny_model, tiny_tokenizer  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FAMILIES = list(TINY_CONFIGS)

@@ -17,8 +17,8 @@ from mechunlearn.localize.common import heads_have_parameters
 from mechunlearn.localize.prompts import build_fact_prompts
 from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 from mechunlearn.tasks.sports import load_sports
+from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
 FAMILIES = ["llama", "gemma3", "gpt2"]
 

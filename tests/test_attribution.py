@@ -25,8 +25,8 @@ from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
 from mechunlearn.models.batches import Batch
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.hooks import Patch
-from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 from mechunlearn.tasks.sports import load_sports
+from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
 OPTIONS = LocalizeOptions(progress=False)
 

@@ -10,7 +10,6 @@ from mechunlearn.edit.parametrization import make_trainable
 from mechunlearn.edit.trainer import TrainConfig, train
 from mechunlearn.errors import ConfigError, DataError
 from mechunlearn.evals.refusal import backdoor_examples, backdoor_success_rate
-from mechunlearn.models.testing import tiny_tokenizer
 from mechunlearn.tasks.backdoor import (
     DEFAULT_RESPONSE,
     DEFAULT_TRIGGER,
@@ -22,6 +21,7 @@ from mechunlearn.tasks.backdoor import (
     triggered_prompts,
 )
 from mechunlearn.tasks.refusal import ChatItem, format_prompt, load_refusal_task
+from mechunlearn.testing.tiny_models import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ from mechunlearn.localize.causal_tracing import (
 from mechunlearn.localize.prompts import build_fact_prompts
 from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 from mechunlearn.tasks.records import FactRecord
 from mechunlearn.tasks.sports import load_sports
+from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
 FAMILIES = ["llama", "gemma3", "gpt2"]
 

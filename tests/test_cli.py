@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from mechunlearn.cli import app
 from mechunlearn.errors import MissingPackageError
 from mechunlearn.models import embedded
-from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
 runner = CliRunner()
 RUN_FILES = {"metrics.json", "config.yaml", "items.jsonl", "known_facts.json"}

@@ -332,7 +332,7 @@ def test_gradient_mask_optimizer_step_changes_only_slice(tiny_llama):
 
 def test_gradient_mask_fused_gpt2_q_only():
     from mechunlearn.models.handle import HookedModel
-    from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+    from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
     hm = HookedModel(tiny_model("gpt2"), tiny_tokenizer())
     d_q = hm.dims.n_heads * hm.dims.d_head

@@ -16,8 +16,8 @@ from mechunlearn.localize.eap import (
 from mechunlearn.localize.prompts import answer_logit_diff, build_fact_prompts, pair_corruptions
 from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 from mechunlearn.tasks.sports import load_sports
+from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
 
 def sports_facts(hm: HookedModel, n: int = 30):

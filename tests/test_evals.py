@@ -107,7 +107,7 @@ def test_score_items_matches_naive_reference(tiny):
 
 def _wide_window_gemma3():
     from mechunlearn.models.handle import HookedModel
-    from mechunlearn.models.testing import TINY_CONFIGS, tiny_tokenizer
+    from mechunlearn.testing.tiny_models import TINY_CONFIGS, tiny_tokenizer
 
     config = TINY_CONFIGS["gemma3"]()
     config.sliding_window = 128

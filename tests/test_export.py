@@ -13,7 +13,7 @@ from mechunlearn.edit import TrainConfig, TrainData, make_trainable, save_edited
 from mechunlearn.errors import ConfigError
 from mechunlearn.models.batches import TargetBatch
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
 PAIRS = [("Fact: Tom Brady plays the sport of", " golf"), ("Fact: Serena Williams plays", " golf")]
 

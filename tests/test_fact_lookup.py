@@ -26,10 +26,10 @@ from mechunlearn.localize.probes import (
 )
 from mechunlearn.localize.prompts import answer_logit_diff, choose_pairable_facts
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.models.planted import planted_records, train_planted_model
-from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 from mechunlearn.tasks import load_sports
 from mechunlearn.tasks.records import FactRecord
+from mechunlearn.testing.planted import planted_records, train_planted_model
+from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
 QUIET = LocalizeOptions(progress=False, batch_size=8)
 

@@ -15,9 +15,9 @@ from mechunlearn.errors import ConfigError, DataError, SiteError
 from mechunlearn.experiments.edit_config import ExperimentConfig, LocalizationSpec
 from mechunlearn.models.batches import LatBatch
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 from mechunlearn.tasks.general_text import load_general_text
 from mechunlearn.tasks.sports import load_sports
+from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
 RECORDS = load_sports()
 FORGET_RECORDS = RECORDS[1::52][:8]  # several sports

@@ -14,9 +14,9 @@ from mechunlearn.edit.parametrization import make_trainable
 from mechunlearn.edit.trainer import lr_factor
 from mechunlearn.errors import ConfigError, DataError, SiteError
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 from mechunlearn.tasks.preference import LatData, LatExample
 from mechunlearn.tasks.sports import SPORTS, load_sports
+from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
 
 def lat_examples(n: int, step: int) -> list[LatExample]:

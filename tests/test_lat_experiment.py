@@ -23,9 +23,9 @@ from mechunlearn.experiments.edit_config import resolve_config
 from mechunlearn.experiments.lat_config import LatExperimentConfig, default_layers
 from mechunlearn.experiments.lat_job import run_lat_experiment
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 from mechunlearn.tasks.preference import LatData, LatExample
 from mechunlearn.tasks.sports import SPORTS, load_sports
+from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
 # ---- DPO in the LAT trainer ------------------------------------------------------------------
 DATA = LatData(

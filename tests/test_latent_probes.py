@@ -10,7 +10,7 @@ import torch
 
 from mechunlearn.errors import DataError
 from mechunlearn.evals.latent_probes import latent_probe_accuracy
-from mechunlearn.models.planted import SPORTS, train_planted_model
+from mechunlearn.testing.planted import SPORTS, train_planted_model
 
 
 @pytest.fixture(scope="module")

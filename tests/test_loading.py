@@ -8,8 +8,8 @@ import torch
 from mechunlearn.errors import ConfigError, ModelNotFoundError, SiteError
 from mechunlearn.models import HookedModel, load_model
 from mechunlearn.models.loading import parse_dtype
-from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 from mechunlearn.runtime import choose_thread_count
+from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
 
 def test_local_folder_loads_same_logits(saved_llama):
@@ -95,7 +95,7 @@ def test_unembedding_gets_a_contiguous_input_with_logits_to_keep():
     import torch
 
     from mechunlearn.models.handle import HookedModel, contiguous_unembedding_input
-    from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+    from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
     model = tiny_model("gemma3")
     plain = {k: v.clone() for k, v in model.state_dict().items()}
@@ -121,7 +121,7 @@ def test_forwards_that_skip_unread_logit_rows_match_full_logits(family):
     import torch
 
     from mechunlearn.models.handle import HookedModel
-    from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+    from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
     hm = HookedModel(tiny_model(family), tiny_tokenizer(), name="tiny")
     ids = torch.randint(3, 100, (3, 8))
@@ -153,7 +153,7 @@ def test_next_token_loss_matches_the_padded_full_logits_formula(family):
     from mechunlearn.models.batches import left_pad
     from mechunlearn.models.handle import HookedModel
     from mechunlearn.models.next_token import next_token_loss, next_token_nll
-    from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+    from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
     torch.manual_seed(0)
     hm = HookedModel(tiny_model(family), tiny_tokenizer(), name="tiny")

@@ -26,10 +26,10 @@ from mechunlearn.localize.prompts import (
     subject_token_span,
 )
 from mechunlearn.localize.result import select_under_budget
-from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 from mechunlearn.report.figures import localization_figures
 from mechunlearn.tasks import load_sports
 from mechunlearn.tasks.records import FactRecord
+from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
 
 def test_subject_span_tokens(tiny_llama):

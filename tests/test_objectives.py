@@ -182,7 +182,7 @@ def test_shared_forward_gives_each_batch_its_own_losses_and_gradients(family):
     each term and the gradient of their sum equal the separate forwards'."""
     from mechunlearn.edit.objectives import edit_loss, shared_forward, unlearn_loss
     from mechunlearn.models.handle import HookedModel
-    from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+    from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
     torch.manual_seed(0)
     hm = HookedModel(tiny_model(family), tiny_tokenizer(), name="tiny")

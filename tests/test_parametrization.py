@@ -18,7 +18,7 @@ from mechunlearn.errors import ConfigError, DataError, SiteError
 from mechunlearn.models.batches import TargetBatch
 from mechunlearn.models.components import count_parameters
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.models.testing import tiny_model, tiny_tokenizer
+from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
 PAIRS = [("Fact: Tom Brady plays the sport of", " golf"), ("The sport of", " tennis")]
 

@@ -25,7 +25,6 @@ from mechunlearn.evals.refusal import (
     refusal_rate,
     score_pairs,
 )
-from mechunlearn.models.testing import tiny_tokenizer
 from mechunlearn.tasks.preference import LatExample
 from mechunlearn.tasks.refusal import (
     ChatItem,
@@ -40,6 +39,7 @@ from mechunlearn.tasks.refusal import (
     split_items,
     to_lat_data,
 )
+from mechunlearn.testing.tiny_models import tiny_tokenizer
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n"

@@ -20,8 +20,8 @@ from mechunlearn.edit.rmu import control_vector, frozen_activations, layer_activ
 from mechunlearn.errors import ConfigError
 from mechunlearn.models.batches import TargetBatch
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 from mechunlearn.tasks.sports import load_sports
+from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
 RECORDS = load_sports()
 FORGET = fact_pairs(RECORDS[:6])

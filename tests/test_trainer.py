@@ -32,10 +32,10 @@ from mechunlearn.edit.trainer import BatchStream
 from mechunlearn.errors import ConfigError, DataError
 from mechunlearn.models.batches import TargetBatch
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.models.testing import tiny_model, tiny_tokenizer
 from mechunlearn.tasks.general_text import load_general_text
 from mechunlearn.tasks.records import FactRecord
 from mechunlearn.tasks.sports import load_sports
+from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
 RECORDS = load_sports()
 FORGET = [(r.prompt(), " golf") for r in RECORDS[:6]]

@@ -19,9 +19,9 @@ def case():
     """The model, trainable, data and config of the two-process run (same in the test)."""
     from mechunlearn.edit import TrainConfig, TrainData, fact_pairs, make_trainable
     from mechunlearn.models.handle import HookedModel
-    from mechunlearn.models.testing import tiny_model, tiny_tokenizer
     from mechunlearn.tasks.general_text import load_general_text
     from mechunlearn.tasks.sports import load_sports
+    from mechunlearn.testing.tiny_models import tiny_model, tiny_tokenizer
 
     records = load_sports()
     hm = HookedModel(tiny_model("llama"), tiny_tokenizer(), name="tiny-llama")

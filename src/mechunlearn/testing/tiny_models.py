@@ -1,7 +1,8 @@
 """Tiny randomly initialised models of the supported families, built from configs in code.
 
-Used by the test suite, the CLI's offline smoke paths and examples: each builds in
-milliseconds, needs no download, and exercises the real HF module code of its family.
+Test scaffolding (``mechunlearn.testing``), used by the test suite, its offline CLI smoke tests
+included: each builds in milliseconds, needs no download, and exercises the real HF module code
+of its family.
 """
 
 from __future__ import annotations
