@@ -152,3 +152,30 @@ def test_counterfact_scores_are_claims_where_higher_is_better():
     assert rows["counterfact.paraphrase_score"]["difference"] == pytest.approx(0.5)
     assert rows["counterfact.neighborhood_score"]["verdict"] == "no decidable difference"
     assert rows["counterfact.efficacy_score"]["n_pairs"] == 16
+
+
+def test_the_papers_number_sits_only_beside_the_letter_mcq():
+    from mechunlearn.report.claims import claim_rows
+
+    facts = [f"f{i}" for i in range(6)]
+
+    def run(seed, p):
+        return {
+            "seed": seed,
+            "metrics": {"forget.mcq.chance": 1 / 3, "forget.completion.chance": 1 / 3},
+            "per_fact": {
+                "forget.mcq.original_accuracy": dict.fromkeys(facts, 1.0),
+                "forget.completion.original_accuracy": dict.fromkeys(facts, 1.0),
+                "forget.mcq.p_original": dict.fromkeys(facts, p),
+                "forget.completion.p_original": dict.fromkeys(facts, p),
+            },
+        }
+
+    results = {
+        "base": [run(s, 0.9) for s in range(2)],
+        "fact_lookup": [run(s, 0.1) for s in range(2)],
+        "causal_tracing": [run(s, 0.8) for s in range(2)],
+    }
+    rows = {r["key"]: r for r in claim_rows(results)}
+    assert rows["forget.mcq.p_original"]["paper_reference"] == 0.013
+    assert rows["forget.completion.p_original"]["paper_reference"] is None
