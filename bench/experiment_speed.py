@@ -50,7 +50,9 @@ def reduced_config(
     data["sweep"] = {**(data.get("sweep") or {}), "selection": selection}
     data["train"] = {**data["train"], "precision": precision}
     if old:  # every causal-tracing cell, and forget and maintain terms in separate forwards
-        data["localize_options"] = {**(data.get("localize_options") or {}), "trace_cells": "all"}
+        method_options = data.get("method_options") or {}
+        tracing = {**method_options.get("causal_tracing", {}), "trace_cells": "all"}
+        data["method_options"] = {**method_options, "causal_tracing": tracing}
         data["train"]["joint_forward"] = False
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
     return data

@@ -115,9 +115,9 @@ def test_graph_rules(family, same_layer_head_to_mlp):
 
 def test_localization_and_determinism(tiny_llama):
     facts = sports_facts(tiny_llama)
-    options = LocalizeOptions(progress=False, top_k=8, batch_size=9)
-    loc = edge_attribution_patching(tiny_llama, facts, options)
-    again = edge_attribution_patching(tiny_llama, facts, options)
+    options = LocalizeOptions(progress=False, batch_size=9)
+    loc = edge_attribution_patching(tiny_llama, facts, options, {"top_edges": 8})
+    again = edge_attribution_patching(tiny_llama, facts, options, {"top_edges": 8})
     assert loc.scores == again.scores and loc.evidence == again.evidence
     top = loc.evidence["top_edges"]
     assert len(top) == 8
@@ -161,6 +161,10 @@ def test_selection_options():
     budget = hm.parameters_of(["blocks.0.mlp"])[0].numel * 3
     budgeted = edge_attribution_patching(hm, facts, LocalizeOptions(progress=False, budget=budget))
     assert 0 < budgeted.n_params <= budget
+    # top_k picks components (not edges) from the folded scores, best first
+    top = edge_attribution_patching(hm, facts, LocalizeOptions(progress=False, top_k=3))
+    folded = top.selection_scores
+    assert top.selected == sorted(folded, key=lambda c: folded[c], reverse=True)[:3]
 
 
 def test_registered():

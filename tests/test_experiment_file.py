@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -68,14 +69,50 @@ def test_tree_training_runs_in_the_shared_run_folder(tmp_path):
 
 
 def test_experiments_trace_only_scored_cells_unless_asked():
-    assert ExperimentConfig().localize_options.trace_cells == "scored"
-    given = ExperimentConfig.model_validate({"localize_options": {"seed": 3}})
-    assert (given.localize_options.trace_cells, given.localize_options.seed) == ("scored", 3)
-    full = ExperimentConfig.model_validate({"localize_options": {"trace_cells": "all"}})
-    assert full.localize_options.trace_cells == "all"
-    from mechunlearn.localize import LocalizeOptions
+    def tracing(config: ExperimentConfig) -> str:
+        return config.method_options["causal_tracing"]["trace_cells"]
 
-    assert LocalizeOptions().trace_cells == "all"  # `mechunlearn localize` draws every heatmap
+    assert tracing(ExperimentConfig()) == "scored"
+    given = ExperimentConfig.model_validate({"method_options": {"causal_tracing": {"window": 3}}})
+    assert tracing(given) == "scored" and given.method_options["causal_tracing"]["window"] == 3
+    full = ExperimentConfig.model_validate(
+        {"method_options": {"causal_tracing": {"trace_cells": "all"}}}
+    )
+    assert tracing(full) == "all"
+    from mechunlearn.localize.causal_tracing import CausalTracingOptions
+
+    assert CausalTracingOptions().trace_cells == "all"  # `mechunlearn localize` draws every heatmap
+
+
+def test_method_options_are_validated_by_each_methods_schema():
+    with pytest.raises(ConfigError, match="causal_tracing options: probe_split"):
+        validate_experiment({"method_options": {"causal_tracing": {"probe_split": 0.5}}}, "t")
+    with pytest.raises(ConfigError, match="unknown localization method 'tracing'"):
+        validate_experiment({"method_options": {"tracing": {}}}, "t")
+    with pytest.raises(ConfigError, match="noise_scale"):
+        validate_experiment({"method_options": {"causal_tracing": {"noise_scale": -1}}}, "t")
+
+
+def test_configs_with_one_options_bag_still_load_and_mean_the_same():
+    """Before methods had their own schemas, every knob sat in ``localize_options`` (committed
+    runs' config.yaml): those keys move to the methods that define them."""
+    legacy = {
+        "localize_options": {
+            "seed": 2, "noise_scale": 2.0, "window": 5, "trace_cells": "all", "probe_split": 0.4,
+        },
+        "method_options": {"causal_tracing": {"window": 7}},  # an explicit value wins
+    }  # fmt: skip
+    config = validate_experiment(legacy, "t")
+    assert config.localize_options.seed == 2
+    assert config.method_options["causal_tracing"] == {
+        "noise_scale": 2.0, "window": 7, "trace_cells": "all",
+    }  # fmt: skip
+    assert config.method_options["fact_lookup"] == {"probe_split": 0.4}
+    with pytest.raises(ConfigError, match="noise_scal"):
+        validate_experiment({"localize_options": {"noise_scal": 2.0}}, "t")
+    committed = Path(__file__).parents[1] / "docs/results/athlete-edit-64/config.yaml"
+    loaded = validate_experiment(yaml.safe_load(committed.read_text()), str(committed))
+    assert loaded.method_options["causal_tracing"]["trace_cells"] == "scored"
 
 
 def test_a_row_train_block_replaces_fields_and_errors_name_the_row():

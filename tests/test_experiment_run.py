@@ -183,7 +183,7 @@ def test_interrupted_run_resumes_without_redoing_finished_work(saved_llama, tmp_
     def no_recompute(*args, **kwargs):
         raise AssertionError("a resumed run must reuse its own localizations")
 
-    monkeypatch.setattr(edit_job, "_run_cached", no_recompute)
+    monkeypatch.setattr(edit_job, "run_cached", no_recompute)
     run_experiment(cfg, tmp_path / "run", resume=True, progress=False)
     assert calls == ["ct_mlps", "all_mlps_lora"]
     assert (tmp_path / "run" / "results.md").is_file() and not partial.exists()

@@ -228,7 +228,7 @@ def test_fact_lookup_seeded_and_budgeted(tiny_llama, sports_facts):
 
 def test_fact_lookup_bad_input(tiny_llama, sports_facts):
     run = LOCALIZERS.get("fact_lookup")
-    with pytest.raises(ConfigError, match="MLPs only"):
+    with pytest.raises(ConfigError, match="fact_lookup scores no attn components"):
         run(tiny_llama, sports_facts, QUIET.model_copy(update={"restrict_to": "attn"}))
     with pytest.raises(DataError):  # one sport: no corrupting partner, no probe classes
         same = [

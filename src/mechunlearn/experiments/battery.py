@@ -37,7 +37,7 @@ from mechunlearn.evals.latent_probes import latent_probe_accuracy
 from mechunlearn.evals.metrics import per_record
 from mechunlearn.experiments.edit_config import ExperimentConfig
 from mechunlearn.experiments.fact_sets import FactSets
-from mechunlearn.localize import LOCALIZERS, LocalizeOptions
+from mechunlearn.localize import LOCALIZERS, READOUTS, LocalizeOptions
 from mechunlearn.localize.prompts import choose_pairable_facts
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.tasks.records import FactRecord
@@ -325,8 +325,8 @@ def _relocalize_part(hm, sets, config, seed, progress, log) -> BatteryResult:
     found: dict[str, Any] = {"facts": [r.id for r in facts]}
     for method in settings.methods:
         log(f"relocalize: {method} on {len(facts)} forget facts")
-        options = LocalizeOptions(trace_cells="scored", seed=seed, top_k=1, progress=progress)
-        loc = LOCALIZERS.get(method)(hm, originals, options)
+        options = LocalizeOptions(seed=seed, top_k=1, progress=progress)
+        loc = LOCALIZERS.get(method)(hm, originals, options, config.method_options.get(method))
         entry: dict[str, Any] = {"scores": dict(loc.scores)}
         if method == "fact_lookup":
             evidence = loc.evidence
@@ -337,7 +337,9 @@ def _relocalize_part(hm, sets, config, seed, progress, log) -> BatteryResult:
             out.metrics["relocalize.fact_lookup.logit_diff_clean"] = entry["logit_diff_clean"]
             out.metrics["relocalize.fact_lookup.probe_best"] = max(entry["probe_last_subject"][1:])
         if method == "causal_tracing":
-            out.metrics["relocalize.causal_tracing.p_clean"] = loc.evidence["mean_p_clean"]
+            readout = READOUTS.get(loc.evidence["metric"])
+            key = f"relocalize.causal_tracing.{readout.short}_clean"
+            out.metrics[key] = loc.evidence["mean_metric_clean"]
         found[method] = entry
     out.curves["relocalize"] = found
     return out

@@ -18,6 +18,7 @@ from mechunlearn.edit.latent_adversary import LatentAdversaryConfig
 from mechunlearn.edit.objectives import check_objective_options
 from mechunlearn.edit.trainer import TrainConfig
 from mechunlearn.experiments.config import Seeds, TaskName, registered_name
+from mechunlearn.experiments.method_options import MethodOptionsMap, move_legacy_options
 from mechunlearn.localize import LOCALIZERS, LocalizeOptions
 from mechunlearn.schema import STRICT_CONFIG
 from mechunlearn.tasks.formats import FORMATS
@@ -278,8 +279,11 @@ class ExperimentConfig(Strict):
     target: EditTarget = Field(default_factory=EditTarget)
     facts: FactSelection = Field(default_factory=FactSelection)
     localizations: list[LocalizationSpec] = Field(default_factory=default_localizations)
-    localize_options: LocalizeOptions = Field(
-        default_factory=lambda: LocalizeOptions(trace_cells="scored")
+    localize_options: LocalizeOptions = Field(default_factory=LocalizeOptions)
+    method_options: MethodOptionsMap = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="each localization method's own options, e.g. {causal_tracing: {window: 10}}",
     )
     train: TrainConfig = Field(default_factory=TrainConfig)
     train_prompt: Literal["template", "completion"] = Field(
@@ -297,14 +301,20 @@ class ExperimentConfig(Strict):
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
-    @field_validator("localize_options", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _scored_trace(cls, value: Any) -> Any:
+    def _legacy_localize_options(cls, data: Any) -> Any:
+        return move_legacy_options(data, "localize_options")
+
+    @field_validator("method_options")
+    @classmethod
+    def _scored_trace(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """An experiment reads only causal tracing's component scores, so it traces only the
         cells they read (half the causal-tracing time) unless the config asks for all."""
-        if isinstance(value, dict) and "trace_cells" not in value:
-            return {**value, "trace_cells": "scored"}
-        return value
+        tracing = value.get("causal_tracing", {})
+        if "trace_cells" in tracing:
+            return value
+        return {**value, "causal_tracing": {**tracing, "trace_cells": "scored"}}
 
     def row_train(self, name: str) -> TrainConfig:
         """The train block of localization ``name`` (the experiment's, with the row's fields)."""

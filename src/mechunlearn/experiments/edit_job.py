@@ -55,10 +55,11 @@ from mechunlearn.experiments.fact_sets import (
     with_targets,
 )
 from mechunlearn.experiments.localizations import (
-    SCOPED,
-    _run_cached,
+    BUDGET_METHOD,
     localization_facts,
     reselect,
+    run_cached,
+    takes_budget,
 )
 from mechunlearn.experiments.run_folder import RunFolder
 from mechunlearn.experiments.sweep import (
@@ -211,7 +212,7 @@ def plan_units(config: ExperimentConfig) -> list[Unit]:
     units: list[Unit] = []
     specs = list(config.localizations)
     needs_budget = config.localize_options.budget is None and any(
-        s.method not in SCOPED and not s.from_file for s in specs
+        takes_budget(s.method) and not s.from_file for s in specs
     )
     budget_key = "localize/_budget"
     if needs_budget:
@@ -220,9 +221,9 @@ def plan_units(config: ExperimentConfig) -> list[Unit]:
     for spec in specs:
         deps: list[str] = []
         if not spec.from_file:
-            if needs_budget and (spec.method not in SCOPED or spec.method == "fact_lookup"):
+            if needs_budget and (takes_budget(spec.method) or spec.method == BUDGET_METHOD):
                 deps.append(budget_key)
-            if spec.method in first_of_method and spec.method not in SCOPED:
+            if spec.method in first_of_method and takes_budget(spec.method):
                 deps.append(f"localize/{first_of_method[spec.method]}")
             first_of_method.setdefault(spec.method, spec.name)
         units.append(
@@ -345,14 +346,19 @@ def _battery(ctx: EditContext, seed: int, attacks: bool, parts=None):
 
 
 def _localize_unit(ctx: EditContext, unit: Unit) -> Localization:
-    """One spec's localization, made as ``compute_localizations`` makes it: budgeted methods at
-    fact lookup's parameter count, a method seen before re-selected from its scores."""
+    """One spec's localization: methods that rank components at fact lookup's parameter count,
+    a method seen before re-selected from its scores."""
     config, hm = ctx.config, ctx.hm
     options = config.localize_options.model_copy(update={"progress": ctx.progress})
+
+    def run(method: str, updates: dict[str, Any]) -> Localization:
+        return run_cached(
+            hm, config.model, ctx.loc_facts, method, options.model_copy(update=updates),
+            config.method_options.get(method), ctx.use_cache, ctx.log,
+        )  # fmt: skip
+
     if unit.key == "localize/_budget":
-        flu = _run_cached(
-            hm, config.model, ctx.loc_facts, "fact_lookup", options, ctx.use_cache, ctx.log
-        )
+        flu = run(BUDGET_METHOD, {})
         if flu.n_params == 0:
             raise DataError("fact_lookup selected nothing on these facts, so it gives no budget")
         ctx.log(f"parameter budget {flu.n_params:,} (fact lookup: {', '.join(flu.selected)})")
@@ -367,19 +373,14 @@ def _localize_unit(ctx: EditContext, unit: Unit) -> Localization:
     flu = Localization.load(budget_file) if budget_file.is_file() else None
     if budget is None and flu is not None:
         budget = flu.n_params
-    spec_budget = None if spec.method in SCOPED else budget
-    if spec.method == "fact_lookup" and spec.restrict_to == "all" and flu is not None:
+    spec_budget = budget if takes_budget(spec.method) else None
+    if spec.method == BUDGET_METHOD and spec.restrict_to == "all" and flu is not None:
         return flu
     first = next(s for s in config.localizations if s.method == spec.method and not s.from_file)
-    if first.name != spec.name and spec.method not in SCOPED:
+    if first.name != spec.name and takes_budget(spec.method):
         base = Localization.load(ctx.folder / "localizations" / f"{first.name}.json")
         return reselect(hm, base, spec.restrict_to, spec_budget)
-    method_options = options.model_copy(
-        update={"budget": spec_budget, "restrict_to": spec.restrict_to}
-    )
-    loc = _run_cached(
-        hm, config.model, ctx.loc_facts, spec.method, method_options, ctx.use_cache, ctx.log
-    )
+    loc = run(spec.method, {"budget": spec_budget, "restrict_to": spec.restrict_to})
     ctx.log(
         f"localization {spec.name}: {len(loc.selected)} components, {loc.n_params:,} parameters"
     )

@@ -12,11 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from mechunlearn.errors import DataError
 from mechunlearn.evals.harness import known_records
 from mechunlearn.experiments.config import TaskName, registered_name
+from mechunlearn.experiments.localizations import BUDGET_METHOD, takes_budget
+from mechunlearn.experiments.method_options import MethodOptionsMap, move_legacy_options
 from mechunlearn.io import atomic_directory, atomic_write_json, atomic_write_yaml
 from mechunlearn.localize import LOCALIZERS, Localization, LocalizeOptions
 from mechunlearn.localize.prompts import choose_pairable_facts
@@ -25,18 +27,6 @@ from mechunlearn.report.figures import localization_figures
 from mechunlearn.schema import STRICT_CONFIG
 from mechunlearn.tasks.datasets import load_task
 from mechunlearn.tasks.records import FactRecord
-
-# methods that patch between subject-corrupted pairs of facts with equal token layouts
-NEEDS_PAIRS = {
-    "fact_lookup",
-    "activation_patching",
-    "attribution_patching",
-    "edge_attribution_patching",
-}
-
-
-# methods whose size is part of their definition (no budget applies)
-SCOPED = {"fact_lookup", "all_mlps", "nonlocalized"}
 
 
 class LocalizeConfig(BaseModel):
@@ -62,6 +52,15 @@ class LocalizeConfig(BaseModel):
     device: str | None = None
     dtype: str = "float32"
     options: LocalizeOptions = Field(default_factory=LocalizeOptions)
+    method_options: MethodOptionsMap = Field(
+        default_factory=dict,
+        description="each method's own options, e.g. {causal_tracing: {noise_scale: 3.0}}",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_options(cls, data: Any) -> Any:
+        return move_legacy_options(data, "options")
 
 
 def choose_facts(records: list[FactRecord], n: int, seed: int) -> list[FactRecord]:
@@ -96,13 +95,14 @@ def run_localize(
     else:
         pool = records
     budget_source = f"budget_from {config.budget_from}" if config.budget_from else "options"
+    method = LOCALIZERS.get(config.method)
     flu_budget = (
         config.default_budget == "fact_lookup"
-        and config.method not in SCOPED
+        and takes_budget(config.method)
         and options.budget is None
         and options.top_k is None
     )
-    if config.method in NEEDS_PAIRS or flu_budget:
+    if method.needs_pairs or flu_budget:
         facts = choose_pairable_facts(hm, pool, config.n_facts, options.seed)
     else:
         facts = choose_facts(pool, config.n_facts, options.seed)
@@ -110,14 +110,16 @@ def run_localize(
         raise DataError(f"only {len(facts)} usable facts; localization needs at least 2")
     if flu_budget:
         log("no budget given: using fact_lookup's parameter count on the same facts")
-        reference_flu = LOCALIZERS.get("fact_lookup")(hm, facts, options)
+        reference_flu = LOCALIZERS.get(BUDGET_METHOD)(
+            hm, facts, options, config.method_options.get(BUDGET_METHOD)
+        )
         if reference_flu.n_params == 0:
             raise DataError(
                 "fact_lookup selected nothing on these facts, so it gives no budget; pass --budget"
             )
         options = options.model_copy(update={"budget": reference_flu.n_params})
         budget_source = f"fact_lookup on the same facts ({', '.join(reference_flu.selected)})"
-    localization = LOCALIZERS.get(config.method)(hm, facts, options)
+    localization = method(hm, facts, options, config.method_options.get(config.method))
     localization.evidence.setdefault("budget_source", budget_source)
     localization = localization.model_copy(
         update={

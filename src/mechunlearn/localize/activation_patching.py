@@ -1,4 +1,4 @@
-"""Activation patching per component (denoising, clean -> corrupted), logit-difference metric.
+"""Activation patching per component (denoising, clean -> corrupted), readout as a parameter.
 
 The output-tracing localization of Mechanistic Unlearning (Guo et al. 2024) asks which
 components carry the fact to the output; activation patching answers it directly (Wang et al.
@@ -6,8 +6,9 @@ components carry the fact to the output; activation patching answers it directly
 ``f`` with clean prompt ``x_f`` and a subject-corrupted partner ``x~_f`` (another athlete with a
 different sport and the same token layout, from ``pair_corruptions``):
 
-- ``LD(x) = logit(answer_f) - mean_{o != answer_f} logit(o)`` at the final position
-  (``answer_logit_diff``, always w.r.t. the clean fact's answer);
+- ``LD(x)``: the readout at the final position, always w.r.t. the clean fact's answer; by
+  default the logit difference ``logit(answer_f) - mean_{o != answer_f} logit(o)`` (the
+  ``metric`` option picks another of ``READOUTS``, e.g. ``answer_prob``);
 - ``LD_patched(c)``: the corrupted run with component ``c``'s activation replaced by its clean
   value at every (real) position; ``c`` is an attention layer (``attn_out``), one head (the
   ``head`` site, restricted to that head) or an MLP (``mlp_out``);
@@ -39,16 +40,17 @@ import torch
 
 from mechunlearn.errors import DataError
 from mechunlearn.localize.causal_tracing import chunk_rows, pool_by_role
-from mechunlearn.localize.common import final_logits, heads_have_parameters, select_restricted
+from mechunlearn.localize.common import final_logits, heads_have_parameters
+from mechunlearn.localize.options import LocalizeOptions, ReadoutOptions
 from mechunlearn.localize.prompts import (
     FactPrompts,
-    answer_logit_diff,
     build_fact_prompts,
     check_same_layout,
     pair_corruptions,
 )
-from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
-from mechunlearn.localize.result import Localization, make_localization
+from mechunlearn.localize.protocol import LocalizationMethod, Scores
+from mechunlearn.localize.readouts import READOUTS, Readout
+from mechunlearn.localize.registry import LOCALIZERS
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.hooks import Handler, Patch, position_mask
 from mechunlearn.models.sites import Site
@@ -56,7 +58,7 @@ from mechunlearn.progress import progress_bar
 from mechunlearn.tasks.records import FactRecord
 
 MIN_DENOMINATOR = 1e-6
-"""Smallest mean clean-minus-corrupted logit difference that can normalise a recovery."""
+"""Smallest mean clean-minus-corrupted readout that can normalise a recovery."""
 
 # A patch cell: (kind, layer, index). kind: "attn" | "head" (index = head) | "mlp" |
 # "mlp_pos" (index = offset from the first subject token) | "none" (unpatched corrupted run).
@@ -81,7 +83,7 @@ def component_name(cell: Cell) -> str:
 
 @dataclasses.dataclass
 class _Patched:
-    """Logit differences of one patching run."""
+    """Readouts (``ld``: the logit difference by default) of one patching run."""
 
     ld_clean: torch.Tensor  # [n]
     ld_corrupt: torch.Tensor  # [n]
@@ -105,7 +107,7 @@ def _prepare(
 
 
 def _rows(prompts: FactPrompts, rows: list[int]) -> FactPrompts:
-    """The answer options of some rows (all ``answer_logit_diff`` reads)."""
+    """The answer options of some rows (all a readout reads)."""
     return dataclasses.replace(
         prompts, option_ids=prompts.option_ids[rows], correct=prompts.correct[rows]
     )
@@ -123,7 +125,11 @@ def _patch_handler(value: torch.Tensor, mask: torch.Tensor) -> Handler:
 
 
 def _patch_batched(
-    hm: HookedModel, clean: FactPrompts, corrupt: FactPrompts, options: LocalizeOptions
+    hm: HookedModel,
+    clean: FactPrompts,
+    corrupt: FactPrompts,
+    options: LocalizeOptions,
+    readout: Readout,
 ) -> _Patched:
     """Facts are taken ``batch_size`` at a time (so at most that many facts' clean activations
     are held); each group's corrupted rows, one per (fact, cell), run ``batch_size`` per forward."""
@@ -169,7 +175,7 @@ def _patch_batched(
             inputs = {k: v[group].to(device) for k, v in clean.batch.model_inputs().items()}
             with hm.hooks(cache=sites) as clean_acts:
                 logits = final_logits(hm, inputs)
-            ld_clean[group] = answer_logit_diff(logits.float(), _rows(clean, group)).cpu()
+            ld_clean[group] = readout(logits, _rows(clean, group)).cpu()
             local = {fact: row for row, fact in enumerate(group)}
             n_forwards, n_rows = n_forwards + 1, n_rows + len(group)
             for chunk in chunks:
@@ -187,7 +193,7 @@ def _patch_batched(
                 ]
                 with hm.hooks(handlers=handlers):
                     logits = final_logits(hm, {k: v.to(device) for k, v in inputs.items()})
-                ld = answer_logit_diff(logits.float(), _rows(clean, row_fact)).cpu()
+                ld = readout(logits, _rows(clean, row_fact)).cpu()
                 for row, (fact, cell) in enumerate(chunk):
                     kind, layer, index = cell
                     if kind == "none":
@@ -227,16 +233,24 @@ def _chunk_masks(
     return masks
 
 
-def _single_logit_diff(
-    hm: HookedModel, inputs: dict[str, torch.Tensor], target: FactPrompts, patches: list[Patch]
+def _single_readout(
+    hm: HookedModel,
+    inputs: dict[str, torch.Tensor],
+    target: FactPrompts,
+    patches: list[Patch],
+    readout: Readout,
 ) -> float:
-    """One forward of a single corrupted row with ``patches``: the clean answer's LD."""
+    """One forward of a single corrupted row with ``patches``: the clean answer's readout."""
     with hm.hooks(patches):
-        return float(answer_logit_diff(final_logits(hm, inputs).float(), target)[0])
+        return float(readout(final_logits(hm, inputs), target)[0])
 
 
 def _patch_naive(
-    hm: HookedModel, clean: FactPrompts, corrupt: FactPrompts, options: LocalizeOptions
+    hm: HookedModel,
+    clean: FactPrompts,
+    corrupt: FactPrompts,
+    options: LocalizeOptions,
+    readout: Readout,
 ) -> _Patched:
     n, dims, device = len(clean.records), hm.dims, hm.device
     cells = component_cells(dims.n_layers, dims.n_heads)
@@ -255,9 +269,9 @@ def _patch_naive(
             width, first = good.width, good.subject_positions[0][0]
             with hm.hooks(cache=["attn_out", "head", "mlp_out"]) as cache:
                 logits = final_logits(hm, good.batch.to(device).model_inputs())
-            ld_clean[fact] = float(answer_logit_diff(logits.float(), good)[0])
+            ld_clean[fact] = float(readout(logits, good)[0])
             bad_inputs = bad.batch.to(device).model_inputs()
-            ld_corrupt[fact] = _single_logit_diff(hm, bad_inputs, good, [])
+            ld_corrupt[fact] = _single_readout(hm, bad_inputs, good, [], readout)
             for cell in cells:
                 kind, layer, index = cell
                 site = Site(_SITE[kind], layer)
@@ -266,14 +280,16 @@ def _patch_naive(
                     mask = torch.zeros(1, width, dims.n_heads, dtype=torch.bool, device=device)
                     mask[..., index] = True
                 patch = Patch(site, cache[site.name], mask)
-                ld_components[cell][fact] = _single_logit_diff(hm, bad_inputs, good, [patch])
+                ld_components[cell][fact] = _single_readout(hm, bad_inputs, good, [patch], readout)
             positions = torch.zeros(dims.n_layers, width - first)
             for layer in range(dims.n_layers):
                 site = Site("mlp_out", layer)
                 for offset in range(width - first):
                     mask = position_mask(1, width, [first + offset], device=device)
                     patch = Patch(site, cache[site.name], mask)
-                    positions[layer, offset] = _single_logit_diff(hm, bad_inputs, good, [patch])
+                    positions[layer, offset] = _single_readout(
+                        hm, bad_inputs, good, [patch], readout
+                    )
             ld_positions.append(positions)
             n_forwards += 2 + len(cells) + positions.numel()
             advance(1)
@@ -285,14 +301,14 @@ def _summarise(
     clean: FactPrompts,
     corrupt: FactPrompts,
     patched: _Patched,
-    options: LocalizeOptions,
+    readout: Readout,
     implementation: str,
-) -> Localization:
+) -> Scores:
     mean_clean, mean_corrupt = float(patched.ld_clean.mean()), float(patched.ld_corrupt.mean())
     denominator = mean_clean - mean_corrupt
     if abs(denominator) < MIN_DENOMINATOR:
         raise DataError(
-            f"the corruption does not change the answer's logit difference on average (clean "
+            f"the corruption does not change the answer's {readout.name} on average (clean "
             f"{mean_clean:.4g}, corrupted {mean_corrupt:.4g}); recovery cannot be normalised - use "
             "facts the model knows, or other corrupting partners"
         )
@@ -312,7 +328,7 @@ def _summarise(
     labels, pooled = pool_by_role(effects, n_subject, keep_dims=1)  # [layers, roles]
     evidence = {
         "implementation": implementation,
-        "metric": "answer_logit_diff",
+        "metric": readout.name,
         "recovery": recovery,
         "ld_clean": patched.ld_clean.tolist(),
         "ld_corrupt": patched.ld_corrupt.tolist(),
@@ -325,52 +341,63 @@ def _summarise(
         "n_forwards": patched.n_forwards,
         "n_rows": patched.n_rows,
     }
-    return make_localization(
-        hm,
-        "activation_patching",
+    return Scores(
         scores,
-        budget=options.budget,
-        top_k=options.top_k,
-        selected=select_restricted(hm, candidates, options),
+        candidates=candidates,
         position_scores={"mlp": (pooled / denominator).tolist()},
         position_labels=labels,
         evidence=evidence,
         n_facts=len(clean.records),
-        seed=options.seed,
-        task=options.task,
     )
 
 
-@LOCALIZERS.register("activation_patching")
+def _score(
+    hm: HookedModel,
+    records: Sequence[FactRecord],
+    options: LocalizeOptions,
+    method_options: ReadoutOptions,
+    corrupted: Sequence[FactRecord] | None,
+    patch,
+    implementation: str,
+) -> Scores:
+    readout = READOUTS.get(method_options.metric)
+    clean, corrupt = _prepare(hm, records, options, corrupted)
+    patched = patch(hm, clean, corrupt, options, readout)
+    return _summarise(hm, clean, corrupt, patched, readout, implementation)
+
+
+@LOCALIZERS.method("activation_patching", options=ReadoutOptions, needs_pairs=True)
 def activation_patching(
     hm: HookedModel,
     records: Sequence[FactRecord],
     options: LocalizeOptions,
+    method_options: ReadoutOptions,
     corrupted: Sequence[FactRecord] | None = None,
-) -> Localization:
+) -> Scores:
     """Denoising activation patching of every attention layer, head and MLP, batched.
 
     ``corrupted``: the corrupted partner of each record (default: ``pair_corruptions`` with
     ``options.seed``); it must have the same token layout, else ``DataError``.
     """
-    clean, corrupt = _prepare(hm, records, options, corrupted)
-    return _summarise(
-        hm, clean, corrupt, _patch_batched(hm, clean, corrupt, options), options, "batched"
-    )
+    return _score(hm, records, options, method_options, corrupted, _patch_batched, "batched")
 
 
-def activation_patching_naive(
+def _activation_patching_naive(
     hm: HookedModel,
     records: Sequence[FactRecord],
     options: LocalizeOptions,
+    method_options: ReadoutOptions,
     corrupted: Sequence[FactRecord] | None = None,
-) -> Localization:
+) -> Scores:
     """Reference implementation: one unpadded single-row forward per fact and component,
     patching from a cached clean run with ``Patch``; same numbers as ``activation_patching``."""
-    clean, corrupt = _prepare(hm, records, options, corrupted)
-    return _summarise(
-        hm, clean, corrupt, _patch_naive(hm, clean, corrupt, options), options, "naive"
-    )
+    return _score(hm, records, options, method_options, corrupted, _patch_naive, "naive")
+
+
+activation_patching_naive = LocalizationMethod(
+    "activation_patching", _activation_patching_naive, ReadoutOptions, needs_pairs=True
+)
+"""The reference as a (not registered) method: same protocol, same options."""
 
 
 __all__ = [

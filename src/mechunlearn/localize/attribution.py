@@ -41,20 +41,16 @@ from dataclasses import dataclass
 import torch
 
 from mechunlearn.localize.common import (
-    component_kind,
     fact_batches,
     facts_with_partners,
     final_logits,
     heads_have_parameters,
-    restrict,
 )
-from mechunlearn.localize.prompts import (
-    FactPrompts,
-    answer_logit_diff,
-    check_same_layout,
-)
-from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
-from mechunlearn.localize.result import Localization, make_localization, select_under_budget
+from mechunlearn.localize.options import LocalizeOptions, ReadoutOptions
+from mechunlearn.localize.prompts import FactPrompts, check_same_layout
+from mechunlearn.localize.protocol import Scores, component_kind
+from mechunlearn.localize.readouts import LOGIT_DIFF, READOUTS, Readout
+from mechunlearn.localize.registry import LOCALIZERS
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.progress import progress_bar
 from mechunlearn.tasks.records import FactRecord
@@ -73,7 +69,7 @@ padding has no role."""
 
 SIGN_CONVENTION = (
     "A(c) = sum grad_M(clean) * (a_clean - a_corrupt): the first-order estimate of how much the "
-    "mean answer logit diff drops when c's corrupted activation is patched into the clean run "
+    "mean readout M (evidence['metric']) drops when c's corrupted activation is patched into the clean run "
     "(positive = c supports the true answer)"
 )
 
@@ -112,11 +108,14 @@ class AttributionBatch:
 
 
 def attribution_batch(
-    hm: HookedModel, clean: FactPrompts, corrupt: FactPrompts
+    hm: HookedModel,
+    clean: FactPrompts,
+    corrupt: FactPrompts,
+    readout: Readout = LOGIT_DIFF,
 ) -> AttributionBatch:
     """One corrupted forward (no grad), one clean forward + backward: estimates for every
     component at every position. Rows are independent, so differentiating the *sum* of the
-    rows' logit diffs gives each fact its own estimate."""
+    rows' readouts gives each fact its own estimate."""
     check_same_layout(clean, corrupt)
     n_layers = hm.dims.n_layers
     kinds = ("head", "attn_out", "mlp_out")
@@ -124,7 +123,7 @@ def attribution_batch(
 
     with torch.no_grad(), hm.hooks(cache=names) as corrupt_cache:
         corrupt_logits = final_logits(hm, corrupt)
-        metric_corrupt = answer_logit_diff(corrupt_logits, clean).float()
+        metric_corrupt = readout(corrupt_logits, clean)
 
     stash: dict[str, torch.Tensor] = {}
 
@@ -144,7 +143,7 @@ def attribution_batch(
 
     handlers = [("embed", leaf)] + [(name, keep(name)) for name in names]
     with torch.enable_grad(), hm.hooks(handlers=handlers):
-        metric = answer_logit_diff(final_logits(hm, clean), clean)
+        metric = readout(final_logits(hm, clean), clean)
         grads = torch.autograd.grad(metric.sum(), [stash[name] for name in names])
 
     estimates: dict[str, torch.Tensor] = {}
@@ -177,26 +176,33 @@ def component_estimates(batch: AttributionBatch) -> dict[str, float]:
 
 
 def attribution_scores(
-    hm: HookedModel, clean: FactPrompts, corrupt: FactPrompts
+    hm: HookedModel,
+    clean: FactPrompts,
+    corrupt: FactPrompts,
+    readout: Readout = LOGIT_DIFF,
 ) -> dict[str, float]:
     """Signed ``A`` per component, averaged over the facts of one clean/corrupted batch."""
-    batch = attribution_batch(hm, clean, corrupt)
+    batch = attribution_batch(hm, clean, corrupt, readout)
     n = len(clean.records)
     return {c: s / n for c, s in component_estimates(batch).items()}
 
 
 # ---- the registered method ------------------------------------------------------------------
-@LOCALIZERS.register("attribution_patching")
+@LOCALIZERS.method("attribution_patching", options=ReadoutOptions, needs_pairs=True)
 def attribution_patching(
-    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
-) -> Localization:
+    hm: HookedModel,
+    records: Sequence[FactRecord],
+    options: LocalizeOptions,
+    method_options: ReadoutOptions,
+) -> Scores:
     """Score every attention layer, head and MLP by |attribution patching estimate|.
 
-    Selection honours ``restrict_to``, ``budget`` and ``top_k``. Heads and whole attention
-    layers overlap, so selection picks among heads + MLPs where heads have their own parameters
-    (Llama, Gemma) and among attention layers + MLPs otherwise; all are scored. Facts without
-    a same-layout partner are skipped and listed in ``evidence["skipped_without_partner"]``.
+    Heads and whole attention layers overlap, so selection picks among heads + MLPs where heads
+    have their own parameters (Llama, Gemma) and among attention layers + MLPs otherwise; all
+    are scored. Facts without a same-layout partner are skipped and listed in
+    ``evidence["skipped_without_partner"]``.
     """
+    readout = READOUTS.get(method_options.metric)
     records, unpaired = facts_with_partners(hm, records)
     batches, partners = fact_batches(hm, records, options)
     n_layers, n_roles, n_facts = hm.dims.n_layers, len(POSITION_ROLES), len(records)
@@ -207,7 +213,7 @@ def attribution_patching(
     metric_clean = metric_corrupt = 0.0
     with progress_bar(n_facts, "attribution patching", enabled=options.progress) as advance:
         for clean, corrupt in batches:
-            batch = attribution_batch(hm, clean, corrupt)
+            batch = attribution_batch(hm, clean, corrupt, readout)
             for component, value in component_estimates(batch).items():
                 signed[component] = signed.get(component, 0.0) + value
             roles = position_roles(clean)
@@ -229,14 +235,13 @@ def attribution_patching(
     per_head = heads_have_parameters(hm)
     candidates = {
         c: s
-        for c, s in restrict(scores, options.restrict_to).items()
+        for c, s in scores.items()
         if component_kind(c) == "mlp" or ((".head" in c) == per_head)
     }
-    selected = select_under_budget(hm, candidates, options.budget, options.top_k)
     n_heads = hm.dims.n_heads
     evidence = {
         "sign_convention": SIGN_CONVENTION,
-        "metric": "answer_logit_diff (mean over facts)",
+        "metric": f"{readout.name} (mean over facts): {readout.description}",
         "signed_scores": signed,
         "head_scores_signed": [
             [signed[f"blocks.{layer}.attn.head{h}"] for h in range(n_heads)]
@@ -252,17 +257,11 @@ def attribution_patching(
         "skipped_without_partner": unpaired,
         "selection_granularity": "heads" if per_head else "attention layers",
     }
-    return make_localization(
-        hm,
-        "attribution_patching",
+    return Scores(
         scores,
-        budget=options.budget,
-        top_k=options.top_k,
-        selected=selected,
+        candidates=candidates,
         position_scores=position_scores,
         position_labels=list(POSITION_ROLES),
         evidence=evidence,
         n_facts=n_facts,
-        seed=options.seed,
-        task=options.task,
     )

@@ -14,9 +14,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from mechunlearn.errors import ConfigError
-from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
-from mechunlearn.localize.result import Localization, make_localization
+from mechunlearn.localize.options import LocalizeOptions, MethodOptions
+from mechunlearn.localize.protocol import Scores
+from mechunlearn.localize.registry import LOCALIZERS
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.tasks.records import FactRecord
 
@@ -31,84 +31,56 @@ def _mlps(hm: HookedModel) -> list[str]:
     return [f"blocks.{layer}.mlp" for layer in range(hm.dims.n_layers)]
 
 
-def _random_selection(
-    hm: HookedModel, method: str, components: list[str], options: LocalizeOptions
-) -> Localization:
-    if options.budget is None and options.top_k is None:
-        raise ConfigError(
-            f"{method} needs a parameter budget (or top_k) to know how much to select"
-        )
-    rng = random.Random(options.seed)
-    scores = {c: rng.random() for c in components}
-    return make_localization(
-        hm,
-        method,
-        scores,
-        budget=options.budget,
-        top_k=options.top_k,
-        seed=options.seed,
-        task=options.task,
-    )
+def _random_scores(components: list[str], seed: int) -> Scores:
+    rng = random.Random(seed)
+    return Scores({c: rng.random() for c in components})
 
 
-def _whole_scope(
-    hm: HookedModel, method: str, components: list[str], options: LocalizeOptions
-) -> Localization:
-    """A baseline defined by its scope: every one of ``components`` selected, no budget."""
-    return make_localization(
-        hm,
-        method,
-        dict.fromkeys(components, 1.0),
-        selected=components,
-        seed=options.seed,
-        task=options.task,
-    )
+def _whole_scope(components: list[str]) -> Scores:
+    """A baseline defined by its scope: every one of ``components`` selected."""
+    return Scores(dict.fromkeys(components, 1.0), selected=components)
 
 
-@LOCALIZERS.register("random")
+@LOCALIZERS.method("random", needs_budget=True)
 def random_matrices(
-    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
-) -> Localization:
+    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions, _: MethodOptions
+) -> Scores:
     """Random weight matrices under the budget (seeded)."""
-    return _random_selection(hm, "random", _matrices(hm), options)
+    return _random_scores(_matrices(hm), options.seed)
 
 
-@LOCALIZERS.register("random_mlps")
+@LOCALIZERS.method("random_mlps", needs_budget=True)
 def random_mlps(
-    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
-) -> Localization:
+    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions, _: MethodOptions
+) -> Scores:
     """Random whole MLP layers under the budget (seeded)."""
-    return _random_selection(hm, "random_mlps", _mlps(hm), options)
+    return _random_scores(_mlps(hm), options.seed)
 
 
-@LOCALIZERS.register("all_mlps")
+@LOCALIZERS.method("all_mlps", scope_defined=True)
 def all_mlps(
-    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
-) -> Localization:
-    """Every MLP layer (ignores the budget: this baseline is defined by its scope)."""
-    components = _mlps(hm)
-    return _whole_scope(hm, "all_mlps", components, options)
+    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions, _: MethodOptions
+) -> Scores:
+    """Every MLP layer (no budget: this baseline is defined by its scope)."""
+    return _whole_scope(_mlps(hm))
 
 
-@LOCALIZERS.register("nonlocalized")
+@LOCALIZERS.method("nonlocalized", scope_defined=True)
 def nonlocalized(
-    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
-) -> Localization:
+    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions, _: MethodOptions
+) -> Scores:
     """Every attention and MLP matrix of every layer."""
-    components = [
-        f"blocks.{layer}.{kind}" for layer in range(hm.dims.n_layers) for kind in ("attn", "mlp")
-    ]
-    return _whole_scope(hm, "nonlocalized", components, options)
+    layers = range(hm.dims.n_layers)
+    return _whole_scope([f"blocks.{layer}.{kind}" for layer in layers for kind in ("attn", "mlp")])
 
 
-@LOCALIZERS.register("last_layer")
+@LOCALIZERS.method("last_layer", scope_defined=True)
 def last_layer(
-    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
-) -> Localization:
+    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions, _: MethodOptions
+) -> Scores:
     """The final block's attention and MLP: a deliberately shallow edit, written where the
     answer is read out rather than where it is looked up. The relearning attack's positive
     control (Guo et al. 2024 test that an attack restores such edits): an attack too weak to
     undo this one cannot tell deep edits from shallow ones."""
     layer = hm.dims.n_layers - 1
-    components = [f"blocks.{layer}.attn", f"blocks.{layer}.mlp"]
-    return _whole_scope(hm, "last_layer", components, options)
+    return _whole_scope([f"blocks.{layer}.attn", f"blocks.{layer}.mlp"])

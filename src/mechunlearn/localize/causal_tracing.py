@@ -43,15 +43,19 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 from transformers import DynamicCache
 
 from mechunlearn.errors import DataError
-from mechunlearn.localize.common import final_logits, select_restricted
+from mechunlearn.localize.common import final_logits
+from mechunlearn.localize.options import LocalizeOptions, ReadoutName, ReadoutOptions
 from mechunlearn.localize.prompts import FactPrompts, build_fact_prompts
-from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
-from mechunlearn.localize.result import Localization, make_localization
+from mechunlearn.localize.protocol import LocalizationMethod, Scores
+from mechunlearn.localize.readouts import READOUTS, Readout
+from mechunlearn.localize.registry import LOCALIZERS
 from mechunlearn.models.handle import HookedModel, cache_argument
 from mechunlearn.models.hooks import Intervention, Patch, Perturb, position_mask
 from mechunlearn.models.sites import Site
@@ -167,10 +171,10 @@ def noise_draws(
 
 @dataclass
 class _Trace:
-    """Raw probabilities of one tracing run."""
+    """Raw readouts (``P``: ROME's answer probability by default) of one tracing run."""
 
-    p_clean: torch.Tensor  # [n]
-    p_corrupt: torch.Tensor  # [n, samples]
+    clean: torch.Tensor  # [n]
+    corrupt: torch.Tensor  # [n, samples]
     effects: list[torch.Tensor]  # per fact [samples, kinds, layers, T_i]: P_restored - P_corr
     n_forwards: int
     n_rows: int
@@ -223,10 +227,24 @@ def _restore_masks(
     return masks
 
 
+def _read_fact(
+    readout: Readout, logits: torch.Tensor, prompts: FactPrompts, fact: int
+) -> torch.Tensor:
+    """The readout of every row of ``logits`` for fact ``fact``'s answer (on the CPU)."""
+    n = logits.shape[0]
+    option_ids = prompts.option_ids[fact].to(logits.device).expand(n, -1)
+    correct = prompts.correct[fact].to(logits.device).expand(n)
+    return readout.read(logits.float(), option_ids, correct).cpu()
+
+
 def _trace_cached(
-    hm: HookedModel, prompts: FactPrompts, noise: list[list[torch.Tensor]], options: LocalizeOptions
+    hm: HookedModel,
+    prompts: FactPrompts,
+    noise: list[list[torch.Tensor]],
+    options: LocalizeOptions,
+    own: CausalTracingOptions,
 ) -> _Trace:
-    n, n_layers, n_samples = len(prompts.records), hm.dims.n_layers, options.n_noise_samples
+    n, n_layers, n_samples = len(prompts.records), hm.dims.n_layers, own.n_noise_samples
     kinds = list(TRACE_KINDS.values())
 
     def chunks_for(traced: Sequence[str]) -> list[list[tuple[int, int, int]]]:
@@ -243,9 +261,7 @@ def _trace_cached(
     scored = {kind: chunks_for(traced) for kind, traced in SCORED_KINDS.items()}
     p_clean, p_corrupt, effects = torch.zeros(n), torch.zeros(n, n_samples), []
     device, n_forwards, n_rows = hm.device, 0, 0
-
-    def probability(logits: torch.Tensor, answer: int) -> torch.Tensor:
-        return logits.float().softmax(-1)[:, answer].cpu()
+    readout = READOUTS.get(own.metric)
 
     with torch.no_grad(), progress_bar(n, "causal tracing", options.progress) as advance:
         for fact in range(n):
@@ -253,10 +269,10 @@ def _trace_cached(
             off = prompts.width - length
             ids = prompts.batch.input_ids[fact : fact + 1, off:].to(device)  # unpadded
             subject = [p - off for p in prompts.subject_positions[fact]]
-            answer, first = int(prompts.answer_ids[fact]), subject[0]
+            first = subject[0]
             with hm.hooks(cache=list(kinds)) as clean:
                 logits = _last_logits(hm, ids, 0, DynamicCache(config=hm.model.config))
-            p_clean[fact] = probability(logits, answer)[0]
+            p_clean[fact] = _read_fact(readout, logits, prompts, fact)[0]
             delta = torch.zeros(n_samples, length, noise[fact][0].shape[-1])
             delta[:, subject] = torch.stack(noise[fact])
             delta = delta.to(device)
@@ -269,19 +285,19 @@ def _trace_cached(
             # cells a scored trace skips stay NaN (dropped from the position scores)
             effect = torch.full(
                 (n_samples, len(kinds), n_layers, length - first),
-                0.0 if options.trace_cells == "all" else torch.nan,
+                0.0 if own.trace_cells == "all" else torch.nan,
             )
             for t in range(first, length):
                 width = length - t
                 chunks = every_kind
-                if options.trace_cells == "scored":
+                if own.trace_cells == "scored":
                     chunks = scored["subject" if t in subject else "other"]
                 for chunk in chunks:
                     draws = list(dict.fromkeys(sample for sample, _, _ in chunk))
                     # Row -> noise draw (on the CPU: it indexes caches on any shard).
                     rows = torch.tensor(draws + [sample for sample, _, _ in chunk])
                     cells = [(kinds[kind], layer) for _, kind, layer in chunk]
-                    masks = _restore_masks(cells, len(draws), width, options.window, n_layers)
+                    masks = _restore_masks(cells, len(draws), width, own.window, n_layers)
                     interventions: list[Intervention] = [Perturb("embed", delta[rows, t:])]
                     interventions += [
                         Patch(name, clean[name][:, t : t + 1], mask.to(device))
@@ -289,7 +305,8 @@ def _trace_cached(
                     ]
                     cache = _rows_of(prefix, rows)
                     suffix = ids[:, t:].expand(len(rows), -1)
-                    probs = probability(_last_logits(hm, suffix, t, cache, interventions), answer)
+                    logits = _last_logits(hm, suffix, t, cache, interventions)
+                    probs = _read_fact(readout, logits, prompts, fact)
                     for row, (sample, kind, layer) in enumerate(chunk, start=len(draws)):
                         corrupt = probs[draws.index(sample)]
                         effect[sample, kind, layer, t - first] = probs[row] - corrupt
@@ -305,50 +322,58 @@ def _trace_cached(
     return _Trace(p_clean, p_corrupt, effects, n_forwards, n_rows)
 
 
-def _answer_probability(
-    hm: HookedModel, inputs: dict[str, torch.Tensor], answer: int, interventions: list
+def _single_readout(
+    hm: HookedModel,
+    inputs: dict[str, torch.Tensor],
+    prompts: FactPrompts,
+    readout: Readout,
+    interventions: list,
 ) -> float:
-    """P(answer) at the final position of a one-row forward under ``interventions``."""
+    """The readout at the final position of a one-row forward under ``interventions``."""
     with hm.hooks(interventions):
         logits = final_logits(hm, inputs)
-    return float(logits.float().softmax(-1)[0, answer])
+    return float(_read_fact(readout, logits, prompts, 0)[0])
 
 
 def _trace_naive(
-    hm: HookedModel, prompts: FactPrompts, noise: list[list[torch.Tensor]], options: LocalizeOptions
+    hm: HookedModel,
+    prompts: FactPrompts,
+    noise: list[list[torch.Tensor]],
+    options: LocalizeOptions,
+    own: CausalTracingOptions,
 ) -> _Trace:
-    n, n_layers, n_samples = len(prompts.records), hm.dims.n_layers, options.n_noise_samples
+    n, n_layers, n_samples = len(prompts.records), hm.dims.n_layers, own.n_noise_samples
     kinds = list(TRACE_KINDS.values())
     p_clean, p_corrupt, effects = torch.zeros(n), torch.zeros(n, n_samples), []
     n_forwards, device = 0, hm.device
+    readout = READOUTS.get(own.metric)
     with torch.no_grad(), progress_bar(n, "causal tracing (naive)", options.progress) as advance:
         for fact in range(n):
             single = build_fact_prompts(hm, [prompts.records[fact]])
             inputs = single.batch.to(device).model_inputs()
             width, subject = single.width, single.subject_positions[0]
-            answer = int(single.answer_ids[0])
             with hm.hooks(cache=list(kinds)) as cache:
                 logits = final_logits(hm, inputs)
             n_forwards += 1
-            p_clean[fact] = float(logits.float().softmax(-1)[0, answer])
+            p_clean[fact] = float(_read_fact(readout, logits, single, 0)[0])
             n_traced = width - subject[0]
             restored = torch.zeros(n_samples, len(kinds), n_layers, n_traced)
             for sample in range(n_samples):
                 delta = torch.zeros(1, width, noise[fact][sample].shape[-1])
                 delta[0, subject] = noise[fact][sample]
                 corrupt = Perturb("embed", delta.to(device))
-                p_corrupt[fact, sample] = _answer_probability(hm, inputs, answer, [corrupt])
+                p_corrupt[fact, sample] = _single_readout(hm, inputs, single, readout, [corrupt])
                 for k, kind in enumerate(kinds):
                     for layer in range(n_layers):
-                        layers = _restored_layers(kind, layer, options.window, n_layers)
+                        layers = _restored_layers(kind, layer, own.window, n_layers)
                         for offset in range(n_traced):
                             mask = position_mask(1, width, [subject[0] + offset], device=device)
                             patches = [
                                 Patch(Site(kind, lay), cache[Site(kind, lay).name], mask)
                                 for lay in layers
                             ]
-                            restored[sample, k, layer, offset] = _answer_probability(
-                                hm, inputs, answer, [corrupt, *patches]
+                            restored[sample, k, layer, offset] = _single_readout(
+                                hm, inputs, single, readout, [corrupt, *patches]
                             )
             effects.append(restored - p_corrupt[fact][:, None, None, None])
             n_forwards += n_samples * (1 + restored[0].numel())
@@ -356,20 +381,43 @@ def _trace_naive(
     return _Trace(p_clean, p_corrupt, effects, n_forwards, n_forwards)
 
 
+class CausalTracingOptions(ReadoutOptions):
+    """Causal tracing's own options (ROME's defaults)."""
+
+    metric: ReadoutName = Field(
+        default="answer_prob",
+        description="readout at the final position (ROME: the answer's probability)",
+    )
+    noise_scale: float = Field(
+        default=3.0, gt=0, description="noise std in units of the subject embeddings' std"
+    )
+    n_noise_samples: int = Field(default=1, ge=1, description="noise draws per fact")
+    window: int = Field(
+        default=1, ge=1, description="restore sub-block outputs at this many consecutive layers"
+    )
+    trace_cells: Literal["all", "scored"] = Field(
+        default="all",
+        description="'all' restores every (kind, layer, position) cell for the heatmaps; "
+        "'scored' only those the component scores read (MLP outputs at subject tokens, "
+        "attention outputs everywhere): about half the work, the same scores",
+    )
+
+
 def _causal_trace(
     hm: HookedModel,
     records: Sequence[FactRecord],
     options: LocalizeOptions,
+    own: CausalTracingOptions,
     tracer: Callable[..., _Trace],
     implementation: str,
-) -> Localization:
+) -> Scores:
     prompts = build_fact_prompts(hm, records)
     with torch.no_grad():
         sigma = embedding_std(hm, prompts)
     d_model = hm.model.get_input_embeddings().weight.shape[-1]
-    noise_std = options.noise_scale * sigma
-    noise = noise_draws(prompts, d_model, noise_std, options.n_noise_samples, options.seed)
-    trace = tracer(hm, prompts, noise, options)
+    noise_std = own.noise_scale * sigma
+    noise = noise_draws(prompts, d_model, noise_std, own.n_noise_samples, options.seed)
+    trace = tracer(hm, prompts, noise, options, own)
 
     effects = [
         e.permute(1, 2, 0, 3) for e in trace.effects
@@ -380,7 +428,7 @@ def _causal_trace(
     subject_columns = [c for c, label in enumerate(labels) if label in SUBJECT_ROLES]
     mlp, attn = list(TRACE_KINDS).index("mlp"), list(TRACE_KINDS).index("attn")
     columns: dict[str, list[str]] = {}
-    if options.trace_cells == "scored":  # only what was traced
+    if own.trace_cells == "scored":  # only what was traced
         del position_scores["resid"]
         position_scores["mlp"] = pooled[mlp][:, subject_columns].tolist()
         columns["mlp"] = [labels[c] for c in subject_columns]
@@ -391,41 +439,38 @@ def _causal_trace(
     evidence = {
         "implementation": implementation,
         "embedding_std": sigma,
-        "noise_scale": options.noise_scale,
+        "noise_scale": own.noise_scale,
         "noise_std": noise_std,
-        "n_noise_samples": options.n_noise_samples,
-        "window": options.window,
+        "n_noise_samples": own.n_noise_samples,
+        "window": own.window,
         "restored_sites": {k: v for k, v in TRACE_KINDS.items() if k in position_scores},
-        "trace_cells": options.trace_cells,
+        "trace_cells": own.trace_cells,
         "position_score_columns": columns,
-        "p_clean": trace.p_clean.tolist(),
-        "p_corrupt": trace.p_corrupt.mean(1).tolist(),
-        "mean_p_clean": float(trace.p_clean.mean()),
-        "mean_p_corrupt": float(trace.p_corrupt.mean()),
+        "metric": own.metric,
+        "metric_clean": trace.clean.tolist(),
+        "metric_corrupt": trace.corrupt.mean(1).tolist(),
+        "mean_metric_clean": float(trace.clean.mean()),
+        "mean_metric_corrupt": float(trace.corrupt.mean()),
         "component_scores": "mlp: max IE over subject roles; attn: max IE over all roles",
         "n_forwards": trace.n_forwards,
         "n_rows": trace.n_rows,
     }
-    return make_localization(
-        hm,
-        "causal_tracing",
+    return Scores(
         scores,
-        budget=options.budget,
-        top_k=options.top_k,
-        selected=select_restricted(hm, scores, options),
         position_scores=position_scores,
         position_labels=labels,
         evidence=evidence,
         n_facts=len(records),
-        seed=options.seed,
-        task=options.task,
     )
 
 
-@LOCALIZERS.register("causal_tracing")
+@LOCALIZERS.method("causal_tracing", options=CausalTracingOptions)
 def causal_trace(
-    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
-) -> Localization:
+    hm: HookedModel,
+    records: Sequence[FactRecord],
+    options: LocalizeOptions,
+    method_options: CausalTracingOptions,
+) -> Scores:
     """ROME causal tracing, batched over cells and reusing the corrupted run's KV cache (see the
     module docstring); ``options.batch_size`` bounds the rows of one restoring forward (the
     restored cells plus an unrestored row per noise draw among them).
@@ -434,21 +479,28 @@ def causal_trace(
     effects; ``scores``: ``blocks.L.mlp`` = max over subject roles of the MLP effect (ROME's
     site of factual recall), ``blocks.L.attn`` = max over all roles of the attention effect.
 
-    ``options.trace_cells="scored"`` restores only the cells those scores read (MLP outputs at
-    subject tokens, attention outputs at every traced token): the same scores from about half
-    the rows (the layer-output trace and the MLP's later positions are what the heatmaps add);
+    ``trace_cells="scored"`` restores only the cells those scores read (MLP outputs at subject
+    tokens, attention outputs at every traced token): the same scores from about half the rows
+    (the layer-output trace and the MLP's later positions are what the heatmaps add);
     ``position_scores`` then holds ``mlp`` (subject roles, named in
     ``evidence["position_score_columns"]``) and ``attn``.
     """
-    return _causal_trace(hm, records, options, _trace_cached, "cached")
+    return _causal_trace(hm, records, options, method_options, _trace_cached, "cached")
 
 
-def causal_trace_naive(
-    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
-) -> Localization:
+def _causal_trace_naive(
+    hm: HookedModel,
+    records: Sequence[FactRecord],
+    options: LocalizeOptions,
+    method_options: CausalTracingOptions,
+) -> Scores:
     """Reference implementation: one unpadded single-row forward per fact, noise draw and cell,
     restoring from a cached clean run with ``Patch``; same numbers as ``causal_trace``."""
-    return _causal_trace(hm, records, options, _trace_naive, "naive")
+    return _causal_trace(hm, records, options, method_options, _trace_naive, "naive")
+
+
+causal_trace_naive = LocalizationMethod("causal_tracing", _causal_trace_naive, CausalTracingOptions)
+"""The reference as a (not registered) method: same protocol, same options."""
 
 
 __all__ = [

@@ -6,15 +6,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from mechunlearn.errors import ConfigError, DataError, SiteError
+from mechunlearn.errors import DataError
+from mechunlearn.localize.options import LocalizeOptions
 from mechunlearn.localize.prompts import (
     FactPrompts,
     build_fact_prompts,
     check_same_layout,
     pair_corruptions,
 )
-from mechunlearn.localize.registry import LocalizeOptions
-from mechunlearn.localize.result import select_under_budget
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.tasks.records import FactRecord
 
@@ -34,37 +33,10 @@ def final_logits(hm: HookedModel, inputs: FactPrompts | Mapping[str, object]) ->
     return hm.model(**kwargs).logits[:, -1]
 
 
-def component_kind(component: str) -> str:
-    """``blocks.3.mlp`` -> ``mlp``; ``blocks.3.attn`` / ``blocks.3.attn.head2`` -> ``attn``."""
-    return component.split(".")[2]
-
-
 def heads_have_parameters(hm: HookedModel) -> bool:
     """Whether per-head components resolve to parameters (not for fused-qkv families), i.e.
     whether a trainer could update one head alone."""
-    try:
-        hm.parameters_of(["blocks.0.attn.head0"])
-    except SiteError:
-        return False
-    return True
-
-
-def restrict(scores: Mapping[str, float], restrict_to: str) -> dict[str, float]:
-    """Only the components ``options.restrict_to`` allows selection from."""
-    return {
-        c: s for c, s in scores.items() if restrict_to == "all" or component_kind(c) == restrict_to
-    }
-
-
-def select_restricted(
-    hm: HookedModel, scores: dict[str, float], options: LocalizeOptions
-) -> list[str]:
-    """Select under budget among the components ``options.restrict_to`` allows."""
-    allowed = {"all": ("mlp", "attn"), "mlp": ("mlp",), "attn": ("attn",)}[options.restrict_to]
-    candidates = {c: s for c, s in scores.items() if component_kind(c) in allowed}
-    if not candidates:
-        raise ConfigError(f"no {options.restrict_to} components to select from")
-    return select_under_budget(hm, candidates, options.budget, options.top_k)
+    return hm.require_adapter().per_head_params
 
 
 def facts_with_partners(

@@ -12,7 +12,8 @@ where ``dM/dx_v`` is the gradient with respect to the residual *as read by v onl
 total gradient of the residual stream (which also flows through the skip connection to every
 later reader). We obtain it with a forward pre-hook on ``v``'s input norm that hands the norm a
 fresh copy ``x_v' = x.clone()`` of the residual: the copy has a single reader, so its gradient
-is v's alone. ``M`` is ``answer_logit_diff`` averaged over facts; corrupted inputs are the
+is v's alone. ``M`` is the readout (``metric`` option, ``logit_diff`` by default) averaged over
+facts; corrupted inputs are the
 ``pair_corruptions`` partners. Cost per batch of facts: one corrupted forward (no grad), one
 clean forward and one backward, for every edge at once.
 
@@ -34,8 +35,7 @@ but not in parallel ones (GPT-NeoX/Pythia with ``use_parallel_residual``). Compl
 every downstream node, the scores of all its incoming edges sum exactly to
 ``dM/dx_v . (x_v(corrupt) - x_v(clean))``.
 
-Selection: the top-n edges by ``|score|`` (n = ``options.top_k`` or ``DEFAULT_TOP_EDGES``)
-form the circuit; they map to components (heads -> ``blocks.L.attn.head{H}``, upstream MLP and
+Selection: the top-n edges by ``|score|`` (n = the ``top_edges`` option) form the circuit; they map to components (heads -> ``blocks.L.attn.head{H}``, upstream MLP and
 downstream MLP -> ``blocks.L.mlp``, downstream attention -> ``blocks.L.attn``; ``embed`` and
 ``logits`` are not trainable components here). Component score = sum of ``|edge scores|`` over
 *all* edges touching it (a full ranking for budgeted selection); the circuit's own component
@@ -49,6 +49,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 
 from mechunlearn.errors import SiteError
 from mechunlearn.localize.common import (
@@ -56,11 +57,12 @@ from mechunlearn.localize.common import (
     facts_with_partners,
     final_logits,
     heads_have_parameters,
-    restrict,
 )
-from mechunlearn.localize.prompts import FactPrompts, answer_logit_diff, check_same_layout
-from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
-from mechunlearn.localize.result import Localization, make_localization, select_under_budget
+from mechunlearn.localize.options import LocalizeOptions, ReadoutOptions
+from mechunlearn.localize.prompts import FactPrompts, check_same_layout
+from mechunlearn.localize.protocol import Scores
+from mechunlearn.localize.readouts import LOGIT_DIFF, READOUTS, Readout
+from mechunlearn.localize.registry import LOCALIZERS
 from mechunlearn.models.adapters import head_contributions
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.progress import progress_bar
@@ -68,19 +70,9 @@ from mechunlearn.tasks.records import FactRecord
 
 DEFAULT_TOP_EDGES = 50
 
-INPUT_NORMS: dict[str, tuple[str, str]] = {
-    "llama": ("input_layernorm", "post_attention_layernorm"),
-    "gemma": ("input_layernorm", "pre_feedforward_layernorm"),
-    "gpt2": ("ln_1", "ln_2"),
-    "gpt_neox": ("input_layernorm", "post_attention_layernorm"),
-}
-"""Per adapter family: the norms through which the attention and the MLP of a block read the
-residual stream (module paths relative to the block). The logits read through the adapter's
-final norm."""
-
 SIGN_CONVENTION = (
     "score(u -> v) = sum_pos (a_u(corrupt) - a_u(clean)) . dM/dx_v(clean): the first-order change "
-    "of the mean answer logit diff when only u's term of v's input is patched to its corrupted value"
+    "of the mean readout M (evidence['metric']) when only u's term of v's input is patched to its corrupted value"
 )
 
 
@@ -131,17 +123,16 @@ def edge_graph(hm: HookedModel) -> EdgeGraph:
 
 
 def input_norm_paths(hm: HookedModel) -> list[str]:
-    """Module paths of the downstream nodes' input norms, in ``edge_graph`` downstream order."""
+    """Module paths of the downstream nodes' input norms, in ``edge_graph`` downstream order:
+    per block the norms its attention and MLP read the residual through (the adapter's), then
+    the final norm the logits read through."""
     adapter = hm.require_adapter()
-    if adapter.family not in INPUT_NORMS:
-        raise SiteError(
-            f"edge attribution patching has no input-norm table for the {adapter.family} family; "
-            f"supported: {', '.join(INPUT_NORMS)}"
-        )
-    attn_norm, mlp_norm = INPUT_NORMS[adapter.family]
     paths = []
     for layer in range(hm.dims.n_layers):
-        paths += [adapter.layer_path(layer, attn_norm), adapter.layer_path(layer, mlp_norm)]
+        paths += [
+            adapter.layer_path(layer, adapter.attn_input_norm),
+            adapter.layer_path(layer, adapter.mlp_input_norm),
+        ]
     paths.append(adapter.final_norm)
     return paths
 
@@ -165,7 +156,7 @@ def _replace_input_hook(store: list[torch.Tensor]):
 # ---- one batch ------------------------------------------------------------------------------
 @dataclass
 class EdgeScores:
-    """Edge scores of one batch, summed over its facts (metric = sum of the rows' logit diffs).
+    """Edge scores of one batch, summed over its facts (metric = sum of the rows' readouts).
 
     ``scores[u, v]`` is zero where ``graph.allowed`` is false. ``input_grads`` (only when asked
     for) maps each downstream node to ``dM/dx_v`` ``[batch, seq, d_model]``.
@@ -190,7 +181,11 @@ def _upstream_outputs(hm: HookedModel, cache) -> Iterator[torch.Tensor]:
 
 
 def edge_attribution_batch(
-    hm: HookedModel, clean: FactPrompts, corrupt: FactPrompts, keep_grads: bool = False
+    hm: HookedModel,
+    clean: FactPrompts,
+    corrupt: FactPrompts,
+    keep_grads: bool = False,
+    readout: Readout = LOGIT_DIFF,
 ) -> EdgeScores:
     """Scores of every edge for one batch: corrupted forward, clean forward + one backward."""
     check_same_layout(clean, corrupt)
@@ -202,7 +197,7 @@ def edge_attribution_batch(
     ]
 
     with torch.no_grad(), hm.hooks(cache=sites) as corrupt_cache:
-        metric_corrupt = answer_logit_diff(final_logits(hm, corrupt), clean).float()
+        metric_corrupt = readout(final_logits(hm, corrupt), clean)
 
     reads: list[torch.Tensor] = []
     handles = []
@@ -218,7 +213,7 @@ def edge_attribution_batch(
                 module.register_forward_pre_hook(_replace_input_hook(reads), with_kwargs=True)
             )
         with torch.enable_grad(), hm.hooks(cache=sites, handlers=[("embed", leaf)]) as clean_cache:
-            metric = answer_logit_diff(final_logits(hm, clean), clean)
+            metric = readout(final_logits(hm, clean), clean)
             if len(reads) != len(norm_paths):
                 raise SiteError(
                     f"expected {len(norm_paths)} residual reads through the input norms, saw "
@@ -274,25 +269,38 @@ def top_edges(graph: EdgeGraph, scores: torch.Tensor, n: int) -> list[tuple[int,
     return [tuple(candidates[i].tolist()) for i in order]
 
 
-def _selectable(hm: HookedModel, scores: dict[str, float], restrict_to: str) -> dict[str, float]:
-    """Components selection may choose from, in score order: heads fold into their attention
-    layer (scores summed) where heads have no parameters of their own (fused-qkv families)."""
+def _selectable(hm: HookedModel, scores: dict[str, float]) -> dict[str, float]:
+    """Components selection may choose from: heads fold into their attention layer (scores
+    summed) where heads have no parameters of their own (fused-qkv families)."""
     per_head = heads_have_parameters(hm)
     folded: dict[str, float] = {}
     for component, value in scores.items():
         name = component if per_head or ".head" not in component else component.split(".head")[0]
         folded[name] = folded.get(name, 0.0) + value
-    return restrict(folded, restrict_to)
+    return folded
 
 
-@LOCALIZERS.register("edge_attribution_patching")
+class EdgeAttributionOptions(ReadoutOptions):
+    """EAP's own options: the readout and how many edges form the circuit."""
+
+    top_edges: int = Field(
+        default=DEFAULT_TOP_EDGES, ge=1, description="edges (by |score|) that form the circuit"
+    )
+
+
+@LOCALIZERS.method("edge_attribution_patching", options=EdgeAttributionOptions, needs_pairs=True)
 def edge_attribution_patching(
-    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
-) -> Localization:
-    """Score every residual edge by EAP and select the components of the top edges.
+    hm: HookedModel,
+    records: Sequence[FactRecord],
+    options: LocalizeOptions,
+    method_options: EdgeAttributionOptions,
+) -> Scores:
+    """Score every residual edge by EAP; the circuit's components are the selection without a
+    budget or ``top_k``, the best components by edge scores otherwise.
 
     Facts without a same-layout partner are skipped (``evidence["skipped_without_partner"]``).
     """
+    readout = READOUTS.get(method_options.metric)
     records, unpaired = facts_with_partners(hm, records)
     batches, partners = fact_batches(hm, records, options)
     n_facts = len(records)
@@ -301,28 +309,20 @@ def edge_attribution_patching(
     metric_clean = metric_corrupt = 0.0
     with progress_bar(n_facts, "edge attribution patching", enabled=options.progress) as advance:
         for clean, corrupt in batches:
-            batch = edge_attribution_batch(hm, clean, corrupt)
+            batch = edge_attribution_batch(hm, clean, corrupt, readout=readout)
             total += batch.scores
             metric_clean += float(batch.metric_clean.sum())
             metric_corrupt += float(batch.metric_corrupt.sum())
             advance(len(clean.records))
     edge_scores = total / n_facts
 
-    n_top = options.top_k or DEFAULT_TOP_EDGES
+    n_top = method_options.top_edges
     circuit = top_edges(graph, edge_scores, n_top)
     scores = component_scores(graph, edge_scores)
-    circuit_scores = component_scores(graph, edge_scores, circuit)
-    if options.budget is None:
-        circuit_selectable = _selectable(hm, circuit_scores, options.restrict_to)
-        selected = sorted(circuit_selectable, key=lambda c: circuit_selectable[c], reverse=True)
-    else:
-        selected = select_under_budget(
-            hm, _selectable(hm, scores, options.restrict_to), options.budget
-        )
-
+    circuit_scores = _selectable(hm, component_scores(graph, edge_scores, circuit))
     evidence = {
         "sign_convention": SIGN_CONVENTION,
-        "metric": "answer_logit_diff (mean over facts)",
+        "metric": f"{readout.name} (mean over facts): {readout.description}",
         "top_edges": [
             {
                 "upstream": graph.upstream[u],
@@ -333,7 +333,7 @@ def edge_attribution_patching(
         ],
         "n_edges": int(graph.allowed.sum()),
         "n_top_edges": n_top,
-        "circuit_component_scores": circuit_scores,
+        "circuit_component_scores": component_scores(graph, edge_scores, circuit),
         "downstream_totals": {
             name: float(edge_scores[:, v].sum()) for v, name in enumerate(graph.downstream)
         },
@@ -344,14 +344,10 @@ def edge_attribution_patching(
         "skipped_without_partner": unpaired,
         "input_norms": dict(zip(graph.downstream, input_norm_paths(hm), strict=True)),
     }
-    return make_localization(
-        hm,
-        "edge_attribution_patching",
+    return Scores(
         scores,
-        budget=options.budget,
-        selected=selected,
+        candidates=_selectable(hm, scores),
+        selected=sorted(circuit_scores, key=lambda c: circuit_scores[c], reverse=True),
         evidence=evidence,
         n_facts=n_facts,
-        seed=options.seed,
-        task=options.task,
     )

@@ -53,10 +53,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from pydantic import Field
 
-from mechunlearn.errors import ConfigError
 from mechunlearn.localize.common import fact_batches, facts_with_partners
+from mechunlearn.localize.options import LocalizeOptions, MethodOptions
 from mechunlearn.localize.probes import (
     DEFAULT_L2,
     Probe,
@@ -68,8 +68,8 @@ from mechunlearn.localize.probes import (
     split_facts,
 )
 from mechunlearn.localize.prompts import FactPrompts, answer_logit_diff
-from mechunlearn.localize.registry import LOCALIZERS, LocalizeOptions
-from mechunlearn.localize.result import Localization, make_localization, select_under_budget
+from mechunlearn.localize.protocol import Scores
+from mechunlearn.localize.registry import LOCALIZERS
 from mechunlearn.models.adapters import head_contributions
 from mechunlearn.models.batches import Batch
 from mechunlearn.models.handle import HookedModel
@@ -94,25 +94,21 @@ def final_norm_scale(
     """The final norm at ``resid [n, d]`` as ``(gain [d], sigma [n], centred)``.
 
     The norm is ``gain * P(x) / sigma(x) (+ bias)``; freezing ``sigma`` at its clean value
-    makes it linear. LayerNorm (GPT-2, NeoX) centres; RMSNorm (Llama, Gemma) does not, and
-    Gemma's gain is ``1 + weight``.
+    makes it linear. The adapter says whether ``P`` centres (LayerNorm: GPT-2, NeoX; not
+    RMSNorm) and what the gain adds to the weight (Gemma: ``1 + weight``).
     """
-    norm = hm.model.get_submodule(hm.require_adapter().final_norm)
+    adapter = hm.require_adapter()
+    norm = hm.model.get_submodule(adapter.final_norm)
     x = resid.float()
     weight = getattr(norm, "weight", None)
-    if isinstance(norm, nn.LayerNorm):
-        gain = weight.float() if weight is not None else torch.ones(x.shape[-1], device=x.device)
-        sigma = torch.sqrt(x.var(-1, unbiased=False) + norm.eps)
-        return gain, sigma, True
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
     if weight is None:
         gain = torch.ones(x.shape[-1], device=x.device)
-    elif "gemma" in type(norm).__name__.lower():
-        gain = 1.0 + weight.float()
     else:
-        gain = weight.float()
-    sigma = torch.sqrt(x.pow(2).mean(-1) + eps)
-    return gain, sigma, False
+        gain = adapter.final_norm_gain_offset + weight.float()
+    if adapter.final_norm_centred:
+        return gain, torch.sqrt(x.var(-1, unbiased=False) + eps), True
+    return gain, torch.sqrt(x.pow(2).mean(-1) + eps), False
 
 
 def logit_diff_readout(
@@ -363,20 +359,31 @@ def _sweep_evidence(sweep: ProbeSweep) -> dict[str, list[float]]:
     return {"test_accuracy": sweep.test_accuracy, "train_accuracy": sweep.train_accuracy}
 
 
-@LOCALIZERS.register("fact_lookup")
+class FactLookupOptions(MethodOptions):
+    """Fact lookup's own options. Its readout is fixed: the enrichment projection needs a
+    readout linear in the final residual (the logit difference through a frozen final norm)."""
+
+    probe_split: float = Field(
+        default=0.5, gt=0, lt=1, description="fraction of facts that train the probes"
+    )
+
+
+@LOCALIZERS.method("fact_lookup", options=FactLookupOptions, needs_pairs=True)
 def fact_lookup(
-    hm: HookedModel, records: Sequence[FactRecord], options: LocalizeOptions
-) -> Localization:
+    hm: HookedModel,
+    records: Sequence[FactRecord],
+    options: LocalizeOptions,
+    method_options: FactLookupOptions,
+) -> Scores:
     """Select the fact-lookup MLPs: those before the extraction heads whose subject-position
-    output carries the attribute the extraction heads read (see the module docstring)."""
-    if options.restrict_to == "attn":
-        raise ConfigError(
-            "fact_lookup localizes MLPs only (the lookup MLPs); restrict_to='attn' selects nothing"
-        )
+    output carries the attribute the extraction heads read (see the module docstring).
+
+    Candidates are the MLPs before the extraction heads; without a budget or ``top_k`` those
+    with enrichment at least ``LOOKUP_FRACTION`` of the best candidate's are selected."""
     n_layers, n_heads = hm.dims.n_layers, hm.dims.n_heads
     records, unpaired = facts_with_partners(hm, records)
     labels, classes = encode_labels([r.answer for r in records])
-    train, test = split_facts(labels, options.probe_split, options.seed)
+    train, test = split_facts(labels, method_options.probe_split, options.seed)
     batches, partners = fact_batches(hm, records, options)
     n_facts = len(records)
     hm.model.eval()
@@ -424,17 +431,15 @@ def fact_lookup(
             "head's layer (or all MLPs)"
         )
     candidate_scores = {f"blocks.{L}.mlp": scores[f"blocks.{L}.mlp"] for L in candidates}
+    best = max(candidate_scores.values())
+    selected = sorted(
+        (c for c, s in candidate_scores.items() if s > 0 and s >= LOOKUP_FRACTION * best),
+        key=lambda c: candidate_scores[c],
+        reverse=True,
+    )
+    rule = f"candidate MLPs with enrichment >= {LOOKUP_FRACTION} x the best candidate's"
     if options.budget is not None or options.top_k is not None:
-        selected = select_under_budget(hm, candidate_scores, options.budget, options.top_k)
         rule = "best-scoring candidate MLPs under the budget / top_k"
-    else:
-        best = max(candidate_scores.values())
-        selected = sorted(
-            (c for c, s in candidate_scores.items() if s > 0 and s >= LOOKUP_FRACTION * best),
-            key=lambda c: candidate_scores[c],
-            reverse=True,
-        )
-        rule = f"candidate MLPs with enrichment >= {LOOKUP_FRACTION} x the best candidate's"
 
     head_matrix = head_effects.tolist()
     evidence: dict[str, object] = {
@@ -490,7 +495,7 @@ def fact_lookup(
             "mlp_enrichment": ["normalised enrichment (a)"],
         },
     }
-    if not selected:
+    if not selected and options.budget is None and options.top_k is None:
         evidence["warning"] = (
             "no candidate MLP's subject output supports the extracted answer (no positive "
             "enrichment); nothing selected - pass a budget or top_k to force a selection"
@@ -501,16 +506,11 @@ def fact_lookup(
         "head_direct_effect": head_matrix,
         "mlp_enrichment": [[float(v)] for v in normalised],
     }
-    return make_localization(
-        hm,
-        "fact_lookup",
+    return Scores(
         scores,
-        budget=options.budget,
-        top_k=options.top_k,
+        candidates=candidate_scores,
         selected=selected,
         position_scores=position_scores,
         evidence=evidence,
         n_facts=n_facts,
-        seed=options.seed,
-        task=options.task,
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from mechunlearn.errors import DataError
+from mechunlearn.localize.readouts import logit_diff
 from mechunlearn.models.batches import Batch, left_pad
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.tasks.formats import get_formatter
@@ -170,17 +171,14 @@ def pair_corruptions(
 
 
 def answer_logit_diff(logits: torch.Tensor, prompts: FactPrompts) -> torch.Tensor:
-    """Per row: logit of the true answer minus the mean logit of the other options.
+    """Per row: logit of the true answer minus the mean logit of the other options (the
+    ``logit_diff`` readout, in the logits' dtype).
 
     ``logits`` are the final-position logits ``[n, vocab]``; a logit difference is linear in
     the residual stream's final state, which makes it the natural patching metric.
     """
-    option_logits = logits.gather(1, prompts.option_ids.to(logits.device))
-    correct = prompts.correct.to(logits.device)
-    true_logit = option_logits.gather(1, correct[:, None]).squeeze(1)
-    k = option_logits.shape[1]
-    others = (option_logits.sum(1) - true_logit) / (k - 1)
-    return true_logit - others
+    device = logits.device
+    return logit_diff(logits, prompts.option_ids.to(device), prompts.correct.to(device))
 
 
 def choose_pairable_facts(

@@ -1,57 +1,50 @@
-"""Localization methods registered by name.
+"""Localization methods registered by name, each with its own options schema.
 
-A method is a function ``(hm, records, options) -> Localization``; ``options`` is the
-method's validated options object (``LocalizeOptions``). Register a new one with
-``@LOCALIZERS.register("name")``.
+Register a scorer (``(hm, records, options, method_options) -> Scores``) with
+``@LOCALIZERS.method("name", options=MyOptions, ...)``; the decorator returns the callable
+``LocalizationMethod`` (``method(hm, records, options, method_options) -> Localization``), which
+is also what ``LOCALIZERS.get("name")`` returns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Callable
 
-from pydantic import BaseModel, Field
-
-from mechunlearn.localize.result import Localization
-from mechunlearn.models.handle import HookedModel
+from mechunlearn.localize.options import LocalizeOptions, MethodOptions
+from mechunlearn.localize.protocol import LocalizationMethod, Scorer
 from mechunlearn.registry import Registry
-from mechunlearn.schema import STRICT_CONFIG
-from mechunlearn.tasks.records import FactRecord
 
 
-class LocalizeOptions(BaseModel):
-    """Options shared by every method; methods read what they need."""
+class MethodRegistry(Registry[LocalizationMethod]):
+    """The registry of localization methods."""
 
-    model_config = STRICT_CONFIG
+    def method(
+        self,
+        name: str,
+        *,
+        options: type[MethodOptions] = MethodOptions,
+        needs_pairs: bool = False,
+        needs_budget: bool = False,
+        scope_defined: bool = False,
+    ) -> Callable[[Scorer], LocalizationMethod]:
+        """Decorator registering a scorer as method ``name`` (see ``LocalizationMethod``)."""
 
-    seed: int = 0
-    budget: int | None = Field(
-        default=None, ge=1, description="trainable-parameter budget for selection"
-    )
-    top_k: int | None = Field(default=None, ge=1)
-    batch_size: int = Field(default=16, ge=1)
-    noise_scale: float = Field(
-        default=3.0, gt=0, description="causal tracing: noise std in units of the embedding std"
-    )
-    n_noise_samples: int = Field(default=1, ge=1)
-    probe_split: float = Field(
-        default=0.5, gt=0, lt=1, description="fact_lookup: fraction of facts to train probes"
-    )
-    restrict_to: Literal["all", "mlp", "attn"] = Field(
-        default="all", description="which component kinds selection may choose from"
-    )
-    window: int = Field(
-        default=1, ge=1, description="causal tracing: restore this many consecutive layers"
-    )
-    trace_cells: Literal["all", "scored"] = Field(
-        default="all",
-        description="causal tracing: 'all' restores every (kind, layer, position) cell for the "
-        "heatmaps; 'scored' only those the component scores read (MLP outputs at subject "
-        "tokens, attention outputs everywhere): about half the work, the same scores",
-    )
-    progress: bool = True
-    task: str = ""
+        def decorator(score: Scorer) -> LocalizationMethod:
+            entry = LocalizationMethod(
+                name,
+                score,
+                options,
+                needs_pairs=needs_pairs,
+                needs_budget=needs_budget,
+                scope_defined=scope_defined,
+                description=(score.__doc__ or "").strip().split("\n\n")[0],
+            )
+            self.register(name)(entry)
+            return entry
+
+        return decorator
 
 
-Localizer = Callable[[HookedModel, Sequence[FactRecord], LocalizeOptions], Localization]
-LOCALIZERS: Registry[Localizer] = Registry("localization method")
+LOCALIZERS = MethodRegistry("localization method")
+
+__all__ = ["LOCALIZERS", "LocalizationMethod", "LocalizeOptions", "MethodOptions", "MethodRegistry"]

@@ -40,6 +40,11 @@ class Localization(BaseModel):
         description="site kind -> [layer][position] scores (e.g. causal tracing)",
     )
     position_labels: list[str] = Field(default_factory=list)
+    selection_scores: dict[str, float] | None = Field(
+        default=None,
+        description="the components selection chose among and their scores, where they "
+        "differ from scores (e.g. heads but not the attention layers they overlap)",
+    )
     selected: list[str]
     n_params: int
     budget: int | None = None
@@ -112,16 +117,19 @@ def make_localization(
     budget: int | None = None,
     top_k: int | None = None,
     selected: list[str] | None = None,
+    selection_scores: Mapping[str, float] | None = None,
     **fields: Any,
 ) -> Localization:
     """Build a ``Localization``, selecting components unless ``selected`` is given."""
-    chosen = selected if selected is not None else select_under_budget(hm, scores, budget, top_k)
+    pool = scores if selection_scores is None else selection_scores
+    chosen = selected if selected is not None else select_under_budget(hm, pool, budget, top_k)
     return Localization(
         method=method,
         model=hm.name,
         model_type=hm.model.config.model_type,
         n_layers=hm.dims.n_layers,
         scores=dict(scores),
+        selection_scores=None if selection_scores is None else dict(selection_scores),
         selected=chosen,
         n_params=count_parameters(hm.parameters_of(chosen)),
         budget=budget,

@@ -55,6 +55,18 @@ class ArchitectureAdapter:
     post_attn_norm: str | None = None  # Gemma: attn_out is a norm of the o_proj output
     parallel_residual: bool = False
     extra_attn_params: tuple[ParamSpec, ...] = field(default_factory=tuple)
+    # the norms through which a block's attention and MLP read the residual stream (relative
+    # to the block): edge attribution patching gives each reader its own copy of its input
+    attn_input_norm: str = "input_layernorm"
+    mlp_input_norm: str = "post_attention_layernorm"
+    # the final norm is ``gain * P(x) / sigma(x)``: ``P`` mean-centres for LayerNorm (GPT-2,
+    # NeoX), not for RMSNorm; Gemma's RMSNorm gain is ``1 + weight``. Fact lookup freezes
+    # ``sigma`` to read the logit difference linearly.
+    final_norm_centred: bool = False
+    final_norm_gain_offset: float = 0.0
+    # q/k/v/o are separate matrices, so one head's rows and columns are its own parameters
+    # (not in fused-qkv families)
+    per_head_params: bool = False
 
     # ---- sites -------------------------------------------------------------------------
     def hook_point(self, site: Site) -> HookPoint:
@@ -114,6 +126,7 @@ def _llama() -> ArchitectureAdapter:
             "down": (ParamSpec("mlp.down_proj"), ParamSpec("mlp.down_proj", "bias")),
         },
         o_proj="self_attn.o_proj",
+        per_head_params=True,
     )
 
 
@@ -140,6 +153,9 @@ def _gemma() -> ArchitectureAdapter:
         mlp_parts=mlp_parts,
         o_proj=base.o_proj,
         post_attn_norm="post_attention_layernorm",
+        mlp_input_norm="pre_feedforward_layernorm",
+        final_norm_gain_offset=1.0,
+        per_head_params=True,
     )
 
 
@@ -181,6 +197,9 @@ def _gpt2() -> ArchitectureAdapter:
         },
         o_proj="attn.c_proj",
         o_proj_transposed=True,
+        attn_input_norm="ln_1",
+        mlp_input_norm="ln_2",
+        final_norm_centred=True,
     )
 
 
@@ -216,6 +235,7 @@ def _neox(parallel: bool) -> ArchitectureAdapter:
         },
         o_proj="attention.dense",
         parallel_residual=parallel,
+        final_norm_centred=True,
     )
 
 

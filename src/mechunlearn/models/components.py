@@ -87,7 +87,7 @@ def _head_slices(
     dims = dimensions(model.config)
     if head >= dims.n_heads:
         raise SiteError(f"head {head} out of range: layer has {dims.n_heads} heads")
-    if adapter.family not in ("llama", "gemma"):
+    if not adapter.per_head_params:
         raise SiteError(f"per-head parameters are not implemented for the {adapter.family} family")
     kv_head = head * dims.n_kv_heads // dims.n_heads
     rows = {"q": head, "k": kv_head, "v": kv_head}
