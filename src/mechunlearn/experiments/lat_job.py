@@ -38,11 +38,8 @@ from mechunlearn.edit.trainer import TrainConfig, train
 from mechunlearn.errors import ConfigError
 from mechunlearn.experiments.lat_config import LatExperimentConfig
 from mechunlearn.experiments.lat_data import SeedData, load_file_items, seed_data
-from mechunlearn.experiments.lat_measure import (
-    backdoor_metrics,
-    measure_backdoor,
-    measure_method,
-)
+from mechunlearn.experiments.lat_measure import measure_method
+from mechunlearn.experiments.measurements.backdoor import backdoor_metrics, measure_backdoor
 from mechunlearn.experiments.run_folder import RunFolder
 from mechunlearn.io import atomic_write_json
 from mechunlearn.models.handle import HookedModel
