@@ -21,6 +21,7 @@ from mechunlearn.experiments.measurements import latent_attack  # noqa: F401
 from mechunlearn.experiments.measurements import prefill  # noqa: F401
 from mechunlearn.experiments.measurements import embed_attack  # noqa: F401
 from mechunlearn.experiments.measurements import benign  # noqa: F401
+
 # isort: on
 from mechunlearn.experiments.measurements.context import (
     BatteryContext,

@@ -58,4 +58,6 @@ def backdoor_metrics(measured: dict[str, Any], prefix: str) -> dict[str, float]:
 def measure_backdoor_removal(ctx: LatContext, options: NoOptions, name: str) -> BatteryResult:
     """The backdoor (``config.backdoor``) on the current model."""
     measured = measure_backdoor(ctx.hm, ctx.config, ctx.data)
-    return BatteryResult(metrics=backdoor_metrics(measured, "backdoor"), curves={"backdoor": measured})
+    return BatteryResult(
+        metrics=backdoor_metrics(measured, "backdoor"), curves={"backdoor": measured}
+    )

@@ -53,4 +53,3 @@ class LatContext(MeasureContext):
     config: LatExperimentConfig = field(kw_only=True)
     data: SeedData = field(kw_only=True)
     layers: list[Any] = field(kw_only=True)
-

@@ -8,9 +8,7 @@ from mechunlearn.experiments.measurements.context import LatContext
 from mechunlearn.experiments.measurements.registry import MEASUREMENTS, BatteryResult
 from mechunlearn.report.columns import Column
 
-COLUMNS = (
-    Column("prefill.success", "compliance under prefilling", True, "attack", ("refusal",)),
-)
+COLUMNS = (Column("prefill.success", "compliance under prefilling", True, "attack", ("refusal",)),)
 
 
 @MEASUREMENTS.register("prefill", config=PrefillConfig, columns=COLUMNS, pipeline="lat")

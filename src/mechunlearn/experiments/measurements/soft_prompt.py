@@ -8,13 +8,13 @@ from mechunlearn.experiments.measurements.context import BatteryContext
 from mechunlearn.experiments.measurements.registry import MEASUREMENTS, BatteryResult
 from mechunlearn.report.columns import Column
 
-COLUMNS = (Column("soft_prompt.accuracy_after", "after soft prompt: acc (held-out)", True, "attack"),)
+COLUMNS = (
+    Column("soft_prompt.accuracy_after", "after soft prompt: acc (held-out)", True, "attack"),
+)
 
 
 @MEASUREMENTS.register("soft_prompt", config=SoftPromptConfig, columns=COLUMNS, trains=True)
-def measure_soft_prompt(
-    ctx: BatteryContext, options: SoftPromptConfig, name: str
-) -> BatteryResult:
+def measure_soft_prompt(ctx: BatteryContext, options: SoftPromptConfig, name: str) -> BatteryResult:
     """Accuracy and P(true) on the forget facts before and after the attack."""
     out = BatteryResult()
     ctx.log("soft-prompt attack")
