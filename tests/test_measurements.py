@@ -109,9 +109,12 @@ def test_column_order_sections_then_registration():
     keys = {"relearn@paper.completion.accuracy", "relearn.completion.accuracy", "lm_loss_delta"}
     columns = table_columns(MEASUREMENTS.columns(), "edit", keys)
     names = [key for key, _, _ in columns]
-    assert names.index("forget.completion.edit_success") < names.index(
-        "relearn@paper.completion.accuracy"
-    ) < names.index("relearn.completion.accuracy") < names.index("soft_prompt.accuracy_after")
+    assert (
+        names.index("forget.completion.edit_success")
+        < names.index("relearn@paper.completion.accuracy")
+        < names.index("relearn.completion.accuracy")
+        < names.index("soft_prompt.accuracy_after")
+    )
     assert names.index("probe.forget_accuracy") < names.index("retain.completion.accuracy")
     assert "forget.completion.original_accuracy" not in names  # an unlearning column
     titles = dict((k, t) for k, t, _ in columns)
@@ -146,9 +149,7 @@ def test_bad_lat_measurement_is_a_config_error():
         validate_config(LatExperimentConfig, data, "test.yaml")
 
 
-def test_new_measurement_reaches_parts_results_and_report(
-    toy, saved_llama, tmp_path, monkeypatch
-):
+def test_new_measurement_reaches_parts_results_and_report(toy, saved_llama, tmp_path, monkeypatch):
     """Registered in this file only: configured, run as its own battery part, merged into the
     results after the built-in parts, and a headline column of the report."""
     monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
