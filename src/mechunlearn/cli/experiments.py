@@ -165,13 +165,14 @@ def report_command(
 ) -> None:
     """Re-render results.md, summary.json and figures/ from an experiment's saved results
     (editing and targeted-LAT runs alike)."""
+    from mechunlearn.experiments.measurements import MEASUREMENTS
     from mechunlearn.report.experiment import write_report
 
     if not run.is_dir():
         from mechunlearn.errors import DataError
 
         raise DataError(f"run folder {run} does not exist")
-    write_report(run)
+    write_report(run, MEASUREMENTS.columns())
     console.print((run / "results.md").read_text(), markup=False, highlight=False)
 
 

@@ -209,6 +209,18 @@ class RelocalizeConfig(Strict):
     n_facts: int = Field(16, ge=2, description="forget facts localized on (drawn in pairs)")
 
 
+DEDICATED = {
+    "formats": "formats",
+    "counterfact": "counterfact_side_effects",
+    "probes": "probes",
+    "relocalize": "relocalize",
+    "relearn": "relearn (and relearn_variants)",
+    "soft_prompt": "soft_prompt",
+}
+"""The battery's measurements set by fields of their own (measurement -> field), which keep
+every earlier config meaning what it meant."""
+
+
 class BatteryConfig(Strict):
     """The robustness battery run after every edit."""
 
@@ -245,6 +257,38 @@ class BatteryConfig(Strict):
         description="CounterFact JSON: ROME neighbourhood score on its facts (unrelated knowledge)",
     )
     n_counterfact_side_effects: int = Field(default=64, ge=1)
+    measurements: dict[str, dict[str, Any] | None] = Field(
+        default_factory=dict,
+        description="more registered measurements (experiments.measurements) by name, or "
+        "`name@instance` to run one several times, each with its options (null: defaults) and "
+        "its own battery part",
+    )
+
+    @field_validator("measurements")
+    @classmethod
+    def _registered_measurements(
+        cls, value: dict[str, dict[str, Any] | None]
+    ) -> dict[str, dict[str, Any] | None]:
+        # imported here: the measurements import this module's option types
+        from mechunlearn.experiments.measurements import check_extra
+
+        check_extra(value, "edit", DEDICATED)
+        return value
+
+    def measurement_options(self) -> dict[str, Any]:
+        """Every measurement this battery runs (configured name -> options): those set by
+        the fields above, then ``measurements``."""
+        chosen: dict[str, Any] = {"formats": None, "counterfact": None}
+        if self.probes:
+            chosen["probes"] = {"position": self.probe_position}
+        if self.relocalize is not None:
+            chosen["relocalize"] = self.relocalize
+        if self.relearn is not None:
+            chosen["relearn"] = self.relearn
+        chosen.update({f"relearn@{k}": v for k, v in self.relearn_variants.items()})
+        if self.soft_prompt is not None:
+            chosen["soft_prompt"] = self.soft_prompt
+        return {**chosen, **self.measurements}
 
     @field_validator("relearn_variants")
     @classmethod

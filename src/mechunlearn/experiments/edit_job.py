@@ -8,8 +8,8 @@ After a short plan made in this process (known facts, localization facts, the ba
 validation score: ``plan.json``), the run is a graph of units (``plan_units``): one per
 localization and sweep point; per (localization, seed) one edit (training; the edited weights
 saved as a safetensors file of the trained components) and one unit per battery part
-(``experiments.battery.PARTS``: formats and probes, relearning, soft prompt), each run on the
-swapped-in edited weights; and one base-model battery per seed. ``assemble_results`` merges an
+(``experiments.battery.battery_parts``: formats and probes, relearning, soft prompt, ...), each
+run on the swapped-in edited weights; and one base-model battery per seed. ``assemble_results`` merges an
 edit's units into ``results/<localization>/seed<k>.json`` and deletes its weights.
 ``run_units`` executes them here (``workers=1``) or in worker processes, each unit's file
 written atomically in ``OUT.partial`` as soon as it is done, so an interrupted run resumes
@@ -61,6 +61,7 @@ from mechunlearn.experiments.localizations import (
     run_cached,
     takes_budget,
 )
+from mechunlearn.experiments.measurements import MEASUREMENTS
 from mechunlearn.experiments.run_folder import RunFolder
 from mechunlearn.experiments.sweep import (
     chosen_hyperparameters,
@@ -538,7 +539,7 @@ def run_experiment(
             "parts": parts,
         },
     )
-    write_report(partial)
+    write_report(partial, MEASUREMENTS.columns())
     return run.finalise()
 
 

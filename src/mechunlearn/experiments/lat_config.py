@@ -290,6 +290,17 @@ def _default_embedding_attack() -> AttackSpec:
     return AttackSpec(layers=["embed"], steps=32)
 
 
+DEDICATED = {
+    "refusal": "application",
+    "backdoor": "application",
+    "latent_attack": "latent_attack",
+    "embed_attack": "embedding_attack",
+    "prefill": "prefill",
+    "benign": "(always measured)",
+}
+"""The LAT measurements set by fields of their own or always measured (measurement -> field)."""
+
+
 class LatEvaluation(Strict):
     """Evaluation of every method on held-out requests. The attacks are fresh (trained against
     the final model) and stronger than the training adversary by default (more steps);
@@ -301,6 +312,36 @@ class LatEvaluation(Strict):
     attack_batch_size: int = Field(16, ge=1)
     batch_size: int = Field(16, ge=1)
     max_test: int | None = Field(None, ge=1, description="cap on held-out requests of each kind")
+    measurements: dict[str, dict[str, Any] | None] = Field(
+        default_factory=dict,
+        description="more registered measurements (experiments.measurements, pipeline lat) "
+        "by name, or `name@instance`, each with its options (null: defaults)",
+    )
+
+    @field_validator("measurements")
+    @classmethod
+    def _registered_measurements(
+        cls, value: dict[str, dict[str, Any] | None]
+    ) -> dict[str, dict[str, Any] | None]:
+        # imported here: the measurements import this module's option types
+        from mechunlearn.experiments.measurements import check_extra
+
+        check_extra(value, "lat", DEDICATED)
+        return value
+
+    def measurement_options(self, application: str) -> dict[str, Any]:
+        """Every measurement of ``application`` (configured name -> options): the target
+        behaviour (``refusal`` or ``backdoor``), the attacks set above, benign requests, then
+        ``measurements``."""
+        chosen: dict[str, Any] = {application: None}
+        if self.latent_attack is not None:
+            chosen["latent_attack"] = self.latent_attack
+        if application == "refusal" and self.prefill is not None:
+            chosen["prefill"] = self.prefill
+        if self.embedding_attack is not None:
+            chosen["embed_attack"] = self.embedding_attack
+        chosen["benign"] = None
+        return {**chosen, **self.measurements}
 
     @field_validator("embedding_attack")
     @classmethod

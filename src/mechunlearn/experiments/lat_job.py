@@ -38,11 +38,9 @@ from mechunlearn.edit.trainer import TrainConfig, train
 from mechunlearn.errors import ConfigError
 from mechunlearn.experiments.lat_config import LatExperimentConfig
 from mechunlearn.experiments.lat_data import SeedData, load_file_items, seed_data
-from mechunlearn.experiments.lat_measure import (
-    backdoor_metrics,
-    measure_backdoor,
-    measure_method,
-)
+from mechunlearn.experiments.lat_measure import measure_method
+from mechunlearn.experiments.measurements import MEASUREMENTS
+from mechunlearn.experiments.measurements.backdoor import backdoor_metrics, measure_backdoor
 from mechunlearn.experiments.run_folder import RunFolder
 from mechunlearn.io import atomic_write_json
 from mechunlearn.models.handle import HookedModel
@@ -205,5 +203,5 @@ def run_lat_experiment(
             "python": platform.python_version(),
         },
     )
-    write_report(partial)
+    write_report(partial, MEASUREMENTS.columns())
     return run.finalise()

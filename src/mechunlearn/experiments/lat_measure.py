@@ -1,6 +1,7 @@
-"""Train one method of a targeted-LAT experiment from the current weights and measure it:
-refusal and benign rates, fresh latent / prefilling / embedding attacks, backdoor rates, and
-the compute it used (seconds, forward/backward passes)."""
+"""Train one method of a targeted-LAT experiment from the current weights and measure it with
+the registered LAT measurements (``experiments.measurements``: refusal and benign rates, fresh
+latent / prefilling / embedding attacks, backdoor rates), and the compute it used (seconds,
+forward/backward passes)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from mechunlearn.attacks.latent import latent_attack
-from mechunlearn.attacks.prefill import prefill_attack
 from mechunlearn.edit.lat import LatConfig, train_lat
-from mechunlearn.edit.latent_adversary import LatentAdversaryConfig
 from mechunlearn.edit.parametrization import WeightSnapshot, make_trainable
 from mechunlearn.edit.trainer import TrainResult
-from mechunlearn.evals.refusal import backdoor_success_rate, benign_compliance, refusal_rate
 from mechunlearn.experiments.lat_config import LatExperimentConfig, MethodSpec, TrainableSpec
 from mechunlearn.experiments.lat_data import SeedData
+from mechunlearn.experiments.measurements import BatteryResult, LatContext, plan
 from mechunlearn.models.handle import HookedModel
-from mechunlearn.tasks.preference import LatData
 
 Log = Callable[[str], None]
 
@@ -100,18 +97,6 @@ def compute_record(
 
 
 # ---- evaluation ------------------------------------------------------------------------------
-def _attack(
-    hm: HookedModel,
-    data: LatData,
-    attack: LatentAdversaryConfig,
-    seed: int,
-    batch_size: int,
-    progress: bool,
-) -> dict[str, Any]:
-    result = latent_attack(hm, data, attack, seed=seed, batch_size=batch_size, progress=progress)
-    return result.to_json()
-
-
 def evaluate(
     hm: HookedModel,
     config: LatExperimentConfig,
@@ -121,87 +106,15 @@ def evaluate(
     progress: bool,
     log: Log = lambda _: None,
 ) -> tuple[dict[str, float], dict[str, Any], float]:
-    """``(metrics, details, seconds)`` of the current model on the seed's held-out requests."""
+    """``(metrics, details, seconds)`` of the current model on the seed's held-out requests:
+    every measurement the config asks for (``LatEvaluation.measurement_options``)."""
     tick = time.perf_counter()
     log(f"evaluating: {config.application}")
-    ev = config.evaluation
-    metrics: dict[str, float] = {}
-    details: dict[str, Any] = {}
-    if config.application == "refusal":
-        refusal = refusal_rate(hm, data.test_data, ev.batch_size)
-        metrics["refusal.rate"] = refusal["refusal"]["rate"]
-        metrics["refusal.margin"] = refusal["margin"]["rate"]
-        metrics["refusal.compliant_greedy"] = refusal["compliant_greedy"]["rate"]
-        metrics["refusal.refusal_loss"] = refusal["refusal_loss"]
-        details["refusal"] = refusal
-    else:
-        measured = measure_backdoor(hm, config, data)
-        metrics.update(backdoor_metrics(measured, "backdoor"))
-        details["backdoor"] = measured
-    attacks = (
-        ("latent_attack", ev.latent_attack, layers),
-        ("embed_attack", ev.embedding_attack, ["embed"]),
-    )
-    for name, spec, default in attacks:
-        if spec is not None:
-            log(f"evaluating: {name.replace('_', ' ')}")
-            result = _attack(
-                hm, data.test_data, spec.resolve(default), seed, ev.attack_batch_size, progress
-            )
-            metrics[f"{name}.success"] = result["success_rate_after"]
-            metrics[f"{name}.success_before"] = result["success_rate_before"]
-            metrics[f"{name}.argmax"] = result["after"]["argmax_rate"]
-            metrics[f"{name}.toward_loss"] = result["after"]["toward_loss"]
-            details[name] = {k: v for k, v in result.items() if k != "losses"}
-            details[name]["final_losses"] = [batch[-1] for batch in result["losses"] if batch]
-            for eps in spec.curve_epsilons:
-                log(f"evaluating: {name.replace('_', ' ')} at epsilon {eps:g}")
-                attack = spec.resolve(default).model_copy(update={"epsilon": eps})
-                point = _attack(hm, data.test_data, attack, seed, ev.attack_batch_size, progress)
-                metrics[f"{name}.success@{eps:g}"] = point["success_rate_after"]
-    if config.application == "refusal" and ev.prefill is not None:
-        log("evaluating: prefilling attack")
-        prefill = prefill_attack(hm, data.test_items, ev.prefill).to_json()
-        metrics["prefill.success"] = prefill["compliance_rate"]
-        metrics["prefill.baseline"] = prefill["baseline"]["rate"]
-        metrics["prefill.rest_greedy"] = prefill["rest_greedy"]["rate"]
-        details["prefill"] = prefill
-    log("evaluating: benign requests")
-    benign = benign_compliance(hm, data.test_benign, ev.batch_size)
-    metrics["benign.compliance"] = benign["compliance"]["rate"]
-    metrics["benign.loss"] = benign["benign_loss"]
-    metrics["benign.refusal_greedy"] = benign["refusal_greedy"]["rate"]
-    details["benign"] = benign
-    return metrics, details, time.perf_counter() - tick
-
-
-def measure_backdoor(
-    hm: HookedModel, config: LatExperimentConfig, data: SeedData
-) -> dict[str, Any]:
-    """The backdoor's success with and without its trigger on the seed's held-out requests."""
-    bd = config.backdoor
-    return backdoor_success_rate(
-        hm,
-        data.test_items,
-        bd.backdoor.trigger,
-        bd.backdoor.response,
-        bd.backdoor.position,
-        bd.greedy_tokens,
-        config.evaluation.batch_size,
-    )
-
-
-def backdoor_metrics(measured: dict[str, Any], prefix: str) -> dict[str, float]:
-    """Flat rates from ``backdoor_success_rate``: success (response preferred) and greedy, with
-    and without the trigger, and the response's loss with the trigger."""
-    on, off = measured["triggered"], measured["clean"]
-    return {
-        f"{prefix}.triggered": on["preference"]["rate"],
-        f"{prefix}.triggered_greedy": on["greedy"]["rate"],
-        f"{prefix}.clean": off["preference"]["rate"],
-        f"{prefix}.clean_greedy": off["greedy"]["rate"],
-        f"{prefix}.triggered_response_loss": on["response_loss"],
-    }
+    ctx = LatContext(hm, seed, progress, log, config=config, data=data, layers=layers)
+    out = BatteryResult()
+    for entry in plan(config.evaluation.measurement_options(config.application), "lat"):
+        out.update(entry.measurement.run(ctx, entry.options, entry.name))
+    return out.metrics, out.curves, time.perf_counter() - tick
 
 
 # ---- one (method, seed) ----------------------------------------------------------------------

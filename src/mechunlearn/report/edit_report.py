@@ -1,13 +1,15 @@
 """The report of an editing or unlearning experiment (Mechanistic Unlearning comparison):
-the headline table (edit success or forget accuracy per prompt format, the robustness battery,
-retain accuracy and side effects), hyper-parameters per localization, every metric, and the
-figures: bar charts per metric, relearning curves, latent-probe accuracy by layer.
+the headline table (the columns the battery's measurements register: edit success or forget
+accuracy per prompt format, the robustness battery, retain accuracy and side effects),
+hyper-parameters per localization, every metric, and the figures: bar charts per metric,
+relearning curves, latent-probe accuracy by layer.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from mechunlearn.report.claims import (  # noqa: E402
     relocalize_markdown,
     relocalize_rows,
 )
+from mechunlearn.report.columns import Column, TableColumn, table_columns  # noqa: E402
 from mechunlearn.report.results import (  # noqa: E402
     BASE,
     format_cell,
@@ -35,58 +38,16 @@ from mechunlearn.report.results import (  # noqa: E402
     mean_ratio,
 )
 
-# (metric key, column title, lower is better?) in table order; missing keys are left out.
-EDIT_COLUMNS = [
-    ("forget.completion.edit_success", "edit success: completion", False),
-    ("forget.question.edit_success", "edit success: question", False),
-    ("forget.paraphrase.edit_success", "edit success: paraphrase", False),
-    ("forget.mcq.edit_success", "edit success: MCQ", False),
-    ("forget.options_word.edit_success", "edit success: options word", False),
-    ("forget.capitalized.edit_success", "edit success: capitalized", False),
-    ("forget.dashed.edit_success", "edit success: dashed", False),
-    ("forget.completion.p_original", "P(original): completion", True),
-    ("forget.mcq.p_original", "P(original): MCQ", True),
-    ("forget.options_word.p_original", "P(original): options word", True),
-]
-UNLEARN_COLUMNS = [
-    ("forget.completion.original_accuracy", "forget acc: completion", True),
-    ("forget.question.original_accuracy", "forget acc: question", True),
-    ("forget.paraphrase.original_accuracy", "forget acc: paraphrase", True),
-    ("forget.mcq.original_accuracy", "forget acc: MCQ", True),
-    ("forget.completion.p_original", "P(original): completion", True),
-    ("forget.mcq.p_original", "P(original): MCQ", True),
-]
-ROBUSTNESS_COLUMNS = [
-    ("relearn.completion.accuracy", "after relearning: completion acc (held-out)", True),
-    ("relearn.mcq.accuracy", "after relearning: MCQ acc (held-out)", True),
-    ("relearn_peak.completion.accuracy", "relearning, best step: completion acc (held-out)", True),
-    ("soft_prompt.accuracy_after", "after soft prompt: acc (held-out)", True),
-    ("probe.forget_accuracy", "latent probe acc on forget", True),
-    ("probe.forget_accuracy_layer_mean", "latent probe acc on forget, mean over layers", True),
-    ("retain.completion.accuracy", "retain acc: completion", False),
-    ("retain.question.accuracy", "retain acc: question", False),
-    ("retain.paraphrase.accuracy", "retain acc: paraphrase", False),
-    ("retain.mcq.accuracy", "retain acc: MCQ", False),
-    ("lm_loss_delta", "LM loss change (nats)", True),
-    ("counterfact.score", "CounterFact score S", False),
-    ("side_effects.counterfact_neighborhood", "unrelated CounterFact neighbourhood score", False),
-]
 
-
-def headline_columns(summary) -> list[tuple[str, str, bool]]:
-    edit = any(k.endswith("edit_success") for s in summary.values() for k in s)
+def headline_columns(summary, columns: Sequence[Column]) -> list[TableColumn]:
+    """The headline table's columns: the registered ``columns`` of an edit (when any edit
+    success was measured) or of unlearning, as the metrics in ``summary`` expand them."""
     keys = {k for s in summary.values() for k in s}
-    variants = sorted(
-        k for k in keys if k.startswith("relearn@") and k.endswith(".completion.accuracy")
-    )
-    relearn = [
-        (k, f"after relearning ({k.split('.')[0]}): completion acc (held-out)", True)
-        for k in variants
-    ]
-    return (EDIT_COLUMNS if edit else UNLEARN_COLUMNS) + relearn + ROBUSTNESS_COLUMNS
+    edit = any(k.endswith("edit_success") for k in keys)
+    return table_columns(columns, "edit" if edit else "unlearn", keys)
 
 
-def _markdown(folder: Path, summary, order: list[str], results) -> str:
+def _markdown(folder: Path, summary, order: list[str], results, columns: Sequence[Column]) -> str:
     run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
     seeds = sorted({r["seed"] for runs in results.values() for r in runs})
     lines = [
@@ -96,7 +57,7 @@ def _markdown(folder: Path, summary, order: list[str], results) -> str:
         "(std omitted with one seed). ↑/↓: higher/lower is the desired direction after an edit. "
         "`base` is the unedited model on the same facts.",
         "",
-        markdown_table(summary, order, headline_columns(summary)),
+        markdown_table(summary, order, headline_columns(summary, columns)),
     ]
     for section in (claims_markdown(results, order), relocalize_markdown(results, order)):
         if section:
@@ -180,10 +141,9 @@ def _lat_compute_lines(summary, order: list[str], results) -> list[str]:
 
 
 def metric_bars(
-    summary, order: list[str], path: Path, columns: list[tuple[str, str, bool]] | None = None
+    summary, order: list[str], path: Path, columns: Sequence[TableColumn]
 ) -> Path | None:
-    """One panel per headline metric: a bar per localization with its std over seeds."""
-    columns = columns if columns is not None else headline_columns(summary)
+    """One panel per headline metric (``columns``): a bar per row with its std over seeds."""
     columns = [c for c in columns if any(c[0] in summary[n] for n in order)]
     if not columns:
         return None
@@ -293,9 +253,12 @@ def probe_curves(results, order: list[str], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
-def write_edit_report(folder: Path, summary, order: list[str], results) -> None:
-    """results.md and figures/ of an editing or unlearning run."""
-    atomic_write_text(folder / "results.md", _markdown(folder, summary, order, results))
+def write_edit_report(
+    folder: Path, summary, order: list[str], results, columns: Sequence[Column]
+) -> None:
+    """results.md and figures/ of an editing or unlearning run (``columns``: the registered
+    measurements' report columns)."""
+    atomic_write_text(folder / "results.md", _markdown(folder, summary, order, results, columns))
     if any(r.get("per_fact") for runs in results.values() for r in runs):
         atomic_write_json(
             folder / "claims.json",
@@ -311,6 +274,6 @@ def write_edit_report(folder: Path, summary, order: list[str], results) -> None:
             },
         )
     figures = folder / "figures"
-    metric_bars(summary, order, figures / "metrics.png")
+    metric_bars(summary, order, figures / "metrics.png", headline_columns(summary, columns))
     relearn_curves(results, order, figures / "relearning.png")
     probe_curves(results, order, figures / "probes.png")

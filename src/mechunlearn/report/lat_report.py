@@ -1,5 +1,5 @@
 """The report of a targeted-LAT experiment (Sheshadri et al. 2024): per application (refusal
-or backdoor) its headline columns, a compute table (training time and forward/backward passes
+or backdoor) its headline columns (registered by the LAT measurements), a compute table (training time and forward/backward passes
 of every method and their ratio to the method's baseline), the backdoor as measured before
 removal, attack success against the L2 bound, and a bar figure per headline metric.
 """
@@ -7,6 +7,7 @@ removal, attack success against the L2 bound, and a bar figure per headline metr
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from mechunlearn.io import atomic_write_text  # noqa: E402
 from mechunlearn.plotting import save_figure  # noqa: E402
+from mechunlearn.report.columns import Column, TableColumn, table_columns  # noqa: E402
 from mechunlearn.report.edit_report import metric_bars  # noqa: E402
 from mechunlearn.report.results import format_cell, markdown_table, mean_ratio  # noqa: E402
 
@@ -80,25 +82,6 @@ def attack_curves(
     return save_figure(fig, path)
 
 
-LAT_REFUSAL_COLUMNS = [
-    ("refusal.rate", "refusal rate (held-out templates)", False),
-    ("latent_attack.success", "compliance under latent attack", True),
-    ("prefill.success", "compliance under prefilling", True),
-    ("embed_attack.success", "compliance under embedding attack", True),
-    ("benign.compliance", "benign compliance", False),
-    ("benign.loss", "benign loss (nats)", True),
-]
-LAT_BACKDOOR_COLUMNS = [
-    ("backdoor.triggered", "backdoor success with trigger", True),
-    ("backdoor.triggered_greedy", "greedy backdoor with trigger", True),
-    ("backdoor.clean", "backdoor success without trigger", True),
-    ("latent_attack.success", "backdoor under latent attack", True),
-    ("embed_attack.success", "backdoor under embedding attack", True),
-    ("benign.compliance", "benign compliance", False),
-    ("benign.loss", "benign loss (nats)", True),
-]
-
-
 def _lat_run(folder: Path) -> dict[str, Any]:
     run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
     if "application" not in run and (folder / "config.yaml").is_file():
@@ -108,16 +91,16 @@ def _lat_run(folder: Path) -> dict[str, Any]:
     return run
 
 
-def lat_columns(folder: Path, summary=None) -> list[tuple[str, str, bool]]:
-    """The headline columns of a LAT run's application; each attack run at extra bounds gets a
-    column per bound right after its own, since one bound often saturates every method."""
+def lat_columns(folder: Path, columns: Sequence[Column], summary) -> list[TableColumn]:
+    """The headline columns of a LAT run's application (of the registered ``columns``); each
+    attack run at extra bounds gets a column per bound right after its own, since one bound
+    often saturates every method."""
     backdoor = _lat_run(folder).get("application") == "backdoor"
-    columns = LAT_BACKDOOR_COLUMNS if backdoor else LAT_REFUSAL_COLUMNS
-    if summary is None:
-        return columns
+    keys = {k for stats in summary.values() for k in stats}
+    rows = table_columns(columns, "backdoor" if backdoor else "refusal", keys)
     headline = headline_epsilons(_run_config(folder))
     expanded = []
-    for key, label, lower in columns:
+    for key, label, lower in rows:
         prefix = key.split(".", 1)[0]
         if key.endswith(".success") and prefix in headline:
             expanded.append((key, f"{label} (ε {headline[prefix]:g})", lower))
@@ -190,7 +173,9 @@ def _install_lines(folder: Path) -> list[str]:
     return ["", *lines]
 
 
-def _lat_markdown(folder: Path, summary, order: list[str], results) -> str:
+def _lat_markdown(
+    folder: Path, summary, order: list[str], results, columns: Sequence[Column]
+) -> str:
     run = _lat_run(folder)
     seeds = sorted({r["seed"] for runs in results.values() for r in runs})
     application = run.get("application", "?")
@@ -210,7 +195,11 @@ def _lat_markdown(folder: Path, summary, order: list[str], results) -> str:
         "activation norm unless the config says otherwise).",
         "",
         markdown_table(
-            summary, order, lat_columns(folder, summary), label="method", cell=format_cell
+            summary,
+            order,
+            lat_columns(folder, columns, summary),
+            label="method",
+            cell=format_cell,
         ),
         "",
         *_compute_lines(summary, order, results),
@@ -237,10 +226,17 @@ def _lat_markdown(folder: Path, summary, order: list[str], results) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
-def write_lat_report(folder: Path, summary, order: list[str], results) -> None:
-    """results.md and figures/ of a targeted-LAT run."""
-    atomic_write_text(folder / "results.md", _lat_markdown(folder, summary, order, results))
-    metric_bars(summary, order, folder / "figures" / "metrics.png", lat_columns(folder, summary))
+def write_lat_report(
+    folder: Path, summary, order: list[str], results, columns: Sequence[Column]
+) -> None:
+    """results.md and figures/ of a targeted-LAT run (``columns``: the registered
+    measurements' report columns)."""
+    atomic_write_text(
+        folder / "results.md", _lat_markdown(folder, summary, order, results, columns)
+    )
+    metric_bars(
+        summary, order, folder / "figures" / "metrics.png", lat_columns(folder, columns, summary)
+    )
     attack_curves(
         summary,
         order,
