@@ -232,12 +232,30 @@ def test_localize_cli_with_baseline(saved_llama, tmp_path):
     assert Localization.load(tmp_path / "run2" / "localization.json").budget == loc.n_params
 
 
+def test_localize_cli_sets_a_methods_own_options(saved_llama, tmp_path):
+    out = tmp_path / "run"
+    args = ["localize", "--model", str(saved_llama), "--method", "causal_tracing",
+            "--budget", "30000", "--all-facts", "--n-facts", "3", "--out", str(out), "--quiet",
+            "--set", "method_options.causal_tracing.metric=answer_logprob",
+            "--set", "method_options.causal_tracing.window=2"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    loc = Localization.load(out / "localization.json")
+    assert loc.evidence["metric"] == "answer_logprob" and loc.evidence["window"] == 2
+    assert loc.evidence["method_options"]["noise_scale"] == 3.0  # the rest: the defaults
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--method", "no_such_method"], "unknown localization method"),
         (["--method", "random", "--budget", "5"], "smaller than the smallest component"),
         (["--method", "random", "--budget-from", "missing.json"], "does not exist"),
+        (
+            ["--method", "causal_tracing", "--set", "method_options.causal_tracing.windw=3"],
+            "causal_tracing options: windw",
+        ),
+        (["--method", "random", "--set", "method_options.tracing.window=3"], "unknown localization"),
     ],
 )
 def test_localize_cli_bad_input(saved_llama, tmp_path, args, message):

@@ -77,15 +77,17 @@ def build_config(
     config_path: Path | None,
     values: dict[str, Any],
     nested: dict[str, dict[str, Any]] | None = None,
+    overrides: list[str] | None = None,
 ):
-    """YAML config (if any) overridden by the command-line values that were given."""
-    from mechunlearn.experiments.config import load_yaml_config, validate_config
+    """YAML config (if any) overridden by the command-line values that were given, then by
+    ``--set KEY.PATH=VALUE`` assignments (``overrides``)."""
+    from mechunlearn.experiments.config import apply_overrides, load_yaml_config, validate_config
 
     merged = load_yaml_config(cls, config_path).model_dump() if config_path else {}
     merged |= {k: v for k, v in values.items() if v is not None}
     for key, sub in (nested or {}).items():
         merged[key] = dict(merged.get(key) or {}) | {k: v for k, v in sub.items() if v is not None}
-    return validate_config(cls, merged, "from the command line")
+    return validate_config(cls, apply_overrides(merged, overrides or []), "from the command line")
 
 
 def make_log(quiet: bool) -> Callable[[str], None]:

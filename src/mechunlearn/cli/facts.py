@@ -137,6 +137,14 @@ def localize(
     all_facts: Annotated[
         bool, typer.Option("--all-facts", help="do not filter to facts the model knows")
     ] = False,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="override a config value, KEY.PATH=VALUE (YAML value; repeatable), e.g. a "
+            "method's own option: --set method_options.causal_tracing.window=10",
+        ),
+    ] = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -155,7 +163,7 @@ def localize(
         "default_budget": "none" if no_default_budget else None,
     }
     options = {"budget": budget, "top_k": top_k, "restrict_to": restrict_to, "seed": seed}
-    cfg = build_config(LocalizeConfig, config, values, {"options": options})
+    cfg = build_config(LocalizeConfig, config, values, {"options": options}, overrides)
     loc = run_localize(cfg, out, progress=show_progress(quiet), log=make_log(quiet))
     ranked = sorted(loc.scores.items(), key=lambda kv: kv[1], reverse=True)[:10]
     table = Table(title=f"{loc.method} on {loc.model} ({loc.n_facts} facts): top components")

@@ -217,7 +217,8 @@ def edge_attribution_batch(
             if len(reads) != len(norm_paths):
                 raise SiteError(
                     f"expected {len(norm_paths)} residual reads through the input norms, saw "
-                    f"{len(reads)}: this model's blocks do not match the {hm.adapter.family} table"
+                    f"{len(reads)}: this model's blocks do not read through the {hm.adapter.family} "
+                    "adapter's input norms"
                 )
             grads = torch.autograd.grad(metric.sum(), reads)
     finally:
