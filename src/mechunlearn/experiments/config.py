@@ -24,6 +24,21 @@ def registered_name(registry):
     return AfterValidator(check)
 
 
+def registered_measurements(pipeline: str, dedicated: dict[str, str]):
+    """A pydantic validator for a config's ``measurements`` block (name or ``name@instance``
+    -> options): registered measurements of ``pipeline`` with valid options, none of those
+    ``dedicated`` to a field of their own (measurement -> field)."""
+
+    def check(value: dict[str, Any]) -> dict[str, Any]:
+        # imported here: the measurements import the configs' option types
+        from mechunlearn.experiments.measurements import check_extra
+
+        check_extra(value, pipeline, dedicated)
+        return value
+
+    return AfterValidator(check)
+
+
 TaskName = Annotated[str, registered_name(TASKS)]
 
 

@@ -17,7 +17,12 @@ from mechunlearn.edit.engine import OPTIM_FIELDS, with_changes
 from mechunlearn.edit.latent_adversary import LatentAdversaryConfig
 from mechunlearn.edit.objectives import check_objective_options
 from mechunlearn.edit.trainer import TrainConfig
-from mechunlearn.experiments.config import Seeds, TaskName, registered_name
+from mechunlearn.experiments.config import (
+    Seeds,
+    TaskName,
+    registered_measurements,
+    registered_name,
+)
 from mechunlearn.experiments.method_options import MethodOptionsMap, move_legacy_options
 from mechunlearn.localize import LOCALIZERS, LocalizeOptions
 from mechunlearn.schema import STRICT_CONFIG
@@ -257,23 +262,14 @@ class BatteryConfig(Strict):
         description="CounterFact JSON: ROME neighbourhood score on its facts (unrelated knowledge)",
     )
     n_counterfact_side_effects: int = Field(default=64, ge=1)
-    measurements: dict[str, dict[str, Any] | None] = Field(
+    measurements: Annotated[
+        dict[str, dict[str, Any] | None], registered_measurements("edit", DEDICATED)
+    ] = Field(
         default_factory=dict,
         description="more registered measurements (experiments.measurements) by name, or "
         "`name@instance` to run one several times, each with its options (null: defaults) and "
         "its own battery part",
     )
-
-    @field_validator("measurements")
-    @classmethod
-    def _registered_measurements(
-        cls, value: dict[str, dict[str, Any] | None]
-    ) -> dict[str, dict[str, Any] | None]:
-        # imported here: the measurements import this module's option types
-        from mechunlearn.experiments.measurements import check_extra
-
-        check_extra(value, "edit", DEDICATED)
-        return value
 
     def measurement_options(self) -> dict[str, Any]:
         """Every measurement this battery runs (configured name -> options): those set by

@@ -18,7 +18,7 @@ layers); every layer is checked against the model's depth before anything is wri
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
@@ -27,7 +27,7 @@ from mechunlearn.edit.lat import LatConfig
 from mechunlearn.edit.latent_adversary import LatentAdversaryConfig, Layer
 from mechunlearn.edit.parametrization import LoraOptions
 from mechunlearn.errors import ConfigError
-from mechunlearn.experiments.config import Seeds
+from mechunlearn.experiments.config import Seeds, registered_measurements
 from mechunlearn.schema import STRICT_CONFIG
 from mechunlearn.tasks.backdoor import BackdoorConfig
 
@@ -312,22 +312,13 @@ class LatEvaluation(Strict):
     attack_batch_size: int = Field(16, ge=1)
     batch_size: int = Field(16, ge=1)
     max_test: int | None = Field(None, ge=1, description="cap on held-out requests of each kind")
-    measurements: dict[str, dict[str, Any] | None] = Field(
+    measurements: Annotated[
+        dict[str, dict[str, Any] | None], registered_measurements("lat", DEDICATED)
+    ] = Field(
         default_factory=dict,
         description="more registered measurements (experiments.measurements, pipeline lat) "
         "by name, or `name@instance`, each with its options (null: defaults)",
     )
-
-    @field_validator("measurements")
-    @classmethod
-    def _registered_measurements(
-        cls, value: dict[str, dict[str, Any] | None]
-    ) -> dict[str, dict[str, Any] | None]:
-        # imported here: the measurements import this module's option types
-        from mechunlearn.experiments.measurements import check_extra
-
-        check_extra(value, "lat", DEDICATED)
-        return value
 
     def measurement_options(self, application: str) -> dict[str, Any]:
         """Every measurement of ``application`` (configured name -> options): the target
