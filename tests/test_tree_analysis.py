@@ -39,7 +39,12 @@ from mechunlearn.reasoning.analysis.attention import (
 from mechunlearn.reasoning.analysis.deduction import deduction_result, deduction_sums
 from mechunlearn.reasoning.analysis.patterns import attention_from_residual
 from mechunlearn.reasoning.analysis.probes import fit_multilabel_probe, micro_f1, subset_accuracy
-from mechunlearn.reasoning.analysis.registers import position_kinds, trace_subpaths
+from mechunlearn.reasoning.analysis.registers import (
+    position_kinds,
+    query_reads_by_kind,
+    read_kinds,
+    trace_subpaths,
+)
 from mechunlearn.reasoning.analysis.roles import ROLES, key_roles, role_sums, role_uniform_sums
 from mechunlearn.reasoning.analysis.scrubbing import chain_value
 from mechunlearn.reasoning.model import (
@@ -393,7 +398,13 @@ def test_register_scan_is_zero_without_attention_and_well_formed_otherwise():
     assert result.kinds[-3:] == ["bar", "goal", "colon"]
     assert result.kinds.count("target") == N - 1  # one target token per edge
     assert any(abs(e) > 0 for e in result.effect_logprob)
-    assert result.candidates and all(c.kind != "target" for c in result.candidates)
+    # the edge token kind the queries read is derived from the model's attention, and left out
+    assert set(result.query_reads) == {"source", "target", "comma"}
+    assert result.edge_read_kind == max(result.query_reads, key=result.query_reads.get)
+    assert result.candidates and all(c.kind != result.edge_read_kind for c in result.candidates)
+    for c in result.candidates:  # shares of its accepted reads (none: all zero)
+        total = sum(c.read_kinds.values())
+        assert total == 0 or total == pytest.approx(1.0)
     assert all(0.0 <= c.chain_fraction <= 1.0 for c in result.candidates)
     assert set(result.blocked_by_length) == set(result.baseline_by_length) == set(range(1, N))
     finding = summarize(registers=result).findings[0]
@@ -425,6 +436,35 @@ def test_subpath_tracing_follows_a_planted_climb():
     assert trace_subpaths(patterns, data, register, 0.5) == [
         [int(goal[b]), int(parent[b])] for b in range(B)
     ]
+
+
+def test_subpath_tracing_reads_edges_held_at_commas():
+    """A model that merges each edge into the comma after it (layer 0) and whose register reads
+    commas: the same climb, found through comma reads; a layer-0 comma read holds no node."""
+    data = analysis_trees(TASK, AnalysisSettings(n_trees=20))
+    data = data.select((data.trees.path_length >= 3).nonzero().flatten())
+    B, T = len(data), data.layout.n_positions
+    register, rows = data.layout.goal, torch.arange(len(data))
+    goal = data.trees.goal
+    parent = data.trees.parent[rows, goal]
+    comma_into_goal = data.target_position_of(rows, goal) + 1
+    comma_into_parent = data.target_position_of(rows, parent) + 1
+    patterns = {}
+    for layer, keys in enumerate((comma_into_goal, comma_into_goal, comma_into_parent)):
+        pattern = torch.zeros(B, 1, T, T)
+        pattern[rows, 0, register, keys] = 1.0
+        patterns[layer] = pattern
+    grandparent = data.trees.parent[rows, parent]
+    expected = [[int(goal[b]), int(parent[b]), int(grandparent[b])] for b in range(B)]
+    assert trace_subpaths(patterns, data, register, min_attention=0.5) == expected
+    counts = read_kinds(patterns, data, register, 0.5)
+    assert counts == {"source": 0, "target": 0, "comma": 2 * B}  # layer 0 is not counted
+    # the queries read what the pattern says: every query attends to the commas only
+    queries = data.queries
+    reading = torch.zeros(B, 1, T, T)
+    reading[queries.rows, 0, queries.positions, 2] = 1.0  # the first edge's comma
+    shares = query_reads_by_kind({1: reading}, data, from_layer=1)
+    assert shares == {"source": 0.0, "target": 0.0, "comma": 1.0}
 
 
 # ---- pipeline and CLI ---------------------------------------------------------------------

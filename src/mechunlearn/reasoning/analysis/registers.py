@@ -13,15 +13,23 @@ steps:
    attention weight from every query position to ``j`` in layers ``>= from_layer`` (default 1:
    layer 0's goal copying and edge reads are the known mechanisms) and measure the mean drop of
    the correct token's log-probability (and logit, and token accuracy) over all queries.
-   Edge *target* tokens are what deduction heads read, so they are expected to matter; every
-   other position whose drop is at least ``min_effect`` nats is a register candidate.
-2. *Tracing.* For each candidate, follow its own attention: in each layer, the edge target
-   token it attends most (if the weight is at least ``trace_min_attention``). Consecutive reads
-   that climb the tree (the next edge's target is the previous edge's source, or the same edge
-   again) form the subpath the register holds: ``[t_1, s_1, s_2, ...]``. Reported: the share of
-   trees where it holds a subpath of at least two edges, the mean number of edges, and the
-   share of subpaths lying on the root-goal path; and a linear probe, on held-out trees, for the
-   subpath's top node from the register's final residual stream (vs the majority class).
+   The positions deduction heads read to follow an edge are expected to matter; which kind of
+   edge token that is (the target token in the paper's model, the comma after the edge when
+   layer 0 merges the edge there) is read off the model's own attention on the data: the edge
+   token kind the query positions attend to most in layers ``>= from_layer``
+   (``query_reads``). Every other position whose drop is at least ``min_effect`` nats is a
+   register candidate.
+2. *Tracing.* For each candidate, follow its own attention: in each layer, the edge token
+   (source, target or comma of any edge before it) it attends most, if the weight is at least
+   ``trace_min_attention``. In layer 0 a position holds only its own token, so a target or
+   source read yields that node and a comma read nothing; from layer 1 on any of the three may
+   hold the whole edge, so a read yields the edge. Consecutive reads that climb the tree (the
+   next edge's target is the previous edge's source, or the same edge again) form the subpath
+   the register holds: ``[t_1, s_1, s_2, ...]``. Reported: the share of trees where it holds a
+   subpath of at least two edges, the mean number of edges, the share of subpaths lying on the
+   root-goal path, the kinds of edge token its accepted reads landed on, and a linear probe, on
+   held-out trees, for the subpath's top node from the register's final residual stream (vs the
+   majority class).
 3. *Blocking.* Knock out every candidate at once (queries -> candidates, layers
    ``>= from_layer``) and report whole-path accuracy by path length next to the clean model's:
    if the registers carry the long-path information, accuracy falls for long paths only.
@@ -48,6 +56,8 @@ from mechunlearn.reasoning.analysis.patterns import attention_control
 from mechunlearn.reasoning.trees import TreeTaskConfig
 
 MIN_PROBE_SAMPLES = 20
+EDGE_KINDS: tuple[str, ...] = ("source", "target", "comma")
+"""The three tokens of an edge in the prompt, in order (``s t ,``)."""
 
 
 class RegisterSettings(AnalysisSettings):
@@ -69,6 +79,7 @@ class RegisterCandidate:
     probe_accuracy: float | None  # held-out accuracy for the subpath's top node
     probe_chance: float | None
     example_subpaths: list[list[int]] = field(default_factory=list)
+    read_kinds: dict[str, float] = field(default_factory=dict)  # share of accepted reads by kind
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -89,6 +100,8 @@ class RegisterResult:
     n_layers: int
     n_trees: int
     edge_order: str
+    query_reads: dict[str, float] = field(default_factory=dict)  # attention by edge token kind
+    edge_read_kind: str = "target"  # the kind deduction heads read (not a register candidate)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -107,6 +120,8 @@ class RegisterResult:
             "n_layers": self.n_layers,
             "n_trees": self.n_trees,
             "edge_order": self.edge_order,
+            "query_reads": self.query_reads,
+            "edge_read_kind": self.edge_read_kind,
         }
 
 
@@ -158,38 +173,98 @@ def path_accuracy_by_length(correct: torch.Tensor, data: TreeData) -> dict[int, 
     }
 
 
+def edge_positions(data: TreeData, before: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The edge-token positions before ``before``, and each one's edge index (``3e + k``:
+    ``k`` indexes ``EDGE_KINDS``)."""
+    positions = torch.tensor([p for p in range(min(before, 3 * (data.n - 1)))], dtype=torch.long)
+    return positions, positions // 3
+
+
+@dataclass
+class _Reads:
+    """Per layer, the edge token a position attends most and whether the weight clears the
+    threshold: ``(layer, position index into the edge positions [B], accepted [B])``."""
+
+    positions: torch.Tensor
+    layers: list[tuple[int, torch.Tensor, torch.Tensor]]
+
+
+def _reads(
+    patterns: dict[int, torch.Tensor], data: TreeData, position: int, min_attention: float
+) -> _Reads:
+    positions, _ = edge_positions(data, position)
+    layers = []
+    for layer in sorted(patterns):
+        if len(positions) == 0:
+            break
+        weight = patterns[layer][:, :, position, positions].float().cpu().amax(1)  # [B, P]
+        best, index = weight.max(-1)
+        layers.append((layer, index, best >= min_attention))
+    return _Reads(positions, layers)
+
+
 def trace_subpaths(
     patterns: dict[int, torch.Tensor], data: TreeData, position: int, min_attention: float
 ) -> list[list[int]]:
-    """Per tree, the subpath register ``position`` climbs (module docstring, step 2). A read in
-    layer 0 only yields the edge's target (sources are merged into targets by layer 0 itself)."""
-    targets = torch.tensor([3 * e + 1 for e in range(data.n - 1) if 3 * e + 1 < position])
-    if len(targets) == 0:
-        return [[] for _ in range(len(data))]
-    reads = []  # per layer: (layer, edge index [B], accepted [B])
-    for layer in sorted(patterns):
-        weight = patterns[layer][:, :, position, targets].float().cpu().amax(1)  # [B, E]
-        best, edge = weight.max(-1)
-        reads.append((layer, edge, best >= min_attention))
+    """Per tree, the subpath register ``position`` climbs (module docstring, step 2)."""
+    reads = _reads(patterns, data, position, min_attention)
     edges = data.trees.edges
     subpaths = []
     for b in range(len(data)):
         path: list[int] = []
-        for layer, edge, accepted in reads:
+        for layer, index, accepted in reads.layers:
             if not accepted[b]:
                 continue
-            e = int(edge[b])
+            p = int(reads.positions[index[b]])
+            e, kind = p // 3, EDGE_KINDS[p % 3]
             source, target = int(edges[b, e, 0]), int(edges[b, e, 1])
-            if not path:
-                path = [target] if layer == 0 else [target, source]
+            if layer == 0:  # a position holds only its own token in layer 0
+                if path or kind == "comma":
+                    continue
+                path = [target if kind == "target" else source]
+            elif not path:
+                path = [target, source]
             elif target == path[-1]:
                 path.append(source)  # one level up
             elif len(path) >= 2 and target == path[-2]:
                 continue  # the same edge again
+            elif len(path) == 1 and source == path[0]:
+                continue  # the edge below a node read in layer 0 adds nothing above it
             else:
                 break
         subpaths.append(path)
     return subpaths
+
+
+def read_kinds(
+    patterns: dict[int, torch.Tensor], data: TreeData, position: int, min_attention: float
+) -> dict[str, int]:
+    """How many accepted reads of ``position`` (layers >= 1) landed on each edge token kind."""
+    reads = _reads(patterns, data, position, min_attention)
+    counts = dict.fromkeys(EDGE_KINDS, 0)
+    for layer, index, accepted in reads.layers:
+        if layer == 0:
+            continue
+        for p in reads.positions[index[accepted]].tolist():
+            counts[EDGE_KINDS[p % 3]] += 1
+    return counts
+
+
+def query_reads_by_kind(
+    patterns: dict[int, torch.Tensor], data: TreeData, from_layer: int
+) -> dict[str, float]:
+    """Mean attention (max over heads, summed over an edge's tokens of one kind) from the query
+    positions to each kind of edge token, in layers ``>= from_layer``: where the model's
+    deduction heads read edges."""
+    positions, _ = edge_positions(data, data.layout.bar)
+    q = data.queries
+    totals = dict.fromkeys(EDGE_KINDS, 0.0)
+    layers = [layer for layer in sorted(patterns) if layer >= from_layer]
+    for layer in layers:
+        weight = patterns[layer].float().cpu().amax(1)[q.rows, q.positions][:, positions]  # [Q, P]
+        for k, kind in enumerate(EDGE_KINDS):
+            totals[kind] += float(weight[:, positions % 3 == k].sum(-1).mean())
+    return {kind: value / max(1, len(layers)) for kind, value in totals.items()}
 
 
 def _on_path(subpath: list[int], path: torch.Tensor, length: int) -> bool:
@@ -216,10 +291,12 @@ def register_analysis(
         effects.append(float((base_logp[at] - logp[at]).mean()))
         logit_effects.append(float((base_logit[at] - logit[at]).mean()))
         acc_effects.append(float((base_correct[at].float() - correct[at].float()).mean()))
+    query_reads = _query_reads(hm, data, settings)
+    edge_read_kind = max(query_reads, key=lambda kind: query_reads[kind])
     chosen = [
         j
         for j, (kind, effect) in enumerate(zip(kinds, effects, strict=True))
-        if kind != "target" and effect >= settings.min_effect
+        if kind != edge_read_kind and effect >= settings.min_effect
     ]
     candidates = _describe(hm, data, chosen, kinds, effects, settings) if chosen else []
     blocked = None
@@ -240,7 +317,21 @@ def register_analysis(
         n_layers=n_layers,
         n_trees=len(data),
         edge_order=settings.edge_order,
+        query_reads=query_reads,
+        edge_read_kind=edge_read_kind,
     )
+
+
+@torch.no_grad()
+def _query_reads(hm: HookedModel, data: TreeData, settings: RegisterSettings) -> dict[str, float]:
+    """``query_reads_by_kind`` over all analysis trees (weighted by each batch's trees)."""
+    totals = dict.fromkeys(EDGE_KINDS, 0.0)
+    for _, part in data.batches(settings.batch_size):
+        with attention_control(hm, record=range(hm.dims.n_layers)) as patterns:
+            hm.model(input_ids=part.inputs.to(hm.device))
+        for kind, value in query_reads_by_kind(patterns, part, settings.from_layer).items():
+            totals[kind] += value * len(part) / len(data)
+    return totals
 
 
 @torch.no_grad()
@@ -256,6 +347,7 @@ def _describe(
     n_layers = hm.dims.n_layers
     final = f"blocks.{n_layers - 1}.resid_post"
     subpaths: dict[int, list[list[int]]] = {j: [] for j in chosen}
+    reads: dict[int, dict[str, int]] = {j: dict.fromkeys(EDGE_KINDS, 0) for j in chosen}
     features = torch.empty(len(chosen), len(data), hm.dims.d_model)
     for start, part in data.batches(settings.batch_size):
         with (
@@ -265,6 +357,8 @@ def _describe(
             hm.model(input_ids=part.inputs.to(hm.device))
         for i, j in enumerate(chosen):
             subpaths[j] += trace_subpaths(patterns, part, j, settings.trace_min_attention)
+            for kind, count in read_kinds(patterns, part, j, settings.trace_min_attention).items():
+                reads[j][kind] += count
             features[i, start : start + len(part)] = cache[final][:, j].float().cpu()
     train = torch.zeros(len(data), dtype=torch.bool)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(settings.seed))
@@ -298,6 +392,7 @@ def _describe(
                 probe_accuracy=accuracy,
                 probe_chance=chance,
                 example_subpaths=[paths[b] for b in traced[:3]],
+                read_kinds={k: c / max(1, sum(reads[j].values())) for k, c in reads[j].items()},
             )
         )
     return out

@@ -328,16 +328,20 @@ def _register_finding(registers: RegisterResult, t: SummaryThresholds) -> Findin
     found = bool(holding) and drop is not None and drop >= t.min_block_drop
     return Finding(
         "register tokens",
-        "prompt positions other than edge targets that the path positions read after layer 0 "
-        "(knockout), holding subpaths of the tree",
+        "prompt positions other than the edge tokens the deduction heads read that the path "
+        "positions read after layer 0 (knockout), holding subpaths of the tree",
         found,
-        f"knockout drop >= {registers.min_effect} nats at some non-target position that holds a "
+        f"knockout drop >= {registers.min_effect} nats at some position other than the edge "
+        f"token kind the queries read most ({registers.edge_read_kind}) that holds a "
         f"traced subpath (>= 2 edges) in >= {t.min_subpath_share} of trees, and blocking all "
         f"candidates lowers whole-path accuracy on paths longer than the number of layers (all "
         f"lengths if none is) by >= {t.min_block_drop}",
         {
+            "edge token kind the queries read": registers.edge_read_kind,
+            "query attention by edge token kind": registers.query_reads,
             "candidates": candidates,
             "effects": [c.effect for c in registers.candidates],
+            "candidates' reads by edge token kind": [c.read_kinds for c in registers.candidates],
             "holds a subpath (share of trees)": [c.chain_fraction for c in registers.candidates],
             "registers holding subpaths": holding,
             "accuracy drop when blocked": drop,
