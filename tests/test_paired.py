@@ -179,3 +179,9 @@ def test_the_papers_number_sits_only_beside_the_letter_mcq():
     rows = {r["key"]: r for r in claim_rows(results)}
     assert rows["forget.mcq.p_original"]["paper_reference"] == 0.013
     assert rows["forget.completion.p_original"]["paper_reference"] is None
+    # a CounterFact edit (ROME's efficacy stored per fact) is not set against the athletes
+    for runs in results.values():
+        for r in runs:
+            r["per_fact"]["counterfact.efficacy_score"] = dict.fromkeys(facts, 1.0)
+    rows = {r["key"]: r for r in claim_rows(results)}
+    assert rows["forget.mcq.p_original"]["paper_reference"] is None

@@ -18,6 +18,7 @@ def test_cells_use_each_metric_kinds_unit():
     assert format_cell(stat(-1.8041, 0.275), "refusal.margin") == "-1.804 ± 0.275"
     assert format_cell(stat(810.66, 3.4), "compute.train_seconds") == "810.7 ± 3.4"
     assert format_cell(stat(192.0, 0.0), "compute.fwd_bwd_passes") == "192 ± 0"
+    assert format_cell(stat(64.0, 0.0), "counterfact.efficacy_n_records") == "64 ± 0"
     assert format_cell(None, "anything") == "-"
 
 

@@ -32,7 +32,7 @@ PAPER = {
     "probe": {"fact_lookup": 0.13, "attribution_patching": 0.88, "causal_tracing": 0.86},
 }
 """Gemma-7B, after editing 16 athletes: MCQ P(original), accuracy after relearning, probe
-accuracy on the forget facts."""
+accuracy on the forget facts (set beside athlete edits only, not CounterFact's)."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,8 @@ def claim_rows(
     (a conditional comparison: the facts kept can differ between the two pairings)."""
     if reference not in results:
         raise DataError(f"no {reference!r} row to compare against; rows: {', '.join(results)}")
+    # ROME's efficacy is stored only for CounterFact edits: the athletes' numbers do not apply
+    athletes = not any(EFFICACY in run.get("per_fact", {}) for run in results[reference])
     rows = []
     claims = [Claim("edit", EDITED, "edit success: completion (context, not a claim)", False)]
     claims.append(Claim("edit", EFFICACY, "ROME efficacy score (context, not a claim)", False))
@@ -216,7 +218,7 @@ def claim_rows(
                 diff = paired_difference(mine, theirs)
             except DataError:
                 continue
-            paper = PAPER.get(claim.family, {})
+            paper = PAPER.get(claim.family, {}) if athletes else {}
             rows.append(
                 {
                     "claim": claim.title,

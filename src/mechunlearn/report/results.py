@@ -88,10 +88,10 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, d
 
 def format_cell(stat: dict[str, float] | None, key: str) -> str:
     """Rates and probabilities in percent; losses and log-probability margins (nats), seconds
-    and pass counts as they are."""
+    and counts (passes, records) as they are."""
     if stat is None:
         return "-"
-    if "passes" in key:
+    if "passes" in key or key.endswith("n_records"):
         scale, digits = 1, 0
     elif "seconds" in key:
         scale, digits = 1, 1
