@@ -227,3 +227,52 @@ def test_idle_cores_come_from_cpu_time_sampled_now(monkeypatch):
     assert workers.idle_cores() == 2  # the load average (3.9) would have said 1
     monkeypatch.setattr(workers, "_cpu_times", lambda: None)
     assert workers.busy_cores() == 3.9 and workers.idle_cores() == 1
+
+
+def test_a_twin_trains_with_the_hyperparameters_chosen_for_its_row(
+    saved_llama, tmp_path, monkeypatch
+):
+    """``hyperparameters_from``: no sweep of its own, its edits wait for the other row's sweep
+    and train with its choice (a row and its LAT variant differ only in the adversary)."""
+    from mechunlearn.errors import ConfigError
+    from mechunlearn.experiments.config import validate_config
+    from mechunlearn.experiments.edit_config import ExperimentConfig
+
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
+    config = _config(saved_llama).model_dump(mode="json")
+    config["sweep"] = {"lr": [1e-5, 1e-2], "forget_coef": [1.0]}
+    config["localizations"] = [
+        {"name": "all_mlps", "method": "all_mlps"},
+        {
+            "name": "all_mlps_lat",
+            "method": "all_mlps",
+            "hyperparameters_from": "all_mlps",
+            "latent_adversary": {"layers": [0], "epsilon": 0.5, "steps": 1},
+        },
+    ]
+    config["evaluation"] |= {"relearn": None, "soft_prompt": None, "probes": False}
+    cfg = validate_config(ExperimentConfig, config, "t")
+    units = {u.key: u for u in plan_units(cfg)}
+    assert not any(k.startswith("sweep/all_mlps_lat") for k in units)
+    assert units["edit/all_mlps_lat/seed0"].deps == (
+        "localize/all_mlps_lat", "sweep/all_mlps/r0p0", "sweep/all_mlps/r0p1",
+    )  # fmt: skip
+    out = run_experiment(cfg, tmp_path / "run", progress=False)
+    chosen = json.loads((out / "run.json").read_text())["hyperparameters"]
+    assert chosen["all_mlps_lat"] == chosen["all_mlps"]
+    assert (out / "sweep" / "all_mlps.json").is_file()
+    assert not (out / "sweep" / "all_mlps_lat.json").exists()
+    for bad, message in [
+        ("nowhere", "names no other localization"),
+        ("all_mlps_lat", "names no other localization"),
+    ]:
+        broken = json.loads(json.dumps(config))
+        broken["localizations"][1]["hyperparameters_from"] = bad
+        with pytest.raises(ConfigError, match=message):
+            validate_config(ExperimentConfig, broken, "t")
+    chained = json.loads(json.dumps(config))
+    chained["localizations"].append(
+        {"name": "third", "method": "all_mlps", "hyperparameters_from": "all_mlps_lat"}
+    )
+    with pytest.raises(ConfigError, match="name the row that is swept"):
+        validate_config(ExperimentConfig, chained, "t")

@@ -60,6 +60,12 @@ class LocalizationSpec(Strict):
         description="fields of the experiment's train block replaced for this row (e.g. "
         "{steps: 60} for a shallow control that needs a longer edit); its sweep trains as long",
     )
+    hyperparameters_from: str | None = Field(
+        default=None,
+        description="train with the learning rate and forget coefficient chosen for this other "
+        "row (no sweep of its own), so twins (a row and its LAT variant) differ only in the "
+        "adversary",
+    )
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         """The experiment's ``train`` block with this row's objective and ``train`` fields
@@ -381,8 +387,28 @@ class ExperimentConfig(Strict):
                     f"{spec.name}: mode 'unlearn' needs an unlearning objective (unlearn, "
                     "gradient_ascent, npo, rmu, ...)"
                 )
+        for spec in self.localizations:
+            source = spec.hyperparameters_from
+            if source is None:
+                continue
+            origin = next((s for s in self.localizations if s.name == source), None)
+            if origin is None or source == spec.name:
+                raise ValueError(
+                    f"{spec.name}: hyperparameters_from names no other localization ({source!r})"
+                )
+            if origin.hyperparameters_from is not None:
+                raise ValueError(
+                    f"{spec.name}: hyperparameters_from {source!r}, which takes its own from "
+                    f"{origin.hyperparameters_from!r}; name the row that is swept"
+                )
+            if spec.name in self.hyperparameters:
+                raise ValueError(f"{spec.name}: both hyperparameters and hyperparameters_from")
         if self.sweep is None:
-            missing = [n for n in names if n not in self.hyperparameters]
+            missing = [
+                s.name
+                for s in self.localizations
+                if s.name not in self.hyperparameters and s.hyperparameters_from is None
+            ]
             if missing:
                 raise ValueError(
                     f"without a sweep, give hyperparameters for every localization; missing: {missing}"

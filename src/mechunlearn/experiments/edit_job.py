@@ -236,6 +236,8 @@ def plan_units(config: ExperimentConfig) -> list[Unit]:
         if spec.name in config.hyperparameters or config.sweep is None:
             chosen_from[spec.name] = ()
             continue
+        if spec.hyperparameters_from is not None:
+            continue  # the row it takes them from is swept (below)
         n_points = len(sweep_grid(config.sweep))
         previous: tuple[str, ...] = ()
         steps = config.row_train(spec.name).steps
@@ -248,6 +250,9 @@ def plan_units(config: ExperimentConfig) -> list[Unit]:
                 )  # fmt: skip
             previous = keys
         chosen_from[spec.name] = previous
+    for spec in specs:  # a twin waits for the sweep of the row it takes its choice from
+        if spec.name not in chosen_from:
+            chosen_from[spec.name] = chosen_from[spec.hyperparameters_from]
     # the attacks train longest: started first, they leave the short parts to fill the end
     parts = sorted(battery_parts(config), key=lambda p: p == "formats")
     for seed in config.seeds:

@@ -199,8 +199,19 @@ def rung_survivors(folder: Path, name: str, rung: int, sweep) -> set[int]:
     return {p["point"] for p in ranked[: survivors_count(sweep, n_points, rung)]}
 
 
+def swept_row(config: ExperimentConfig, name: str) -> str:
+    """The row whose hyper-parameters ``name`` trains with: itself, or the row it names in
+    ``hyperparameters_from``."""
+    spec = next(s for s in config.localizations if s.name == name)
+    return spec.hyperparameters_from or name
+
+
 def chosen_hyperparameters(folder: Path, config: ExperimentConfig, name: str) -> Hyperparameters:
-    """A localization's fixed hyper-parameters, or its sweep's choice (best of the last rung)."""
+    """A localization's fixed hyper-parameters, or its sweep's choice (best of the last rung),
+    or those of the row it takes them from (``hyperparameters_from``)."""
+    source = swept_row(config, name)
+    if source != name:
+        return chosen_hyperparameters(folder, config, source)
     if name in config.hyperparameters:
         return config.hyperparameters[name]
     n_points = len(sweep_grid(config.sweep))
@@ -215,7 +226,7 @@ def write_sweep_summaries(folder: Path, config: ExperimentConfig, base_retain) -
         return
     n_points = len(sweep_grid(config.sweep))
     for spec in config.localizations:
-        if spec.name in config.hyperparameters:
+        if spec.name in config.hyperparameters or spec.hyperparameters_from is not None:
             continue
         rungs = sweep_rungs(config.sweep, n_points, config.row_train(spec.name).steps)
         tried = [
