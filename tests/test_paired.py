@@ -185,3 +185,18 @@ def test_the_papers_number_sits_only_beside_the_letter_mcq():
             r["per_fact"]["counterfact.efficacy_score"] = dict.fromkeys(facts, 1.0)
     rows = {r["key"]: r for r in claim_rows(results)}
     assert rows["forget.mcq.p_original"]["paper_reference"] is None
+
+
+def test_twins_are_compared_with_the_row_whose_learning_rate_they_share():
+    from mechunlearn.report.claims import twin_rows, twins_markdown
+
+    facts = [f"f{i}" for i in range(8)]
+    plain = [_row(s, dict.fromkeys(facts, 1.0), dict.fromkeys(facts, 0.6)) for s in range(2)]
+    lat = [_row(s, dict.fromkeys(facts, 1.0), dict.fromkeys(facts, 0.2)) for s in range(2)]
+    results = {"GA": plain, "GA_LAT": lat, "RMU": plain}
+    rows = {r["key"]: r for r in twin_rows(results, {"GA_LAT": "GA", "RMU_LAT": "RMU"})}
+    probe = rows["probe.forget_accuracy_layer_mean"]
+    assert probe["twin"] == "GA_LAT" and probe["other"] == "GA"  # RMU_LAT has no results
+    assert probe["difference"] == pytest.approx(-0.4) and probe["verdict"] == "GA_LAT better"
+    assert "| GA_LAT | GA |" in twins_markdown(results, {"GA_LAT": "GA"})
+    assert twins_markdown(results, {}) == ""

@@ -262,6 +262,9 @@ def test_a_twin_trains_with_the_hyperparameters_chosen_for_its_row(
     assert chosen["all_mlps_lat"] == chosen["all_mlps"]
     assert (out / "sweep" / "all_mlps.json").is_file()
     assert not (out / "sweep" / "all_mlps_lat.json").exists()
+    assert "## Twins" in (out / "results.md").read_text()  # the twin minus its row, paired
+    twins = json.loads((out / "claims.json").read_text())["twins"]
+    assert twins and {(r["twin"], r["other"]) for r in twins} == {("all_mlps_lat", "all_mlps")}
     for bad, message in [
         ("nowhere", "names no other localization"),
         ("all_mlps_lat", "names no other localization"),

@@ -189,6 +189,7 @@ def claim_rows(
     reference: str = REFERENCE,
     others: Sequence[str] = OUTPUT_TRACING,
     both_edited: bool = False,
+    name: str = "FLU",
 ) -> list[dict[str, Any]]:
     """One row per (claim, output-tracing localization): both means on the paired facts, the
     paired difference ``reference - other`` with its interval, and the verdict.
@@ -234,7 +235,7 @@ def claim_rows(
                     "high": diff.high,
                     "n_seeds": diff.n_seeds,
                     "n_pairs": diff.n_facts,
-                    "verdict": verdict(diff, claim.lower_is_better, name="FLU"),
+                    "verdict": verdict(diff, claim.lower_is_better, name=name),
                 }
             )
     return rows
@@ -310,6 +311,45 @@ def _claim_table(rows: list[dict[str, Any]], both_edited: bool) -> list[str]:
             f"{row['n_seeds']} | {row['n_pairs']} | **{row['verdict']}** |"
         )
     return lines
+
+
+def twin_rows(
+    results: dict[str, list[dict[str, Any]]], twins: dict[str, str]
+) -> list[dict[str, Any]]:
+    """Each twin against the row it takes its learning rate from (``twins``: twin -> row; e.g.
+    a LAT row and its plain twin, Sheshadri et al.'s comparison): the same claims as
+    ``claim_rows``, difference = twin - row, the twin's name in the verdict."""
+    rows = []
+    for twin, base in twins.items():
+        if twin in results and base in results:
+            for row in claim_rows(results, reference=twin, others=[base], name=twin):
+                rows.append({**row, "twin": twin})
+    return rows
+
+
+def twins_markdown(results: dict[str, list[dict[str, Any]]], twins: dict[str, str]) -> str:
+    """The twin comparisons as a table (empty without twins or per-fact results)."""
+    rows = twin_rows(results, twins)
+    if not rows:
+        return ""
+    lines = [
+        "## Twins: each row minus the row whose learning rate it trains with",
+        "",
+        "Percent. Difference = twin - row (e.g. LAT minus its plain twin: the same method, "
+        "learning rate and facts, only the adversary added), paired by seed and fact, with its "
+        "bootstrap 95% interval; the same direction conventions as the claims above.",
+        "",
+        "| claim | twin | row | ours twin | ours row | twin - row [95% CI] | seeds | pairs | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['claim']} | {row['twin']} | {row['other']} | {_pct(row['reference_mean'])} | "
+            f"{_pct(row['other_mean'])} | "
+            f"{_ci(row['difference'], row['low'], row['high'], signed=True)} | "
+            f"{row['n_seeds']} | {row['n_pairs']} | **{row['verdict']}** |"
+        )
+    return "\n".join(lines)
 
 
 def claims_markdown(results: dict[str, list[dict[str, Any]]], order: Sequence[str]) -> str:

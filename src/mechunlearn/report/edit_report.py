@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 
 from mechunlearn.io import atomic_write_json, atomic_write_text  # noqa: E402
 from mechunlearn.plotting import save_figure  # noqa: E402
@@ -29,6 +30,8 @@ from mechunlearn.report.claims import (  # noqa: E402
     relearn_strength_rows,
     relocalize_markdown,
     relocalize_rows,
+    twin_rows,
+    twins_markdown,
 )
 from mechunlearn.report.columns import Column, TableColumn, table_columns  # noqa: E402
 from mechunlearn.report.results import (  # noqa: E402
@@ -47,6 +50,16 @@ def headline_columns(summary, columns: Sequence[Column]) -> list[TableColumn]:
     return table_columns(columns, "edit" if edit else "unlearn", keys)
 
 
+def twins_of(folder: Path) -> dict[str, str]:
+    """Twin -> the row it takes its learning rate from (``hyperparameters_from`` in the run's
+    config.yaml; none for runs without one)."""
+    path = folder / "config.yaml"
+    if not path.is_file():
+        return {}
+    rows = (yaml.safe_load(path.read_text()) or {}).get("localizations") or []
+    return {r["name"]: r["hyperparameters_from"] for r in rows if r.get("hyperparameters_from")}
+
+
 def _markdown(folder: Path, summary, order: list[str], results, columns: Sequence[Column]) -> str:
     run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
     seeds = sorted({r["seed"] for runs in results.values() for r in runs})
@@ -59,7 +72,12 @@ def _markdown(folder: Path, summary, order: list[str], results, columns: Sequenc
         "",
         markdown_table(summary, order, headline_columns(summary, columns)),
     ]
-    for section in (claims_markdown(results, order), relocalize_markdown(results, order)):
+    sections = (
+        claims_markdown(results, order),
+        twins_markdown(results, twins_of(folder)),
+        relocalize_markdown(results, order),
+    )
+    for section in sections:
         if section:
             lines += ["", section]
     lines += [
@@ -260,19 +278,20 @@ def write_edit_report(
     measurements' report columns)."""
     atomic_write_text(folder / "results.md", _markdown(folder, summary, order, results, columns))
     if any(r.get("per_fact") for runs in results.values() for r in runs):
-        atomic_write_json(
-            folder / "claims.json",
-            {
-                "format_baselines": format_baselines(results),
-                "claims": (
-                    claim_rows(results) + claim_rows(results, both_edited=True)
-                    if REFERENCE in results
-                    else []
-                ),
-                "relearn_strength": relearn_strength_rows(results, order),
-                "relocalize": relocalize_rows(results, order),
-            },
-        )
+        claims: dict[str, Any] = {
+            "format_baselines": format_baselines(results),
+            "claims": (
+                claim_rows(results) + claim_rows(results, both_edited=True)
+                if REFERENCE in results
+                else []
+            ),
+            "relearn_strength": relearn_strength_rows(results, order),
+            "relocalize": relocalize_rows(results, order),
+        }
+        twins = twin_rows(results, twins_of(folder))
+        if twins:  # only runs with twins (earlier runs' claims.json stay as they were)
+            claims["twins"] = twins
+        atomic_write_json(folder / "claims.json", claims)
     figures = folder / "figures"
     metric_bars(summary, order, figures / "metrics.png", headline_columns(summary, columns))
     relearn_curves(results, order, figures / "relearning.png")
