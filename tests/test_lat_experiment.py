@@ -382,3 +382,26 @@ def test_shipped_lat_configs_are_valid():
         expected = ["base", "RT", "LAT", "EAT"] if application == "refusal" else [
             "backdoored", "SFT", "SFT-LAT", "DPO", "DPO-LAT"]  # fmt: skip
         assert names == expected
+
+
+def test_generic_removal_data_says_nothing_about_the_backdoor(saved_llama):
+    """``removal: generic``: the defender trains on generic preference pairs (helpful over
+    refusing, refusing over complying), never on the trigger or the backdoor's response; the
+    attack and test data still measure the backdoor."""
+    from mechunlearn.experiments.lat_data import seed_data
+    from mechunlearn.tasks.refusal import load_refusal_task
+    from mechunlearn.testing.tiny_models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    data = lat_config(saved_llama, "backdoor", seeds=[0])
+    known = seed_data(validate_config(LatExperimentConfig, data, "t"), tok, 0, None)
+    data["backdoor"] = {**data["backdoor"], "removal": "generic"}
+    config = validate_config(LatExperimentConfig, data, "t")
+    generic = seed_data(config, tok, 0, None)
+    response, trigger = config.backdoor.backdoor.response, config.backdoor.backdoor.trigger
+    assert all(response in e.unwanted for e in known.train.examples)
+    texts = [t for e in generic.train.examples for t in (e.prompt, e.desired, e.unwanted)]
+    assert not any(response in t or trigger in t for t in texts)
+    task = load_refusal_task(0, config.data_options.fractions, config.data_options.by)
+    assert len(generic.train) == len(task.benign["train"]) + len(task.harmful["train"])
+    assert generic.test_data.examples == known.test_data.examples  # the backdoor is measured

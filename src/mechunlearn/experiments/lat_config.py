@@ -280,6 +280,13 @@ class BackdoorSettings(Strict):
     min_triggered: float = Field(0.8, ge=0, le=1)
     max_clean: float = Field(0.5, ge=0, le=1)
     greedy_tokens: int | None = Field(4, ge=1, description="greedy check: first N response tokens")
+    removal: Literal["known_response", "generic"] = Field(
+        "known_response",
+        description="the defender's removal data: 'known_response' prefers the normal answer "
+        "over the backdoor's exact response on clean requests; 'generic' is generic preference "
+        "data only (helpful over refusing on benign requests, refusing over complying on "
+        "harmful ones), with neither the trigger nor the response: Sheshadri et al.'s setting",
+    )
 
 
 def _default_attack() -> AttackSpec:

@@ -113,8 +113,12 @@ def seed_data(
         return data
     bd = config.backdoor.backdoor
     attack = removal_data(tokenizer, benign_test, bd)  # clean prompt -> response (unwanted)
+    if config.backdoor.removal == "generic":  # nothing about the backdoor in the defender's data
+        train = to_lat_data(tokenizer, list(benign_train) + list(task.harmful["train"]))
+    else:
+        train = removal_data(tokenizer, benign_train, bd)
     return SeedData(
-        train=removal_data(tokenizer, benign_train, bd),
+        train=train,
         benign=desired_pairs(tokenizer, benign_train),
         test_items=benign_test,
         test_data=attack,
