@@ -27,7 +27,9 @@ from mechunlearn.schema import STRICT_CONFIG
 from tests.test_experiment_run import tiny_config
 
 EDIT = ["formats", "counterfact", "probes", "relocalize", "relearn", "soft_prompt"]
-LAT = ["refusal", "backdoor", "latent_attack", "prefill", "gcg", "embed_attack", "benign"]
+LAT = [
+    "refusal", "backdoor", "latent_attack", "prefill", "gcg", "many_shot", "embed_attack", "benign",
+]  # fmt: skip
 
 
 # ---- a new measurement: this block is everything it takes ----------------------------------

@@ -77,27 +77,39 @@ def _adds_bos(tokenizer: Any) -> bool:
     return bool(with_special) and with_special[0] == bos
 
 
-def format_prompt(tokenizer: Any, request: str, system: str | None = None) -> str:
+def format_prompt(
+    tokenizer: Any,
+    request: str,
+    system: str | None = None,
+    history: Sequence[tuple[str, str]] = (),
+) -> str:
     """The model input for a user ``request``, ending where the assistant's answer begins.
 
     With a chat template: the template rendered with the generation prompt (and ``system`` if
     given). A leading BOS the template writes is dropped when the tokenizer adds one itself,
     so that tokenizing with special tokens (as every scorer here does) gives exactly one BOS.
     Without one: ``"User: {request}\\nAssistant:"`` (``system`` then goes on a first line).
+    ``history``: earlier ``(request, answer)`` turns of the same conversation, before it (a
+    many-shot prompt).
     """
     if not isinstance(request, str) or not request.strip():
         raise DataError(f"request is missing or empty ({request!r})")
     if has_chat_template(tokenizer):
-        messages = [{"role": "user", "content": request}]
-        if system is not None:
-            messages.insert(0, {"role": "system", "content": system})
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        for past, answer in history:
+            messages += [
+                {"role": "user", "content": past},
+                {"role": "assistant", "content": answer},
+            ]
+        messages.append({"role": "user", "content": request})
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         bos = getattr(tokenizer, "bos_token", None)
         if bos and text.startswith(bos) and _adds_bos(tokenizer):
             text = text[len(bos) :]
         return text
     prefix = f"{system}\n" if system is not None else ""
-    return f"{prefix}{PLAIN_USER}{request}{PLAIN_ASSISTANT}"
+    turns = "".join(f"{PLAIN_USER}{past}{PLAIN_ASSISTANT} {answer}\n" for past, answer in history)
+    return f"{prefix}{turns}{PLAIN_USER}{request}{PLAIN_ASSISTANT}"
 
 
 def format_completion(tokenizer: Any, text: str) -> str:

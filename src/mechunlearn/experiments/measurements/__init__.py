@@ -4,7 +4,7 @@
 Importing the package registers the built-in measurements, in the order they run and their
 metrics and report columns appear: the battery's (formats, CounterFact, probes, relocalize,
 relearning, soft prompt), then targeted LAT's (refusal, backdoor, latent attack, prefilling,
-GCG suffix, embedding attack, benign requests).
+GCG suffix, many-shot prompts, embedding attack, benign requests).
 """
 
 # isort: off
@@ -20,6 +20,7 @@ from mechunlearn.experiments.measurements import backdoor  # noqa: F401
 from mechunlearn.experiments.measurements import latent_attack  # noqa: F401
 from mechunlearn.experiments.measurements import prefill  # noqa: F401
 from mechunlearn.experiments.measurements import gcg  # noqa: F401
+from mechunlearn.experiments.measurements import many_shot  # noqa: F401
 from mechunlearn.experiments.measurements import embed_attack  # noqa: F401
 from mechunlearn.experiments.measurements import benign  # noqa: F401
 
