@@ -405,3 +405,30 @@ def test_generic_removal_data_says_nothing_about_the_backdoor(saved_llama):
     task = load_refusal_task(0, config.data_options.fractions, config.data_options.by)
     assert len(generic.train) == len(task.benign["train"]) + len(task.harmful["train"])
     assert generic.test_data.examples == known.test_data.examples  # the backdoor is measured
+
+
+def test_input_space_attacks_run_by_name_in_a_lat_experiment(saved_llama, tmp_path):
+    """GCG and many-shot, named under evaluation.measurements, are measured on every method
+    and reported as headline columns."""
+    data = lat_config(saved_llama, "refusal", seeds=[0])
+    data["methods"] = [{"name": "base", "train": False}, {"name": "RT"}]
+    data["evaluation"].update(latent_attack=None, embedding_attack=None, prefill=None)
+    data["evaluation"]["measurements"] = {
+        "gcg": {
+            "steps": 1,
+            "suffix_tokens": 2,
+            "top_k": 4,
+            "candidates": 2,
+            "max_train_requests": 2,
+        },
+        "many_shot": {"shots": 2},
+    }
+    cfg = validate_config(LatExperimentConfig, data, "t")
+    out = run_lat_experiment(cfg, tmp_path / "run", progress=False)
+    for name in ("base", "RT"):
+        result = json.loads((out / "results" / name / "seed0.json").read_text())
+        for key in ("gcg.success", "gcg.baseline", "many_shot.success", "many_shot.baseline"):
+            assert 0 <= result["metrics"][key] <= 1, (name, key)
+    table = (out / "results.md").read_text()
+    assert "compliance under a GCG suffix" in table
+    assert "compliance under many-shot prompts" in table
