@@ -16,6 +16,7 @@ from mechunlearn.cli import app
 from mechunlearn.edit.lat import LatConfig, dpo_loss, lat_baseline, train_lat
 from mechunlearn.edit.latent_adversary import LatentAdversaryConfig
 from mechunlearn.edit.parametrization import make_trainable
+from mechunlearn.errors import ConfigError
 from mechunlearn.evals.refusal import score_pairs
 from mechunlearn.experiments import lat_job, lat_measure
 from mechunlearn.experiments.config import load_yaml_config, validate_config
@@ -432,3 +433,41 @@ def test_input_space_attacks_run_by_name_in_a_lat_experiment(saved_llama, tmp_pa
     table = (out / "results.md").read_text()
     assert "compliance under a GCG suffix" in table
     assert "compliance under many-shot prompts" in table
+
+
+def test_match_benign_picks_the_coefficient_closest_to_the_target(saved_llama, tmp_path):
+    """Each benign_coef is trained and its benign compliance measured on the validation
+    requests (never the test ones); the closest to the target is trained and evaluated."""
+    from mechunlearn.experiments.lat_measure import closest_to_target
+
+    tried = [
+        {"benign_coef": 0.0, "validation_compliance": 0.2},
+        {"benign_coef": 1.0, "validation_compliance": 0.6},
+        {"benign_coef": 4.0, "validation_compliance": 0.6},
+    ]
+    assert closest_to_target(tried, 0.5) == 1.0 and closest_to_target(tried, 0.1) == 0.0
+    data = lat_config(saved_llama, "refusal", seeds=[0])
+    data["methods"] = [
+        {"name": "RT"},
+        {
+            "name": "LAT",
+            "adversary": "latent",
+            "match_benign": {"values": [0.0, 2.0], "target": 0.5},
+        },
+    ]
+    data["evaluation"].update(latent_attack=None, embedding_attack=None, prefill=None)
+    cfg = validate_config(LatExperimentConfig, data, "t")
+    out = run_lat_experiment(cfg, tmp_path / "run", progress=False)
+    lat = json.loads((out / "results" / "LAT" / "seed0.json").read_text())
+    calibration = lat["calibration"]
+    assert [t["benign_coef"] for t in calibration["tried"]] == [0.0, 2.0]
+    assert calibration["chosen"] == closest_to_target(calibration["tried"], 0.5)
+    assert lat["lat_config"]["benign_coef"] == calibration["chosen"]
+    assert calibration["n_validation"] > 0
+    assert "calibration" not in json.loads((out / "results" / "RT" / "seed0.json").read_text())
+    bad = lat_config(saved_llama, "refusal", seeds=[0])
+    bad["methods"] = [
+        {"name": "LAT", "benign_coef": 1.0, "match_benign": {"values": [0, 1], "target": 0.5}}
+    ]
+    with pytest.raises(ConfigError, match="match_benign chooses benign_coef"):
+        validate_config(LatExperimentConfig, bad, "t")

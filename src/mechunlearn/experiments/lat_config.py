@@ -153,6 +153,24 @@ METHOD_OVERRIDES = (
 )
 
 
+class BenignMatch(Strict):
+    """Calibrate a method to a benign-compliance target before it is compared: each
+    ``benign_coef`` in ``values`` is trained, benign compliance is measured on the validation
+    requests (held-out templates, never tested), and the value closest to ``target`` is the
+    one trained and evaluated. Robustness is then compared at matched over-refusal rather than
+    credited to a model that refuses everything (issue 18)."""
+
+    values: list[float] = Field(min_length=2, description="benign_coef values tried")
+    target: float = Field(ge=0, le=1, description="benign compliance on validation requests")
+
+    @field_validator("values")
+    @classmethod
+    def _non_negative(cls, value: list[float]) -> list[float]:
+        if any(v < 0 for v in value) or len(set(value)) != len(value):
+            raise ValueError("values must be distinct and >= 0")
+        return value
+
+
 class MethodSpec(Strict):
     """One row of the comparison. ``train: false`` evaluates the model as it is (the base
     model, or the backdoored one). Unset fields take ``train``'s values."""
@@ -176,6 +194,9 @@ class MethodSpec(Strict):
         description="method whose compute this one is compared with (default: the first "
         "trained method without an adversary and with the same defender loss)",
     )
+    match_benign: BenignMatch | None = Field(
+        None, description="choose benign_coef to match a benign compliance on validation requests"
+    )
 
     @field_validator("name")
     @classmethod
@@ -195,6 +216,8 @@ class MethodSpec(Strict):
             ]
             if given:
                 raise ValueError(f"method {self.name!r} is not trained; remove {given}")
+        if self.match_benign is not None and self.benign_coef is not None:
+            raise ValueError(f"method {self.name!r}: match_benign chooses benign_coef; give one")
         return self
 
     def lat_config(self, settings: LatTrainSettings, layers: list[Layer], seed: int) -> LatConfig:

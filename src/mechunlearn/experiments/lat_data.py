@@ -35,6 +35,7 @@ class SeedData:
     test_data: LatData  # the same requests as preference examples (chat-formatted)
     test_benign: LatData
     poison: list[tuple[str, str]] | None = None  # backdoor: the poisoning SFT pairs
+    benign_validation: LatData | None = None  # held-out templates, for match_benign only
 
     def sizes(self) -> dict[str, int]:
         out = {
@@ -94,6 +95,9 @@ def seed_data(
     task = load_refusal_task(seed, opts.fractions, opts.by)
     benign_train = task.benign["train"]
     benign_test = _cap(task.benign["test"], cap, seed)
+    benign_validation = None
+    if any(m.match_benign is not None for m in config.methods or []):
+        benign_validation = to_lat_data(tokenizer, _cap(task.benign["validation"], cap, seed))
     if config.application == "refusal":
         harmful = (
             _split_file_items(file_items, opts.fractions, seed)
@@ -107,6 +111,7 @@ def seed_data(
             test_items=test,
             test_data=to_lat_data(tokenizer, test),
             test_benign=to_lat_data(tokenizer, benign_test),
+            benign_validation=benign_validation,
         )
         if config.evaluation.prefill is not None:
             prefill_examples(tokenizer, test, config.evaluation.prefill)  # enough words?
@@ -124,4 +129,5 @@ def seed_data(
         test_data=attack,
         test_benign=to_lat_data(tokenizer, benign_test),
         poison=poisoning_pairs(tokenizer, benign_train, bd, seed),
+        benign_validation=benign_validation,
     )

@@ -14,6 +14,8 @@ from typing import Any
 from mechunlearn.edit.lat import LatConfig, train_lat
 from mechunlearn.edit.parametrization import WeightSnapshot, make_trainable
 from mechunlearn.edit.trainer import TrainResult
+from mechunlearn.errors import DataError
+from mechunlearn.evals.refusal import benign_compliance
 from mechunlearn.experiments.lat_config import LatExperimentConfig, MethodSpec, TrainableSpec
 from mechunlearn.experiments.lat_data import SeedData
 from mechunlearn.experiments.measurements import BatteryResult, LatContext, plan
@@ -117,6 +119,52 @@ def evaluate(
     return out.metrics, out.curves, time.perf_counter() - tick
 
 
+# ---- matched benign compliance ----------------------------------------------------------------
+def closest_to_target(tried: list[dict[str, float]], target: float) -> float:
+    """The ``benign_coef`` whose validation compliance is closest to ``target`` (ties: the
+    smaller coefficient, the weaker pull toward the benign data)."""
+    best = min(tried, key=lambda t: (abs(t["validation_compliance"] - target), t["benign_coef"]))
+    return best["benign_coef"]
+
+
+def match_benign(
+    hm: HookedModel,
+    config: LatExperimentConfig,
+    method: MethodSpec,
+    data: SeedData,
+    layers: list,
+    seed: int,
+    progress: bool,
+    log: Log,
+) -> dict[str, Any]:
+    """Train ``method`` at each ``match_benign.values`` benign coefficient and measure benign
+    compliance on the validation requests; the record names the value closest to the target
+    (training undone after each try)."""
+    spec = method.match_benign
+    if data.benign_validation is None or not len(data.benign_validation):
+        raise DataError(f"method {method.name!r}: no validation benign requests to match on")
+    tried = []
+    for value in spec.values:
+        trial = method.model_copy(update={"benign_coef": value, "match_benign": None})
+        lat_config = trial.lat_config(config.train, layers, seed)
+        log(f"{method.name}: matching benign compliance, benign_coef {value:g}")
+        with trained(hm, config.trainable, lat_config, data, progress, log) as (_, info):
+            benign = benign_compliance(hm, data.benign_validation, config.evaluation.batch_size)
+        tried.append(
+            {
+                "benign_coef": value,
+                "validation_compliance": benign["compliance"]["rate"],
+                "seconds": round(info["wall_seconds"], 3),
+            }
+        )
+    return {
+        "target": spec.target,
+        "tried": tried,
+        "chosen": closest_to_target(tried, spec.target),
+        "n_validation": len(data.benign_validation),
+    }
+
+
 # ---- one (method, seed) ----------------------------------------------------------------------
 def measure_method(
     hm: HookedModel,
@@ -140,6 +188,12 @@ def measure_method(
         "data": data.sizes(),
         **(extra or {}),
     }
+    if method.match_benign is not None:
+        calibration = match_benign(hm, config, method, data, layers, seed, progress, log)
+        out["calibration"] = calibration
+        method = method.model_copy(
+            update={"benign_coef": calibration["chosen"], "match_benign": None}
+        )
     if not method.train:
         metrics, details, eval_seconds = evaluate(hm, config, data, layers, seed, progress, log)
         out.update(defender_loss=None, lat_config=None, compute={"seconds": 0.0})
