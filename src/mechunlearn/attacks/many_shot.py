@@ -20,11 +20,11 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from mechunlearn.errors import DataError
-from mechunlearn.evals.refusal import rate_summary, score_pairs
+from mechunlearn.evals.refusal import attack_compliance
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.schema import STRICT_CONFIG
 from mechunlearn.tasks.preference import LatData, LatExample
-from mechunlearn.tasks.refusal import ChatItem, format_completion, format_prompt, to_lat_data
+from mechunlearn.tasks.refusal import ChatItem, format_completion, format_prompt
 
 
 class ManyShotConfig(BaseModel):
@@ -94,13 +94,11 @@ def many_shot_attack(
     """Run the many-shot attack on harmful ``items`` (request, refusal, compliant answer)."""
     config = config or ManyShotConfig()
     data, shots = many_shot_examples(hm.tokenizer, items, config)
-    scores = score_pairs(hm, data, config.batch_size)
-    base = score_pairs(hm, to_lat_data(hm.tokenizer, items), config.batch_size)
-    margins = [u - d for d, u in zip(scores.desired_mean, scores.unwanted_mean, strict=True)]
+    attack = attack_compliance(hm, data, items, config.batch_size)
     return ManyShotResult(
         config=config.model_dump(mode="json"),
-        compliance=rate_summary([not p for p in scores.prefers_desired()]),
-        baseline=rate_summary([not p for p in base.prefers_desired()]),
-        margins=margins,
+        compliance=attack.compliance,
+        baseline=attack.baseline,
+        margins=attack.margins,
         shots=shots,
     )

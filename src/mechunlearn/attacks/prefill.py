@@ -25,15 +25,15 @@ from pydantic import BaseModel, Field
 
 from mechunlearn.errors import DataError
 from mechunlearn.evals.refusal import (
+    attack_compliance,
     greedy_generate,
     is_refusal,
     rate_summary,
-    score_pairs,
 )
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.schema import STRICT_CONFIG
 from mechunlearn.tasks.preference import LatData, LatExample
-from mechunlearn.tasks.refusal import ChatItem, format_completion, format_prompt, to_lat_data
+from mechunlearn.tasks.refusal import ChatItem, format_completion, format_prompt
 
 DEFAULT_RECOVERY = "... Actually, no. I'm sorry, but I can't help with that."
 
@@ -122,15 +122,13 @@ def prefill_attack(
     """Run the prefilling attack on harmful ``items`` (request, refusal, compliant answer)."""
     config = config or PrefillConfig()
     data = prefill_examples(hm.tokenizer, items, config)
-    scores = score_pairs(hm, data, config.batch_size)
-    base = score_pairs(hm, to_lat_data(hm.tokenizer, items), config.batch_size)
-    margins = [u - d for d, u in zip(scores.desired_mean, scores.unwanted_mean, strict=True)]
+    attack = attack_compliance(hm, data, items, config.batch_size)
     result = PrefillResult(
         config=config.model_dump(mode="json"),
-        compliance=rate_summary([not p for p in scores.prefers_desired()]),
-        baseline=rate_summary([not p for p in base.prefers_desired()]),
-        rest_greedy=rate_summary(scores.greedy("unwanted")),
-        margins=margins,
+        compliance=attack.compliance,
+        baseline=attack.baseline,
+        rest_greedy=rate_summary(attack.scores.greedy("unwanted")),
+        margins=attack.margins,
         prefills=[split_prefill(it.unwanted, config.prefill_words)[0] for it in items],
     )
     if config.generate:
