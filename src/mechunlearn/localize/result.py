@@ -114,15 +114,13 @@ def make_localization(
     method: str,
     scores: Mapping[str, float],
     *,
+    selected: list[str],
     budget: int | None = None,
-    top_k: int | None = None,
-    selected: list[str] | None = None,
     selection_scores: Mapping[str, float] | None = None,
     **fields: Any,
 ) -> Localization:
-    """Build a ``Localization``, selecting components unless ``selected`` is given."""
-    pool = scores if selection_scores is None else selection_scores
-    chosen = selected if selected is not None else select_under_budget(hm, pool, budget, top_k)
+    """Package a ``Localization`` of the ``selected`` components (selection itself is the
+    protocol's: ``LocalizationMethod.select``)."""
     return Localization(
         method=method,
         model=hm.name,
@@ -130,8 +128,8 @@ def make_localization(
         n_layers=hm.dims.n_layers,
         scores=dict(scores),
         selection_scores=None if selection_scores is None else dict(selection_scores),
-        selected=chosen,
-        n_params=count_parameters(hm.parameters_of(chosen)),
+        selected=selected,
+        n_params=count_parameters(hm.parameters_of(selected)),
         budget=budget,
         **fields,
     )
