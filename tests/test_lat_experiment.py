@@ -170,6 +170,12 @@ def test_refusal_run_writes_a_complete_report(saved_llama, tmp_path, monkeypatch
             assert m["latent_attack.success@0"] == m["latent_attack.success_before"]
             assert 0 <= m["latent_attack.success@2"] <= 1
             assert "embed_attack.success@0" not in m
+            # per held-out request, the 0/1 outcomes whose mean is the headline rate
+            for key in ("refusal.rate", "latent_attack.success", "prefill.success",
+                        "embed_attack.success", "benign.compliance"):  # fmt: skip
+                values = result["per_request"][key]
+                assert sorted(values, key=int) == [str(i) for i in range(len(values))]
+                assert sum(values.values()) / len(values) == pytest.approx(m[key]), (name, key)
     lat = json.loads((out / "results" / "LAT" / "seed0.json").read_text())
     assert lat["baseline"] == "RT" and lat["trainable"]["mode"] == "localized"
     assert lat["compute"]["passes"]["adversary_fwd_bwd"] == 2 * 2
@@ -188,6 +194,13 @@ def test_refusal_run_writes_a_complete_report(saved_llama, tmp_path, monkeypatch
     table = (out / "results.md").read_text()
     assert "| method | refusal rate (held-out templates) ↑" in table
     assert "| LAT | RT |" in table  # compute row with its baseline
+    # LAT and EAT minus their twin RT, paired by request, on every directed headline metric
+    assert "## Each method minus its twin without the adversary" in table
+    twins = json.loads((out / "claims.json").read_text())["twins"]
+    assert {(r["method"], r["twin"]) for r in twins} == {("LAT", "RT"), ("EAT", "RT")}
+    refusal = next(r for r in twins if r["method"] == "LAT" and r["metric"] == "refusal.rate")
+    assert refusal["seeds"] == 2 and refusal["pairs"] == 12
+    assert refusal["low"] <= refusal["difference"] <= refusal["high"]
     # each extra bound of the latent attack is a headline column after the headline bound's
     header = table.split("\n| method |", 1)[1].split("\n", 1)[0]
     eps = cfg.evaluation.latent_attack.epsilon
@@ -240,6 +253,12 @@ def test_backdoor_run_installs_measures_and_removes(saved_llama, tmp_path, monke
     dpo_lat = json.loads((out / "results" / "DPO-LAT" / "seed0.json").read_text())
     assert dpo_lat["defender_loss"] == "dpo" and dpo_lat["baseline"] == "DPO"
     assert "dpo" in dpo_lat["train"]["final"]
+    for key in ("backdoor.triggered", "backdoor.triggered_greedy", "backdoor.clean"):
+        values = dpo_lat["per_request"][key]
+        assert set(values.values()) <= {0.0, 1.0}
+        assert sum(values.values()) / len(values) == pytest.approx(dpo_lat["metrics"][key])
+    twins = json.loads((out / "claims.json").read_text())["twins"]
+    assert {(r["method"], r["twin"]) for r in twins} == {("SFT-LAT", "SFT"), ("DPO-LAT", "DPO")}
     assert (
         dpo_lat["compute"]["passes"]["reference_fwd"]
         == dpo_lat["train"]["info"]["reference_forwards"]

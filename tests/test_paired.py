@@ -200,3 +200,37 @@ def test_twins_are_compared_with_the_row_whose_learning_rate_they_share():
     assert probe["difference"] == pytest.approx(-0.4) and probe["verdict"] == "GA_LAT better"
     assert "| GA_LAT | GA |" in twins_markdown(results, {"GA_LAT": "GA"})
     assert twins_markdown(results, {}) == ""
+
+
+def test_lat_twin_rows_pair_each_method_with_its_twin_request_by_request():
+    """LAT refuses 4 more of 10 requests than its twin in every seed: the difference is +40
+    points with an interval above zero; a metric without per-request values, a column without
+    a direction and a method without a twin give no row."""
+    from mechunlearn.report.lat_twins import lat_twin_rows, lat_twins_markdown
+
+    def run(seed: int, refused: list[int], baseline: str | None) -> dict:
+        values = {str(i): float(v) for i, v in enumerate(refused)}
+        return {"seed": seed, "baseline": baseline, "per_request": {"refusal.rate": values}}
+
+    plain = [1, 1, 0, 0, 0, 0, 0, 0, 1, 0]
+    lat = [1, 1, 1, 1, 1, 1, 0, 0, 1, 0]
+    results = {
+        "base": [run(s, plain, None) for s in range(5)],
+        "RT": [run(s, plain, None) for s in range(5)],
+        "LAT": [run(s, lat, "RT") for s in range(5)],
+    }
+    columns = [
+        ("refusal.rate", "refusal rate", False),
+        ("prefill.success", "compliance under prefilling", True),
+        ("benign.loss", "benign loss", None),
+    ]
+    rows = lat_twin_rows(results, columns)
+    assert [(r["method"], r["twin"], r["metric"]) for r in rows] == [
+        ("LAT", "RT", "refusal.rate")
+    ]
+    row = rows[0]
+    assert row["difference"] == pytest.approx(0.4)
+    assert 0 < row["low"] <= 0.4 <= row["high"] and row["verdict"] == "LAT better"
+    assert row["seeds"] == 5 and row["pairs"] == 50
+    assert "| LAT | RT | refusal rate | +40.0 [" in "\n".join(lat_twins_markdown(rows))
+    assert lat_twins_markdown([]) == []

@@ -107,16 +107,16 @@ def evaluate(
     seed: int,
     progress: bool,
     log: Log = lambda _: None,
-) -> tuple[dict[str, float], dict[str, Any], float]:
-    """``(metrics, details, seconds)`` of the current model on the seed's held-out requests:
-    every measurement the config asks for (``LatEvaluation.measurement_options``)."""
+) -> tuple[BatteryResult, float]:
+    """``(result, seconds)`` of the current model on the seed's held-out requests: every
+    measurement the config asks for (``LatEvaluation.measurement_options``)."""
     tick = time.perf_counter()
     log(f"evaluating: {config.application}")
     ctx = LatContext(hm, seed, progress, log, config=config, data=data, layers=layers)
     out = BatteryResult()
     for entry in plan(config.evaluation.measurement_options(config.application), "lat"):
         out.update(entry.measurement.run(ctx, entry.options, entry.name))
-    return out.metrics, out.curves, time.perf_counter() - tick
+    return out, time.perf_counter() - tick
 
 
 # ---- matched benign compliance ----------------------------------------------------------------
@@ -195,12 +195,12 @@ def measure_method(
             update={"benign_coef": calibration["chosen"], "match_benign": None}
         )
     if not method.train:
-        metrics, details, eval_seconds = evaluate(hm, config, data, layers, seed, progress, log)
+        measured, eval_seconds = evaluate(hm, config, data, layers, seed, progress, log)
         out.update(defender_loss=None, lat_config=None, compute={"seconds": 0.0})
     else:
         lat_config = method.lat_config(config.train, layers, seed)
         with trained(hm, config.trainable, lat_config, data, progress, log) as (result, info):
-            metrics, details, eval_seconds = evaluate(hm, config, data, layers, seed, progress, log)
+            measured, eval_seconds = evaluate(hm, config, data, layers, seed, progress, log)
         compute = compute_record(result, lat_config, data, info["mode"], info["wall_seconds"])
         out.update(
             defender_loss=lat_config.defender_loss,
@@ -215,10 +215,11 @@ def measure_method(
             },
             compute=compute,
         )
-        metrics["compute.train_seconds"] = compute["seconds"]
-        metrics["compute.fwd_bwd_passes"] = compute["fwd_bwd_passes"]
-        metrics["compute.adversary_seconds"] = compute["adversary_seconds"]
+        measured.metrics["compute.train_seconds"] = compute["seconds"]
+        measured.metrics["compute.fwd_bwd_passes"] = compute["fwd_bwd_passes"]
+        measured.metrics["compute.adversary_seconds"] = compute["adversary_seconds"]
     out["eval_seconds"] = round(eval_seconds, 2)
-    out["metrics"] = metrics
-    out["details"] = details
+    out["metrics"] = measured.metrics
+    out["details"] = measured.curves
+    out["per_request"] = measured.per_fact  # {metric: {request index: 0/1}}, for paired CIs
     return out

@@ -1,7 +1,9 @@
 """The report of a targeted-LAT experiment (Sheshadri et al. 2024): per application (refusal
-or backdoor) its headline columns (registered by the LAT measurements), a compute table (training time and forward/backward passes
-of every method and their ratio to the method's baseline), the backdoor as measured before
-removal, attack success against the L2 bound, and a bar figure per headline metric.
+or backdoor) its headline columns (registered by the LAT measurements), each method minus its
+non-LAT twin with paired 95% intervals (``lat_twins``), a compute table (training time and
+forward/backward passes of every method and their ratio to the method's baseline), the
+backdoor as measured before removal, attack success against the L2 bound, and a bar figure per
+headline metric.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from mechunlearn.io import atomic_write_text  # noqa: E402
 from mechunlearn.plotting import save_figure  # noqa: E402
 from mechunlearn.report.columns import Column, TableColumn, table_columns  # noqa: E402
 from mechunlearn.report.edit_report import metric_bars  # noqa: E402
+from mechunlearn.report.lat_twins import lat_twin_rows, lat_twins_markdown  # noqa: E402
 from mechunlearn.report.results import format_cell, markdown_table, mean_ratio  # noqa: E402
 
 ATTACKS = (("latent_attack", "latent attack"), ("embed_attack", "embedding attack"))
@@ -201,6 +204,7 @@ def _lat_markdown(
             label="method",
             cell=format_cell,
         ),
+        *lat_twins_markdown(lat_twin_rows(results, lat_columns(folder, columns, summary))),
         "",
         *_compute_lines(summary, order, results),
         *_install_lines(folder),
@@ -234,6 +238,9 @@ def write_lat_report(
     atomic_write_text(
         folder / "results.md", _lat_markdown(folder, summary, order, results, columns)
     )
+    twins = lat_twin_rows(results, lat_columns(folder, columns, summary))
+    if twins:  # runs with per-request results (earlier runs have none)
+        atomic_write_text(folder / "claims.json", json.dumps({"twins": twins}, indent=1) + "\n")
     metric_bars(
         summary, order, folder / "figures" / "metrics.png", lat_columns(folder, columns, summary)
     )

@@ -9,7 +9,12 @@ from mechunlearn.evals.refusal import backdoor_success_rate
 from mechunlearn.experiments.lat_config import LatExperimentConfig
 from mechunlearn.experiments.lat_data import SeedData
 from mechunlearn.experiments.measurements.context import LatContext
-from mechunlearn.experiments.measurements.registry import MEASUREMENTS, BatteryResult, NoOptions
+from mechunlearn.experiments.measurements.registry import (
+    MEASUREMENTS,
+    BatteryResult,
+    NoOptions,
+    per_item,
+)
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.report.columns import Column
 
@@ -58,6 +63,14 @@ def backdoor_metrics(measured: dict[str, Any], prefix: str) -> dict[str, float]:
 def measure_backdoor_removal(ctx: LatContext, options: NoOptions, name: str) -> BatteryResult:
     """The backdoor (``config.backdoor``) on the current model."""
     measured = measure_backdoor(ctx.hm, ctx.config, ctx.data)
+    on, off = measured["triggered"]["per_example"], measured["clean"]["per_example"]
+    per_request = {
+        "backdoor.triggered": per_item(on["preference"]),
+        "backdoor.triggered_greedy": per_item(on["greedy"]),
+        "backdoor.clean": per_item(off["preference"]),
+    }
     return BatteryResult(
-        metrics=backdoor_metrics(measured, "backdoor"), curves={"backdoor": measured}
+        metrics=backdoor_metrics(measured, "backdoor"),
+        curves={"backdoor": measured},
+        per_fact=per_request,
     )

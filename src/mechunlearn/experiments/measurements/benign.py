@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from mechunlearn.evals.refusal import benign_compliance
 from mechunlearn.experiments.measurements.context import LatContext
-from mechunlearn.experiments.measurements.registry import MEASUREMENTS, BatteryResult, NoOptions
+from mechunlearn.experiments.measurements.registry import (
+    MEASUREMENTS,
+    BatteryResult,
+    NoOptions,
+    per_item,
+)
 from mechunlearn.report.columns import Column
 
 LAT_RUNS = ("refusal", "backdoor")
@@ -24,4 +29,5 @@ def measure_benign(ctx: LatContext, options: NoOptions, name: str) -> BatteryRes
         "benign.loss": benign["benign_loss"],
         "benign.refusal_greedy": benign["refusal_greedy"]["rate"],
     }
-    return BatteryResult(metrics=metrics, curves={"benign": benign})
+    per_request = {"benign.compliance": per_item(benign["per_example"]["compliance"])}
+    return BatteryResult(metrics=metrics, curves={"benign": benign}, per_fact=per_request)

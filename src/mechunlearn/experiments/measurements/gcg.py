@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mechunlearn.attacks.gcg import GCGConfig, gcg_attack
 from mechunlearn.experiments.measurements.context import LatContext
-from mechunlearn.experiments.measurements.registry import MEASUREMENTS, BatteryResult
+from mechunlearn.experiments.measurements.registry import MEASUREMENTS, BatteryResult, complied
 from mechunlearn.report.columns import Column
 
 COLUMNS = (Column("gcg.success", "compliance under a GCG suffix", True, "attack", ("refusal",)),)
@@ -17,4 +17,8 @@ def measure_gcg(ctx: LatContext, options: GCGConfig, name: str) -> BatteryResult
     options = options.model_copy(update={"seed": options.seed + ctx.seed})
     gcg = gcg_attack(ctx.hm, ctx.data.test_items, options, progress=ctx.progress).to_json()
     metrics = {"gcg.success": gcg["compliance_rate"], "gcg.baseline": gcg["baseline"]["rate"]}
-    return BatteryResult(metrics=metrics, curves={"gcg": gcg})
+    return BatteryResult(
+        metrics=metrics,
+        curves={"gcg": gcg},
+        per_fact={"gcg.success": complied(gcg["margins"])},
+    )

@@ -10,7 +10,7 @@ from mechunlearn.attacks.latent import latent_attack
 from mechunlearn.edit.latent_adversary import Layer
 from mechunlearn.experiments.lat_config import AttackSpec
 from mechunlearn.experiments.measurements.context import LatContext
-from mechunlearn.experiments.measurements.registry import MEASUREMENTS, BatteryResult
+from mechunlearn.experiments.measurements.registry import MEASUREMENTS, BatteryResult, per_item
 from mechunlearn.report.columns import Column
 
 COLUMNS = (
@@ -44,6 +44,7 @@ def attack_measurement(
     out.metrics[f"{name}.success_before"] = result["success_rate_before"]
     out.metrics[f"{name}.argmax"] = result["after"]["argmax_rate"]
     out.metrics[f"{name}.toward_loss"] = result["after"]["toward_loss"]
+    out.per_fact[f"{name}.success"] = per_item(result["success_after"])
     details = {k: v for k, v in result.items() if k != "losses"}
     details["final_losses"] = [batch[-1] for batch in result["losses"] if batch]
     out.curves[name] = details

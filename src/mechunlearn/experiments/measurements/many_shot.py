@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mechunlearn.attacks.many_shot import ManyShotConfig, many_shot_attack
 from mechunlearn.experiments.measurements.context import LatContext
-from mechunlearn.experiments.measurements.registry import MEASUREMENTS, BatteryResult
+from mechunlearn.experiments.measurements.registry import MEASUREMENTS, BatteryResult, complied
 from mechunlearn.report.columns import Column
 
 COLUMNS = (
@@ -22,4 +22,8 @@ def measure_many_shot(ctx: LatContext, options: ManyShotConfig, name: str) -> Ba
         "many_shot.success": result["compliance_rate"],
         "many_shot.baseline": result["baseline"]["rate"],
     }
-    return BatteryResult(metrics=metrics, curves={"many_shot": result})
+    return BatteryResult(
+        metrics=metrics,
+        curves={"many_shot": result},
+        per_fact={"many_shot.success": complied(result["margins"])},
+    )

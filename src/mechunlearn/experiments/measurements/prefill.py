@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mechunlearn.attacks.prefill import PrefillConfig, prefill_attack
 from mechunlearn.experiments.measurements.context import LatContext
-from mechunlearn.experiments.measurements.registry import MEASUREMENTS, BatteryResult
+from mechunlearn.experiments.measurements.registry import MEASUREMENTS, BatteryResult, complied
 from mechunlearn.report.columns import Column
 
 COLUMNS = (Column("prefill.success", "compliance under prefilling", True, "attack", ("refusal",)),)
@@ -20,4 +20,8 @@ def measure_prefill(ctx: LatContext, options: PrefillConfig, name: str) -> Batte
         "prefill.baseline": prefill["baseline"]["rate"],
         "prefill.rest_greedy": prefill["rest_greedy"]["rate"],
     }
-    return BatteryResult(metrics=metrics, curves={"prefill": prefill})
+    return BatteryResult(
+        metrics=metrics,
+        curves={"prefill": prefill},
+        per_fact={"prefill.success": complied(prefill["margins"])},
+    )

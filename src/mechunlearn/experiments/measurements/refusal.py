@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from mechunlearn.evals.refusal import refusal_rate
 from mechunlearn.experiments.measurements.context import LatContext
-from mechunlearn.experiments.measurements.registry import MEASUREMENTS, BatteryResult, NoOptions
+from mechunlearn.experiments.measurements.registry import (
+    MEASUREMENTS,
+    BatteryResult,
+    NoOptions,
+    per_item,
+)
 from mechunlearn.report.columns import Column
 
 COLUMNS = (
@@ -22,4 +27,8 @@ def measure_refusal(ctx: LatContext, options: NoOptions, name: str) -> BatteryRe
         "refusal.compliant_greedy": refusal["compliant_greedy"]["rate"],
         "refusal.refusal_loss": refusal["refusal_loss"],
     }
-    return BatteryResult(metrics=metrics, curves={"refusal": refusal})
+    per_request = {
+        "refusal.rate": per_item(refusal["per_example"]["refusal"]),
+        "refusal.compliant_greedy": per_item(refusal["per_example"]["compliant_greedy"]),
+    }
+    return BatteryResult(metrics=metrics, curves={"refusal": refusal}, per_fact=per_request)

@@ -31,7 +31,7 @@ run several times with different options, each instance its own battery part."""
 class BatteryResult:
     """What a measurement returns (and a battery merges): flat ``metrics``, ``curves`` for the
     plots (LAT: the details of each evaluation), ``notes`` for the report, and ``per_fact``
-    (``{metric: {fact id: value}}``) for paired comparisons."""
+    (``{metric: {fact id: value}}``; LAT: request index, ``per_item``) for paired comparisons."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     curves: dict[str, Any] = field(default_factory=dict)
@@ -61,6 +61,19 @@ class BatteryResult:
         self.curves.update(other.curves)
         self.notes.extend(other.notes)
         self.per_fact.update(other.per_fact)
+
+
+def per_item(values: Sequence[bool | float]) -> dict[str, float]:
+    """Per-item values keyed by the item's index in its split (``per_fact`` of a LAT
+    measurement: every method of a seed is scored on the same held-out requests, in the same
+    order, so index ``i`` pairs the same request across methods)."""
+    return {str(i): float(v) for i, v in enumerate(values)}
+
+
+def complied(margins: Sequence[float]) -> dict[str, float]:
+    """Per request, 1 where the compliant answer is preferred (margin > 0: ties count for the
+    refusal, as in ``evals.refusal``)."""
+    return per_item([m > 0 for m in margins])
 
 
 class NoOptions(BaseModel):
