@@ -385,7 +385,9 @@ def test_cli_runs_a_lat_config_with_a_seed_limit(saved_llama, tmp_path):
     path.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
     runner = CliRunner()
-    result = runner.invoke(app, ["run", str(path), "--out", str(out), "--seeds", "1", "--quiet"])
+    result = runner.invoke(
+        app, ["run", str(path), "--out", str(out), "--seeds", "1", "--workers", "1", "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     assert "| RT |" in result.output
     assert sorted(p.name for p in (out / "results" / "RT").iterdir()) == ["seed0.json"]
@@ -490,3 +492,30 @@ def test_match_benign_picks_the_coefficient_closest_to_the_target(saved_llama, t
     ]
     with pytest.raises(ConfigError, match="match_benign chooses benign_coef"):
         validate_config(LatExperimentConfig, bad, "t")
+
+
+def test_two_workers_give_the_results_of_one_process(saved_llama, tmp_path):
+    """A LAT run's units (refusal: one per method and seed) give the same results in two
+    spawned worker processes as in this one: each unit seeds its RNGs from its key and starts
+    from the loaded weights, whichever process ran what before."""
+    data = lat_config(saved_llama, "refusal", seeds=[0, 1])
+    data["methods"] = [{"name": "RT"}, {"name": "LAT", "adversary": "latent"}]
+    data["evaluation"].update(embedding_attack=None, prefill=None)
+    cfg = validate_config(LatExperimentConfig, data, "t")
+    one = run_lat_experiment(cfg, tmp_path / "one", progress=False)
+    two = run_lat_experiment(cfg, tmp_path / "two", progress=False, workers=2)
+    for name in ("RT", "LAT"):
+        for seed in (0, 1):
+            a, b = (
+                json.loads((run / "results" / name / f"seed{seed}.json").read_text())
+                for run in (one, two)
+            )
+            for key, value in a["metrics"].items():
+                if not key.startswith("compute.") or key == "compute.fwd_bwd_passes":
+                    assert b["metrics"][key] == pytest.approx(value, abs=1e-4), (name, seed, key)
+            assert a["per_request"] == b["per_request"]
+    run = json.loads((two / "run.json").read_text())
+    assert run["workers"] == 2 and run["threads"] == 1
+    parts = json.loads((two / "parts.json").read_text())
+    assert parts[-1]["phases"]["method"]["units"] == 4
+    assert {u["worker"] for u in parts[-1]["timeline"].values()} <= {0, 1}

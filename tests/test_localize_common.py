@@ -255,7 +255,10 @@ def test_localize_cli_sets_a_methods_own_options(saved_llama, tmp_path):
             ["--method", "causal_tracing", "--set", "method_options.causal_tracing.windw=3"],
             "causal_tracing options: windw",
         ),
-        (["--method", "random", "--set", "method_options.tracing.window=3"], "unknown localization"),
+        (
+            ["--method", "random", "--set", "method_options.tracing.window=3"],
+            "unknown localization",
+        ),
     ],
 )
 def test_localize_cli_bad_input(saved_llama, tmp_path, args, message):

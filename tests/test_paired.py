@@ -225,9 +225,7 @@ def test_lat_twin_rows_pair_each_method_with_its_twin_request_by_request():
         ("benign.loss", "benign loss", None),
     ]
     rows = lat_twin_rows(results, columns)
-    assert [(r["method"], r["twin"], r["metric"]) for r in rows] == [
-        ("LAT", "RT", "refusal.rate")
-    ]
+    assert [(r["method"], r["twin"], r["metric"]) for r in rows] == [("LAT", "RT", "refusal.rate")]
     row = rows[0]
     assert row["difference"] == pytest.approx(0.4)
     assert 0 < row["low"] <= 0.4 <= row["high"] and row["verdict"] == "LAT better"

@@ -108,7 +108,7 @@ def run_command(
     }
     supported = {
         ExperimentConfig: set(given),
-        LatExperimentConfig: {"--model", "--data", "--device", "--seeds"},
+        LatExperimentConfig: {"--model", "--data", "--device", "--seeds", "--workers"},
     }.get(type(cfg), set())
     unused = [flag for flag, on in given.items() if on and flag not in supported]
     if unused:
@@ -127,14 +127,24 @@ def run_command(
     }
     if seeds is not None:
         updates["seeds"] = cfg.seeds[:seeds]
+    from mechunlearn.experiments.workers import idle_cores
+
     if cfg.kind == "lat":
         from mechunlearn.experiments.lat_job import run_lat_experiment
 
         cfg = validate_config(LatExperimentConfig, cfg.model_dump() | updates, str(config))
-        folder = run_lat_experiment(cfg, out, resume=resume, progress=show_progress(quiet), log=log)
+        workers = workers if workers is not None else idle_cores()
+        log(f"{workers} worker process(es)")
+        folder = run_lat_experiment(
+            cfg,
+            out,
+            resume=resume,
+            progress=show_progress(quiet) and workers == 1,
+            workers=workers,
+            log=log,
+        )
     else:
         from mechunlearn.experiments.edit_job import run_experiment
-        from mechunlearn.experiments.workers import idle_cores
 
         if save_models:
             updates["save_models"] = True

@@ -19,6 +19,11 @@ interrupted run resumes (``resume=True``) where it stopped, and a finished one i
 more seeds. Only a complete run is moved to ``OUT``. Input is validated before the model loads
 (config, data files) or, for what needs the model (layers, tokenization), before anything is
 written.
+
+The work runs as units of ``experiments.workers`` (``workers`` processes, one torch thread
+each): refusal, one unit per (method, seed); backdoor, one unit per seed (its installation is
+shared by the seed's removal methods). A unit's result does not depend on which process ran it:
+its data come from the seed, its RNGs from its key, and it starts from the loaded weights.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +42,15 @@ from mechunlearn.edit.data import TrainData
 from mechunlearn.edit.parametrization import WeightSnapshot, make_trainable
 from mechunlearn.edit.trainer import TrainConfig, train
 from mechunlearn.errors import ConfigError
+from mechunlearn.experiments.config import read_yaml_mapping
 from mechunlearn.experiments.lat_config import LatExperimentConfig
 from mechunlearn.experiments.lat_data import SeedData, load_file_items, seed_data
 from mechunlearn.experiments.lat_measure import measure_method
 from mechunlearn.experiments.measurements import MEASUREMENTS
 from mechunlearn.experiments.measurements.backdoor import backdoor_metrics, measure_backdoor
 from mechunlearn.experiments.run_folder import RunFolder
-from mechunlearn.io import atomic_write_json
+from mechunlearn.experiments.workers import Unit, phase_seconds, run_units, unit_timeline
+from mechunlearn.io import atomic_write_json, read_json
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.loading import load_model
 from mechunlearn.report.experiment import write_report
@@ -52,17 +60,6 @@ Log = Callable[[str], None]
 
 def _result_path(partial: Path, method: str, seed: int) -> Path:
     return partial / "results" / method / f"seed{seed}.json"
-
-
-def _refusal_seed(hm, config, data, layers, seed, partial, progress, log) -> None:
-    for method in config.methods:
-        path = _result_path(partial, method.name, seed)
-        if path.is_file():
-            continue
-        log(f"seed {seed}: {method.name}")
-        atomic_write_json(
-            path, measure_method(hm, config, method, data, layers, seed, progress, log)
-        )
 
 
 def install_backdoor(
@@ -153,6 +150,69 @@ def _backdoor_seed(hm, config, data, layers, seed, partial, progress, log) -> No
         original.restore()  # the next seed installs its backdoor into the original weights
 
 
+# ---- units ---------------------------------------------------------------------------------
+@dataclass
+class LatRunContext:
+    """A process's view of a LAT run: the model (loaded once per process), the config, the
+    adversary's layers and the data file's requests; each seed's data built on first use."""
+
+    folder: Path
+    config: LatExperimentConfig
+    hm: HookedModel
+    layers: list[Any]
+    file_items: Any
+    progress: bool = False
+    log: Log = lambda _: None
+    seeds: dict[int, SeedData] = field(default_factory=dict)
+
+    def seed_data(self, seed: int) -> SeedData:
+        if seed not in self.seeds:
+            self.seeds[seed] = seed_data(self.config, self.hm.tokenizer, seed, self.file_items)
+        return self.seeds[seed]
+
+
+def lat_worker_context(folder: Path) -> LatRunContext:
+    """A worker process's context, from the run folder's saved config (module level, so
+    spawned processes can unpickle it)."""
+    config = LatExperimentConfig.model_validate(read_yaml_mapping(folder / "config.yaml"))
+    hm = load_model(config.model, device=config.device, dtype=config.dtype)
+    layers = config.check_model_layers(hm.dims.n_layers)
+    return LatRunContext(folder, config, hm, layers, load_file_items(config))
+
+
+def plan_lat_units(config: LatExperimentConfig) -> list[Unit]:
+    """Refusal: a unit per (method, seed), its result file; backdoor: a unit per seed (the
+    installation and every removal method), marked done by ``units/lat/seed<n>.json``."""
+    if config.application == "refusal":
+        return [
+            Unit(
+                f"{method.name}/seed{seed}",
+                "method",
+                f"results/{method.name}/seed{seed}.json",
+                params={"method": method.name, "seed": seed},
+            )
+            for seed in config.seeds
+            for method in config.methods
+        ]
+    return [
+        Unit(f"seed{seed}", "seed", f"units/lat/seed{seed}.json", params={"seed": seed})
+        for seed in config.seeds
+    ]
+
+
+def execute_lat_unit(ctx: LatRunContext, unit: Unit) -> dict[str, Any]:
+    """Compute one unit of ``plan_lat_units`` (see ``experiments.workers``)."""
+    seed = unit.params["seed"]
+    data = ctx.seed_data(seed)
+    config = ctx.config
+    if unit.kind == "method":
+        method = next(m for m in config.methods if m.name == unit.params["method"])
+        ctx.log(f"seed {seed}: {method.name}")
+        return measure_method(ctx.hm, config, method, data, ctx.layers, seed, ctx.progress, ctx.log)
+    _backdoor_seed(ctx.hm, config, data, ctx.layers, seed, ctx.folder, ctx.progress, ctx.log)
+    return {"seed": seed, "methods": [m.name for m in config.methods]}
+
+
 # ---- the run ---------------------------------------------------------------------------------
 def run_lat_experiment(
     config: LatExperimentConfig,
@@ -160,9 +220,11 @@ def run_lat_experiment(
     *,
     resume: bool = False,
     progress: bool = True,
+    workers: int = 1,
     log: Log = lambda _: None,
 ) -> Path:
-    """Run ``config``; see the module docstring. Returns the final run folder."""
+    """Run ``config`` on ``workers`` processes; see the module docstring. Returns the final
+    run folder."""
     file_items = load_file_items(config)
     run = RunFolder(out, config, resume=resume, ignore=frozenset({"seeds"}))
     run.check()
@@ -178,10 +240,27 @@ def run_lat_experiment(
     )
 
     partial = run.open(started)  # loading the model and building the data count
-    run_seed = _refusal_seed if config.application == "refusal" else _backdoor_seed
-    for seed, data in seeds.items():
-        run_seed(hm, config, data, layers, seed, partial, progress, log)
-        run.save_clock()
+    units = plan_lat_units(config)
+    context = None
+    if workers <= 1:
+        context = LatRunContext(partial, config, hm, layers, file_items, progress, log, seeds)
+    device = str(hm.device)
+    del hm  # workers load their own copies
+    timing = run_units(
+        partial, units, make_context=lat_worker_context, executor=execute_lat_unit,
+        workers=workers, context=context, log=log, on_done=lambda *_: run.save_clock(),
+    )  # fmt: skip
+    parts_path = partial / "parts.json"
+    parts = read_json(parts_path) if parts_path.is_file() else []
+    parts.append(
+        {
+            "workers": workers,
+            "units_run": len(timing),
+            "phases": phase_seconds(timing, units),
+            "timeline": unit_timeline(timing),
+        }
+    )
+    atomic_write_json(parts_path, parts)
 
     seconds = run.save_clock()
     atomic_write_json(
@@ -196,10 +275,11 @@ def run_lat_experiment(
             "methods": [m.name for m in config.methods],
             "baselines": {m.name: config.baseline_of(m) for m in config.methods},
             "seconds": seconds,
+            "workers": workers,
             "mechunlearn": __version__,
             "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": str(hm.device),
+            "threads": 1 if workers > 1 else torch.get_num_threads(),
+            "device": device,
             "python": platform.python_version(),
         },
     )
