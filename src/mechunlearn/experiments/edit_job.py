@@ -73,7 +73,7 @@ from mechunlearn.experiments.sweep import (
     validation_score,
     write_sweep_summaries,
 )
-from mechunlearn.experiments.workers import Unit, phase_seconds, run_units, unit_timeline
+from mechunlearn.experiments.workers import Unit, record_part, run_units
 from mechunlearn.io import atomic_write_json, read_json
 from mechunlearn.localize import Localization
 from mechunlearn.localize.prompts import subject_aligned
@@ -506,17 +506,7 @@ def run_experiment(
     shutil.rmtree(partial / "units" / "weights", ignore_errors=True)  # every result is written
     shutil.rmtree(partial / SWEEP_CHECKPOINTS, ignore_errors=True)
     write_sweep_summaries(partial, config, plan["base_retain_accuracy"])
-    parts_path = partial / "parts.json"
-    parts = read_json(parts_path) if parts_path.is_file() else []
-    parts.append(
-        {
-            "workers": workers,
-            "units_run": len(timing),
-            "phases": phase_seconds(timing, units),
-            "timeline": unit_timeline(timing),
-        }
-    )
-    atomic_write_json(parts_path, parts)
+    parts = record_part(partial, workers, timing, units)
 
     hparams = {
         spec.name: chosen_hyperparameters(partial, config, spec.name)

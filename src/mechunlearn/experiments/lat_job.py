@@ -49,8 +49,8 @@ from mechunlearn.experiments.lat_measure import measure_method
 from mechunlearn.experiments.measurements import MEASUREMENTS
 from mechunlearn.experiments.measurements.backdoor import backdoor_metrics, measure_backdoor
 from mechunlearn.experiments.run_folder import RunFolder
-from mechunlearn.experiments.workers import Unit, phase_seconds, run_units, unit_timeline
-from mechunlearn.io import atomic_write_json, read_json
+from mechunlearn.experiments.workers import Unit, record_part, run_units
+from mechunlearn.io import atomic_write_json
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.loading import load_model
 from mechunlearn.report.experiment import write_report
@@ -250,17 +250,7 @@ def run_lat_experiment(
         partial, units, make_context=lat_worker_context, executor=execute_lat_unit,
         workers=workers, context=context, log=log, on_done=lambda *_: run.save_clock(),
     )  # fmt: skip
-    parts_path = partial / "parts.json"
-    parts = read_json(parts_path) if parts_path.is_file() else []
-    parts.append(
-        {
-            "workers": workers,
-            "units_run": len(timing),
-            "phases": phase_seconds(timing, units),
-            "timeline": unit_timeline(timing),
-        }
-    )
-    atomic_write_json(parts_path, parts)
+    parts = record_part(partial, workers, timing, units)
 
     seconds = run.save_clock()
     atomic_write_json(
@@ -276,6 +266,7 @@ def run_lat_experiment(
             "baselines": {m.name: config.baseline_of(m) for m in config.methods},
             "seconds": seconds,
             "workers": workers,
+            "phases": parts[-1]["phases"],
             "mechunlearn": __version__,
             "torch": torch.__version__,
             "threads": 1 if workers > 1 else torch.get_num_threads(),

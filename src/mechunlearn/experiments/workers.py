@@ -383,12 +383,35 @@ def unit_timeline(timing: dict[str, dict[str, float]]) -> dict[str, dict[str, fl
     }
 
 
+def record_part(
+    folder: Path, workers: int, timing: dict[str, dict[str, float]], units: Sequence[Unit]
+) -> list[dict[str, Any]]:
+    """Append this part of a run (one invocation; a resumed run adds another) to
+    ``parts.json``: workers, units run, seconds per phase and the unit timeline. Returns every
+    part so far."""
+    from mechunlearn.io import atomic_write_json, read_json
+
+    path = folder / "parts.json"
+    parts = read_json(path) if path.is_file() else []
+    parts.append(
+        {
+            "workers": workers,
+            "units_run": len(timing),
+            "phases": phase_seconds(timing, units),
+            "timeline": unit_timeline(timing),
+        }
+    )
+    atomic_write_json(path, parts)
+    return parts
+
+
 __all__ = [
     "Progress",
     "Unit",
     "UnitFailed",
     "idle_cores",
     "phase_seconds",
+    "record_part",
     "run_units",
     "unit_timeline",
 ]
