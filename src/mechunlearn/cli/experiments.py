@@ -130,21 +130,12 @@ def run_command(
     from mechunlearn.experiments.workers import idle_cores
 
     if cfg.kind == "lat":
-        from mechunlearn.experiments.lat_job import run_lat_experiment
+        from mechunlearn.experiments.lat_job import run_lat_experiment as run_job
 
         cfg = validate_config(LatExperimentConfig, cfg.model_dump() | updates, str(config))
-        workers = workers if workers is not None else idle_cores()
-        log(f"{workers} worker process(es)")
-        folder = run_lat_experiment(
-            cfg,
-            out,
-            resume=resume,
-            progress=show_progress(quiet) and workers == 1,
-            workers=workers,
-            log=log,
-        )
+        options = {}
     else:
-        from mechunlearn.experiments.edit_job import run_experiment
+        from mechunlearn.experiments.edit_job import run_experiment as run_job
 
         if save_models:
             updates["save_models"] = True
@@ -153,17 +144,18 @@ def run_command(
                 "counterfact_side_effects": counterfact
             }
         cfg = validate_config(ExperimentConfig, cfg.model_dump() | updates, str(config))
-        workers = workers if workers is not None else idle_cores()
-        log(f"{workers} worker process(es)")
-        folder = run_experiment(
-            cfg,
-            out,
-            resume=resume,
-            use_cache=not no_cache,
-            progress=show_progress(quiet) and workers == 1,
-            workers=workers,
-            log=log,
-        )
+        options = {"use_cache": not no_cache}
+    workers = workers if workers is not None else idle_cores()
+    log(f"{workers} worker process(es)")
+    folder = run_job(
+        cfg,
+        out,
+        resume=resume,
+        progress=show_progress(quiet) and workers == 1,
+        workers=workers,
+        log=log,
+        **options,
+    )
     console.print((folder / "results.md").read_text(), markup=False, highlight=False)
     console.print(f"results: {folder}/results.md, summary.json, figures/", markup=False)
 
