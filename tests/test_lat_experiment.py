@@ -519,3 +519,43 @@ def test_two_workers_give_the_results_of_one_process(saved_llama, tmp_path):
     parts = json.loads((two / "parts.json").read_text())
     assert parts[-1]["phases"]["method"]["units"] == 4
     assert {u["worker"] for u in parts[-1]["timeline"].values()} <= {0, 1}
+
+
+def test_match_benign_once_calibrates_on_the_first_seed_for_every_seed(saved_llama, tmp_path):
+    """``per_seed: false``: one calibration unit (first seed's validation requests) before the
+    method's units; every seed trains with its chosen value and records it; a backdoor run
+    refuses the option."""
+    data = lat_config(saved_llama, "refusal", seeds=[0, 1])
+    match = {"values": [0.0, 2.0], "target": 0.5, "per_seed": False}
+    data["methods"] = [
+        {"name": "RT"},
+        {"name": "LAT", "adversary": "latent", "match_benign": match},
+    ]
+    data["evaluation"].update(latent_attack=None, embedding_attack=None, prefill=None)
+    cfg = validate_config(LatExperimentConfig, data, "t")
+    units = lat_job.plan_lat_units(cfg)
+    assert [u.key for u in units if u.kind == "calibrate"] == ["calibrate/LAT"]
+    assert {u.key: u.deps for u in units}["LAT/seed1"] == ("calibrate/LAT",)
+    assert {u.key: u.deps for u in units}["RT/seed1"] == ()
+    calls = []
+    real = lat_job.match_benign
+
+    def count(*args, **kwargs):
+        calls.append(args[5])  # the seed
+        return real(*args, **kwargs)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(lat_job, "match_benign", count):
+        out = run_lat_experiment(cfg, tmp_path / "run", progress=False)
+    assert calls == [0]
+    calibration = json.loads((out / "calibration" / "LAT.json").read_text())
+    assert calibration["seed"] == 0
+    for seed in (0, 1):
+        lat = json.loads((out / "results" / "LAT" / f"seed{seed}.json").read_text())
+        assert lat["calibration"] == calibration
+        assert lat["lat_config"]["benign_coef"] == calibration["chosen"]
+    bad = lat_config(saved_llama, "backdoor", seeds=[0])
+    bad["methods"] = [{"name": "SFT", "match_benign": match}]
+    with pytest.raises(ConfigError, match="per_seed: false is for refusal runs"):
+        validate_config(LatExperimentConfig, bad, "t")

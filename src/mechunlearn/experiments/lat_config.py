@@ -162,6 +162,11 @@ class BenignMatch(Strict):
 
     values: list[float] = Field(min_length=2, description="benign_coef values tried")
     target: float = Field(ge=0, le=1, description="benign compliance on validation requests")
+    per_seed: bool = Field(
+        True,
+        description="calibrate on each seed's validation requests; false: on the first seed's "
+        "only, every seed then trains with that value (1/len(seeds) of the calibration cost)",
+    )
 
     @field_validator("values")
     @classmethod
@@ -405,6 +410,12 @@ class LatExperimentConfig(Strict):
         if self.application == "backdoor" and self.data is not None:
             raise ValueError("data files are for the refusal application (backdoor data is built)")
         for method in self.methods:
+            once = method.match_benign is not None and not method.match_benign.per_seed
+            if once and self.application == "backdoor":
+                raise ValueError(
+                    f"method {method.name!r}: match_benign.per_seed: false is for refusal runs "
+                    "(a backdoor run calibrates on each seed's backdoored model)"
+                )
             if method.baseline is not None and method.baseline not in names:
                 raise ValueError(f"method {method.name!r}: unknown baseline {method.baseline!r}")
             if method.train:  # the method's settings combine into a valid LatConfig

@@ -21,9 +21,11 @@ more seeds. Only a complete run is moved to ``OUT``. Input is validated before t
 written.
 
 The work runs as units of ``experiments.workers`` (``workers`` processes, one torch thread
-each): refusal, one unit per (method, seed); backdoor, one unit per seed (its installation is
-shared by the seed's removal methods). A unit's result does not depend on which process ran it:
-its data come from the seed, its RNGs from its key, and it starts from the loaded weights.
+each): refusal, one unit per (method, seed), after the method's calibration when it calibrates
+once on the first seed (``match_benign.per_seed: false``); backdoor, one unit per seed (its
+installation is shared by the seed's removal methods). A unit's result does not depend on which
+process ran it: its data come from the seed, its RNGs from its key, and it starts from the
+loaded weights.
 """
 
 from __future__ import annotations
@@ -45,12 +47,12 @@ from mechunlearn.errors import ConfigError
 from mechunlearn.experiments.config import read_yaml_mapping
 from mechunlearn.experiments.lat_config import LatExperimentConfig
 from mechunlearn.experiments.lat_data import SeedData, load_file_items, seed_data
-from mechunlearn.experiments.lat_measure import measure_method
+from mechunlearn.experiments.lat_measure import match_benign, measure_method
 from mechunlearn.experiments.measurements import MEASUREMENTS
 from mechunlearn.experiments.measurements.backdoor import backdoor_metrics, measure_backdoor
 from mechunlearn.experiments.run_folder import RunFolder
 from mechunlearn.experiments.workers import Unit, record_part, run_units
-from mechunlearn.io import atomic_write_json
+from mechunlearn.io import atomic_write_json, read_json
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.models.loading import load_model
 from mechunlearn.report.experiment import write_report
@@ -180,16 +182,30 @@ def lat_worker_context(folder: Path) -> LatRunContext:
     return LatRunContext(folder, config, hm, layers, load_file_items(config))
 
 
+def _calibrated_once(config: LatExperimentConfig) -> list[str]:
+    """The methods whose ``match_benign`` calibrates on the first seed only."""
+    return [m.name for m in config.methods if m.match_benign and not m.match_benign.per_seed]
+
+
 def plan_lat_units(config: LatExperimentConfig) -> list[Unit]:
-    """Refusal: a unit per (method, seed), its result file; backdoor: a unit per seed (the
-    installation and every removal method), marked done by ``units/lat/seed<n>.json``."""
+    """Refusal: a unit per (method, seed), its result file, after the method's calibration
+    unit when it calibrates once (``match_benign.per_seed: false``); backdoor: a unit per seed
+    (the installation and every removal method), marked done by ``units/lat/seed<n>.json``."""
     if config.application == "refusal":
-        return [
+        once = _calibrated_once(config)
+        first = config.seeds[0]
+        calibrations = [
+            Unit(f"calibrate/{name}", "calibrate", f"calibration/{name}.json",
+                 params={"method": name, "seed": first})
+            for name in once
+        ]  # fmt: skip
+        return calibrations + [
             Unit(
                 f"{method.name}/seed{seed}",
                 "method",
                 f"results/{method.name}/seed{seed}.json",
                 params={"method": method.name, "seed": seed},
+                deps=(f"calibrate/{method.name}",) if method.name in once else (),
             )
             for seed in config.seeds
             for method in config.methods
@@ -205,10 +221,17 @@ def execute_lat_unit(ctx: LatRunContext, unit: Unit) -> dict[str, Any]:
     seed = unit.params["seed"]
     data = ctx.seed_data(seed)
     config = ctx.config
-    if unit.kind == "method":
+    if unit.kind in ("method", "calibrate"):
         method = next(m for m in config.methods if m.name == unit.params["method"])
+        args = (ctx.hm, config, method, data, ctx.layers, seed, ctx.progress, ctx.log)
+        if unit.kind == "calibrate":
+            ctx.log(f"{method.name}: matching benign compliance on seed {seed}")
+            return match_benign(*args)
         ctx.log(f"seed {seed}: {method.name}")
-        return measure_method(ctx.hm, config, method, data, ctx.layers, seed, ctx.progress, ctx.log)
+        calibration = None
+        if method.name in _calibrated_once(config):
+            calibration = read_json(ctx.folder / "calibration" / f"{method.name}.json")
+        return measure_method(*args, calibration=calibration)
     _backdoor_seed(ctx.hm, config, data, ctx.layers, seed, ctx.folder, ctx.progress, ctx.log)
     return {"seed": seed, "methods": [m.name for m in config.methods]}
 

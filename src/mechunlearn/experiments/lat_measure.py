@@ -158,6 +158,7 @@ def match_benign(
             }
         )
     return {
+        "seed": seed,
         "target": spec.target,
         "tried": tried,
         "chosen": closest_to_target(tried, spec.target),
@@ -176,8 +177,11 @@ def measure_method(
     progress: bool,
     log: Log,
     extra: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train ``method`` (if it trains), evaluate, undo the training; the result record."""
+    """Train ``method`` (if it trains), evaluate, undo the training; the result record.
+    ``calibration``: a ``match_benign`` record made on another seed, used instead of
+    calibrating on this one."""
     out: dict[str, Any] = {
         "method": method.name,
         "seed": seed,
@@ -189,7 +193,8 @@ def measure_method(
         **(extra or {}),
     }
     if method.match_benign is not None:
-        calibration = match_benign(hm, config, method, data, layers, seed, progress, log)
+        if calibration is None:
+            calibration = match_benign(hm, config, method, data, layers, seed, progress, log)
         out["calibration"] = calibration
         method = method.model_copy(
             update={"benign_coef": calibration["chosen"], "match_benign": None}
