@@ -204,7 +204,7 @@ def _lat_markdown(
             label="method",
             cell=format_cell,
         ),
-        *lat_twins_markdown(lat_twin_rows(results, lat_columns(folder, columns, summary))),
+        *lat_twins_markdown(lat_twin_rows(results, lat_columns(folder, columns, summary), order)),
         "",
         *_compute_lines(summary, order, results),
         *_install_lines(folder),
@@ -238,7 +238,7 @@ def write_lat_report(
     atomic_write_text(
         folder / "results.md", _lat_markdown(folder, summary, order, results, columns)
     )
-    twins = lat_twin_rows(results, lat_columns(folder, columns, summary))
+    twins = lat_twin_rows(results, lat_columns(folder, columns, summary), order)
     if twins:  # runs with per-request results (earlier runs have none)
         atomic_write_text(folder / "claims.json", json.dumps({"twins": twins}, indent=1) + "\n")
     metric_bars(

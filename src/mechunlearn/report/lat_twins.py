@@ -26,12 +26,16 @@ def _per_request(runs: Sequence[dict[str, Any]], key: str) -> dict[int, dict[str
 
 
 def lat_twin_rows(
-    results: dict[str, list[dict[str, Any]]], columns: Sequence[TableColumn]
+    results: dict[str, list[dict[str, Any]]],
+    columns: Sequence[TableColumn],
+    order: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """For each method with a twin (``baseline``) and each headline column with a desired
-    direction and per-request values in both rows: the paired difference method - twin."""
+    """For each method with a twin (``baseline``), in ``order`` (default: ``results``'), and
+    each headline column with a desired direction and per-request values in both rows: the
+    paired difference method - twin."""
     rows = []
-    for name, runs in results.items():
+    for name in order if order is not None else list(results):
+        runs = results.get(name) or [{}]
         twin = runs[0].get("baseline")
         if not twin or twin == name or twin not in results:
             continue
