@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -559,3 +561,36 @@ def test_match_benign_once_calibrates_on_the_first_seed_for_every_seed(saved_lla
     bad["methods"] = [{"name": "SFT", "match_benign": match}]
     with pytest.raises(ConfigError, match="per_seed: false is for refusal runs"):
         validate_config(LatExperimentConfig, bad, "t")
+
+
+def test_backdoor_units_install_once_and_reinstall_the_same_backdoor(saved_llama, tmp_path):
+    """Backdoor runs: an installation unit per seed saves the backdoored weights that the
+    seed's removal units start from (deleted at the end); two workers give the one-process
+    results; a resumed run whose saved weights are gone installs the same backdoor again."""
+    data = lat_config(saved_llama, "backdoor", seeds=[0])
+    data["methods"] = [{"name": "backdoored", "train": False}, {"name": "SFT", "away_coef": 0}]
+    data["evaluation"].update(latent_attack=None, embedding_attack=None)
+    cfg = validate_config(LatExperimentConfig, data, "t")
+    assert [(u.key, u.deps) for u in lat_job.plan_lat_units(cfg)] == [
+        ("install/seed0", ()),
+        ("backdoored/seed0", ("install/seed0",)),
+        ("SFT/seed0", ("install/seed0",)),
+    ]
+    one = run_lat_experiment(cfg, tmp_path / "one", progress=False)
+    assert not (one / "units" / "backdoor").exists()
+    two = run_lat_experiment(cfg, tmp_path / "two", progress=False, workers=2)
+
+    def outcomes(run: Path) -> dict:
+        return {
+            name: json.loads((run / "results" / name / "seed0.json").read_text())["per_request"]
+            for name in ("backdoored", "SFT")
+        }
+
+    assert outcomes(one) == outcomes(two)
+    # resume after the installation, with its saved weights lost: installed again, same result
+    partial = tmp_path / "three.partial"
+    shutil.copytree(one, partial)
+    shutil.rmtree(partial / "results" / "SFT")
+    (partial / "run.json").unlink()
+    three = run_lat_experiment(cfg, tmp_path / "three", resume=True, progress=False)
+    assert outcomes(three) == outcomes(one)

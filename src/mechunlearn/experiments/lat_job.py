@@ -21,16 +21,18 @@ more seeds. Only a complete run is moved to ``OUT``. Input is validated before t
 written.
 
 The work runs as units of ``experiments.workers`` (``workers`` processes, one torch thread
-each): refusal, one unit per (method, seed), after the method's calibration when it calibrates
-once on the first seed (``match_benign.per_seed: false``); backdoor, one unit per seed (its
-installation is shared by the seed's removal methods). A unit's result does not depend on which
-process ran it: its data come from the seed, its RNGs from its key, and it starts from the
-loaded weights.
+each), one unit per (method, seed). Refusal: after the method's calibration when it calibrates
+once on the first seed (``match_benign.per_seed: false``). Backdoor: after the seed's
+installation unit, which saves the backdoored weights (``units/backdoor``, deleted at the end)
+for the seed's removal units to start from. A unit's result does not depend on which process
+ran it: its data come from the seed, its RNGs from its key (the installation from the seed),
+and it starts from the loaded (or backdoored) weights.
 """
 
 from __future__ import annotations
 
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,11 +43,11 @@ import torch
 
 from mechunlearn import __version__
 from mechunlearn.edit.data import TrainData
-from mechunlearn.edit.parametrization import WeightSnapshot, make_trainable
+from mechunlearn.edit.parametrization import WeightSnapshot, make_trainable, swapped_in
 from mechunlearn.edit.trainer import TrainConfig, train
 from mechunlearn.errors import ConfigError
 from mechunlearn.experiments.config import read_yaml_mapping
-from mechunlearn.experiments.lat_config import LatExperimentConfig
+from mechunlearn.experiments.lat_config import LatExperimentConfig, MethodSpec
 from mechunlearn.experiments.lat_data import SeedData, load_file_items, seed_data
 from mechunlearn.experiments.lat_measure import match_benign, measure_method
 from mechunlearn.experiments.measurements import MEASUREMENTS
@@ -104,15 +106,39 @@ def install_backdoor(
     }
 
 
-def _backdoor_seed(hm, config, data, layers, seed, partial, progress, log) -> None:
-    todo = [m for m in config.methods if not _result_path(partial, m.name, seed).is_file()]
-    if not todo:
-        return
-    bd = config.backdoor
+BACKDOOR_WEIGHTS = Path("units") / "backdoor"
+"""Where each seed's backdoored weights wait for its removal units (deleted when the run ends)."""
+
+
+def _backdoor_weights(folder: Path, seed: int) -> Path:
+    return folder / BACKDOOR_WEIGHTS / f"seed{seed}.safetensors"
+
+
+def _save_all_weights(hm: HookedModel, path: Path) -> None:
+    """Every parameter (tied ones once) to a safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    from mechunlearn.io import atomic_path
+
+    tensors = {n: p.detach().to("cpu").contiguous() for n, p in hm.model.named_parameters()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def backdoor_seed(ctx: LatRunContext, seed: int) -> dict[str, Any]:
+    """Install the seed's backdoor into the loaded weights, measure it on the held-out
+    requests, and save the backdoored weights for the seed's removal units; the install record.
+    The weights are restored afterwards; the installation is seeded (the same backdoor in any
+    process), and one that did not install is an error that names its measurement."""
+    hm, config, folder = ctx.hm, ctx.config, ctx.folder
+    data, bd = ctx.seed_data(seed), ctx.config.backdoor
     original = WeightSnapshot(hm.model.parameters())
     try:
-        log(f"seed {seed}: installing the backdoor ({bd.install.steps} steps)")
-        install = install_backdoor(hm, config, data, seed, progress, log)
+        ctx.log(f"seed {seed}: installing the backdoor ({bd.install.steps} steps)")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            install = install_backdoor(hm, config, data, seed, ctx.progress, ctx.log)
         measured = measure_backdoor(hm, config, data)
         rates = backdoor_metrics(measured, "install")
         installed = (
@@ -128,8 +154,9 @@ def _backdoor_seed(hm, config, data, layers, seed, partial, progress, log) -> No
             "min_triggered": bd.min_triggered,
             "max_clean": bd.max_clean,
         }
-        atomic_write_json(partial / "install" / f"seed{seed}.json", record)
-        log(
+        record_path = folder / "install" / f"seed{seed}.json"
+        atomic_write_json(record_path, record)
+        ctx.log(
             f"seed {seed}: backdoor with trigger {rates['install.triggered']:.0%}, "
             f"without {rates['install.clean']:.0%} of held-out requests"
         )
@@ -139,17 +166,27 @@ def _backdoor_seed(hm, config, data, layers, seed, partial, progress, log) -> No
                 f"preferred on {rates['install.triggered']:.0%} of held-out requests (need >= "
                 f"{bd.min_triggered:.0%}), without it on {rates['install.clean']:.0%} (need <= "
                 f"{bd.max_clean:.0%}); raise backdoor.install.steps or lr "
-                f"(measurement: {partial / 'install' / f'seed{seed}.json'})"
+                f"(measurement: {record_path})"
             )
-        extra = {"install": {"train": install, "metrics": rates}}
-        for method in todo:
-            log(f"seed {seed}: {method.name}")
-            result = measure_method(
-                hm, config, method, data, layers, seed, progress, log, extra=extra
-            )
-            atomic_write_json(_result_path(partial, method.name, seed), result)
+        _save_all_weights(hm, _backdoor_weights(folder, seed))
+        return record
     finally:
-        original.restore()  # the next seed installs its backdoor into the original weights
+        original.restore()
+
+
+def _removal(ctx: LatRunContext, method: MethodSpec, seed: int) -> dict[str, Any]:
+    """One removal method from the seed's backdoored weights (installed again when a resumed
+    run no longer has them), restored afterwards."""
+    weights = _backdoor_weights(ctx.folder, seed)
+    if not weights.is_file():
+        backdoor_seed(ctx, seed)
+    record = read_json(ctx.folder / "install" / f"seed{seed}.json")
+    extra = {"install": {"train": record["train"], "metrics": record["metrics"]}}
+    with swapped_in(ctx.hm, weights):
+        return measure_method(
+            ctx.hm, ctx.config, method, ctx.seed_data(seed), ctx.layers, seed, ctx.progress,
+            ctx.log, extra=extra,
+        )  # fmt: skip
 
 
 # ---- units ---------------------------------------------------------------------------------
@@ -188,9 +225,9 @@ def _calibrated_once(config: LatExperimentConfig) -> list[str]:
 
 
 def plan_lat_units(config: LatExperimentConfig) -> list[Unit]:
-    """Refusal: a unit per (method, seed), its result file, after the method's calibration
-    unit when it calibrates once (``match_benign.per_seed: false``); backdoor: a unit per seed
-    (the installation and every removal method), marked done by ``units/lat/seed<n>.json``."""
+    """A unit per (method, seed), its result file. Refusal: after the method's calibration
+    unit when it calibrates once (``match_benign.per_seed: false``); backdoor: after the seed's
+    installation unit (its record, ``install/seed<n>.json``)."""
     if config.application == "refusal":
         once = _calibrated_once(config)
         first = config.seeds[0]
@@ -210,9 +247,20 @@ def plan_lat_units(config: LatExperimentConfig) -> list[Unit]:
             for seed in config.seeds
             for method in config.methods
         ]
-    return [
-        Unit(f"seed{seed}", "seed", f"units/lat/seed{seed}.json", params={"seed": seed})
+    installs = [
+        Unit(f"install/seed{seed}", "install", f"install/seed{seed}.json", params={"seed": seed})
         for seed in config.seeds
+    ]
+    return installs + [
+        Unit(
+            f"{method.name}/seed{seed}",
+            "method",
+            f"results/{method.name}/seed{seed}.json",
+            params={"method": method.name, "seed": seed},
+            deps=(f"install/seed{seed}",),
+        )
+        for seed in config.seeds
+        for method in config.methods
     ]
 
 
@@ -221,19 +269,21 @@ def execute_lat_unit(ctx: LatRunContext, unit: Unit) -> dict[str, Any]:
     seed = unit.params["seed"]
     data = ctx.seed_data(seed)
     config = ctx.config
-    if unit.kind in ("method", "calibrate"):
-        method = next(m for m in config.methods if m.name == unit.params["method"])
-        args = (ctx.hm, config, method, data, ctx.layers, seed, ctx.progress, ctx.log)
-        if unit.kind == "calibrate":
-            ctx.log(f"{method.name}: matching benign compliance on seed {seed}")
-            return match_benign(*args)
+    if unit.kind == "install":
+        return backdoor_seed(ctx, seed)
+    method = next(m for m in config.methods if m.name == unit.params["method"])
+    if config.application == "backdoor":
         ctx.log(f"seed {seed}: {method.name}")
-        calibration = None
-        if method.name in _calibrated_once(config):
-            calibration = read_json(ctx.folder / "calibration" / f"{method.name}.json")
-        return measure_method(*args, calibration=calibration)
-    _backdoor_seed(ctx.hm, config, data, ctx.layers, seed, ctx.folder, ctx.progress, ctx.log)
-    return {"seed": seed, "methods": [m.name for m in config.methods]}
+        return _removal(ctx, method, seed)
+    args = (ctx.hm, config, method, data, ctx.layers, seed, ctx.progress, ctx.log)
+    if unit.kind == "calibrate":
+        ctx.log(f"{method.name}: matching benign compliance on seed {seed}")
+        return match_benign(*args)
+    ctx.log(f"seed {seed}: {method.name}")
+    calibration = None
+    if method.name in _calibrated_once(config):
+        calibration = read_json(ctx.folder / "calibration" / f"{method.name}.json")
+    return measure_method(*args, calibration=calibration)
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -271,8 +321,10 @@ def run_lat_experiment(
     del hm  # workers load their own copies
     timing = run_units(
         partial, units, make_context=lat_worker_context, executor=execute_lat_unit,
-        workers=workers, context=context, log=log, on_done=lambda *_: run.save_clock(),
+        workers=workers, priority=("install", "calibrate"), context=context, log=log,
+        on_done=lambda *_: run.save_clock(),
     )  # fmt: skip
+    shutil.rmtree(partial / BACKDOOR_WEIGHTS, ignore_errors=True)  # every result is written
     parts = record_part(partial, workers, timing, units)
 
     seconds = run.save_clock()
