@@ -230,34 +230,31 @@ def plan_lat_units(config: LatExperimentConfig) -> list[Unit]:
     installation unit (its record, ``install/seed<n>.json``)."""
     if config.application == "refusal":
         once = _calibrated_once(config)
-        first = config.seeds[0]
-        calibrations = [
+        first = [
             Unit(f"calibrate/{name}", "calibrate", f"calibration/{name}.json",
-                 params={"method": name, "seed": first})
+                 params={"method": name, "seed": config.seeds[0]})
             for name in once
         ]  # fmt: skip
-        return calibrations + [
-            Unit(
-                f"{method.name}/seed{seed}",
-                "method",
-                f"results/{method.name}/seed{seed}.json",
-                params={"method": method.name, "seed": seed},
-                deps=(f"calibrate/{method.name}",) if method.name in once else (),
-            )
+
+        def deps(method: str, seed: int) -> tuple[str, ...]:
+            return (f"calibrate/{method}",) if method in once else ()
+    else:
+        first = [
+            Unit(f"install/seed{seed}", "install", f"install/seed{seed}.json",
+                 params={"seed": seed})
             for seed in config.seeds
-            for method in config.methods
-        ]
-    installs = [
-        Unit(f"install/seed{seed}", "install", f"install/seed{seed}.json", params={"seed": seed})
-        for seed in config.seeds
-    ]
-    return installs + [
+        ]  # fmt: skip
+
+        def deps(method: str, seed: int) -> tuple[str, ...]:
+            return (f"install/seed{seed}",)
+
+    return first + [
         Unit(
             f"{method.name}/seed{seed}",
             "method",
             f"results/{method.name}/seed{seed}.json",
             params={"method": method.name, "seed": seed},
-            deps=(f"install/seed{seed}",),
+            deps=deps(method.name, seed),
         )
         for seed in config.seeds
         for method in config.methods
