@@ -375,10 +375,12 @@ def _named(hm: HookedModel, components: Sequence[str]) -> dict[str, nn.Parameter
     return {names[id(p)]: p for p in _unique(s.param for s in hm.parameters_of(components))}
 
 
-def save_weights(hm: HookedModel, components: Sequence[str], path: str | Path) -> Path:
-    """Write the current values of the components' parameters (whole tensors) to a
-    safetensors file, atomically: an edited model is the original plus this file."""
-    tensors = {n: p.detach().to("cpu").contiguous() for n, p in _named(hm, components).items()}
+def save_weights(hm: HookedModel, components: Sequence[str] | None, path: str | Path) -> Path:
+    """Write the current values of the components' parameters (whole tensors; ``None``: every
+    parameter, tied ones once) to a safetensors file, atomically: an edited model is the
+    original plus this file."""
+    named = dict(hm.model.named_parameters()) if components is None else _named(hm, components)
+    tensors = {n: p.detach().to("cpu").contiguous() for n, p in named.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
     return Path(path)

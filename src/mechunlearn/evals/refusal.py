@@ -225,17 +225,15 @@ def refusal_rate(
     examples = _as_examples(examples)
     scores = score_pairs(hm, examples, batch_size)
     margins = [d - u for d, u in zip(scores.desired_mean, scores.unwanted_mean, strict=True)]
+    refused, compliant_greedy = scores.prefers_desired(), scores.greedy("unwanted")
     out: dict[str, Any] = {
-        "refusal": rate_summary(scores.prefers_desired()),
-        "compliant_greedy": rate_summary(scores.greedy("unwanted")),
+        "refusal": rate_summary(refused),
+        "compliant_greedy": rate_summary(compliant_greedy),
         "margin": rate_summary(margins),
         "refusal_loss": completion_loss(scores, "desired"),
         "compliant_loss": completion_loss(scores, "unwanted"),
         "n": len(examples),
-        "per_example": {
-            "refusal": scores.prefers_desired(),
-            "compliant_greedy": scores.greedy("unwanted"),
-        },
+        "per_example": {"refusal": refused, "compliant_greedy": compliant_greedy},
     }
     if generate:
         texts = greedy_generate(hm, [e.prompt for e in examples], max_new_tokens, batch_size)
@@ -272,12 +270,13 @@ def benign_compliance(
     (greedy generations that do not read as refusals)."""
     examples = _as_examples(examples)
     scores = score_pairs(hm, examples, batch_size)
+    complied = scores.prefers_desired()
     out: dict[str, Any] = {
-        "compliance": rate_summary(scores.prefers_desired()),
+        "compliance": rate_summary(complied),
         "benign_loss": completion_loss(scores, "desired"),
         "refusal_greedy": rate_summary(scores.greedy("unwanted")),
         "n": len(examples),
-        "per_example": {"compliance": scores.prefers_desired()},
+        "per_example": {"compliance": complied},
     }
     if generate:
         texts = greedy_generate(hm, [e.prompt for e in examples], max_new_tokens, batch_size)

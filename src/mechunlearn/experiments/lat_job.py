@@ -43,7 +43,12 @@ import torch
 
 from mechunlearn import __version__
 from mechunlearn.edit.data import TrainData
-from mechunlearn.edit.parametrization import WeightSnapshot, make_trainable, swapped_in
+from mechunlearn.edit.parametrization import (
+    WeightSnapshot,
+    make_trainable,
+    save_weights,
+    swapped_in,
+)
 from mechunlearn.edit.trainer import TrainConfig, train
 from mechunlearn.errors import ConfigError
 from mechunlearn.experiments.config import read_yaml_mapping
@@ -60,10 +65,6 @@ from mechunlearn.models.loading import load_model
 from mechunlearn.report.experiment import write_report
 
 Log = Callable[[str], None]
-
-
-def _result_path(partial: Path, method: str, seed: int) -> Path:
-    return partial / "results" / method / f"seed{seed}.json"
 
 
 def install_backdoor(
@@ -114,18 +115,6 @@ def _backdoor_weights(folder: Path, seed: int) -> Path:
     return folder / BACKDOOR_WEIGHTS / f"seed{seed}.safetensors"
 
 
-def _save_all_weights(hm: HookedModel, path: Path) -> None:
-    """Every parameter (tied ones once) to a safetensors file, atomically."""
-    from safetensors.torch import save_file
-
-    from mechunlearn.io import atomic_path
-
-    tensors = {n: p.detach().to("cpu").contiguous() for n, p in hm.model.named_parameters()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
-
-
 def backdoor_seed(ctx: LatRunContext, seed: int) -> dict[str, Any]:
     """Install the seed's backdoor into the loaded weights, measure it on the held-out
     requests, and save the backdoored weights for the seed's removal units; the install record.
@@ -168,7 +157,7 @@ def backdoor_seed(ctx: LatRunContext, seed: int) -> dict[str, Any]:
                 f"{bd.max_clean:.0%}); raise backdoor.install.steps or lr "
                 f"(measurement: {record_path})"
             )
-        _save_all_weights(hm, _backdoor_weights(folder, seed))
+        save_weights(hm, None, _backdoor_weights(folder, seed))
         return record
     finally:
         original.restore()

@@ -177,7 +177,12 @@ def _install_lines(folder: Path) -> list[str]:
 
 
 def _lat_markdown(
-    folder: Path, summary, order: list[str], results, columns: Sequence[Column]
+    folder: Path,
+    summary,
+    order: list[str],
+    results,
+    columns: Sequence[Column],
+    twins: Sequence[dict[str, Any]],
 ) -> str:
     run = _lat_run(folder)
     seeds = sorted({r["seed"] for runs in results.values() for r in runs})
@@ -204,7 +209,7 @@ def _lat_markdown(
             label="method",
             cell=format_cell,
         ),
-        *lat_twins_markdown(lat_twin_rows(results, lat_columns(folder, columns, summary), order)),
+        *lat_twins_markdown(twins),
         "",
         *_compute_lines(summary, order, results),
         *_install_lines(folder),
@@ -235,15 +240,14 @@ def write_lat_report(
 ) -> None:
     """results.md and figures/ of a targeted-LAT run (``columns``: the registered
     measurements' report columns)."""
+    headline = lat_columns(folder, columns, summary)
+    twins = lat_twin_rows(results, headline, order)
     atomic_write_text(
-        folder / "results.md", _lat_markdown(folder, summary, order, results, columns)
+        folder / "results.md", _lat_markdown(folder, summary, order, results, columns, twins)
     )
-    twins = lat_twin_rows(results, lat_columns(folder, columns, summary), order)
     if twins:  # runs with per-request results (earlier runs have none)
         atomic_write_text(folder / "claims.json", json.dumps({"twins": twins}, indent=1) + "\n")
-    metric_bars(
-        summary, order, folder / "figures" / "metrics.png", lat_columns(folder, columns, summary)
-    )
+    metric_bars(summary, order, folder / "figures" / "metrics.png", headline)
     attack_curves(
         summary,
         order,
