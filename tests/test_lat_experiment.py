@@ -496,6 +496,64 @@ def test_match_benign_picks_the_coefficient_closest_to_the_target(saved_llama, t
         validate_config(LatExperimentConfig, bad, "t")
 
 
+def test_next_benign_coef_bisects_the_bracketing_pair():
+    """Refinement tries the geometric mean of the adjacent pair that brackets the target (the
+    pair nearest it when noise makes several; the arithmetic mean next to 0), and stops when
+    nothing brackets it or a value hits it."""
+    from mechunlearn.experiments.lat_measure import next_benign_coef
+
+    def tried(*pairs):
+        return [{"benign_coef": c, "validation_compliance": r} for c, r in pairs]
+
+    assert next_benign_coef(tried((8, 0.9), (1, 0.3), (0.5, 0.0), (2, 0.6)), 0.2) == 0.7071
+    assert next_benign_coef(tried((0, 0.0), (1, 0.5)), 0.2) == 0.5
+    # three pairs bracket 0.2; (2, 4) and (4, 8) share the nearest end, 0.18; 0.25 beats 0.9
+    assert next_benign_coef(tried((1, 0.1), (2, 0.25), (4, 0.18), (8, 0.9)), 0.2) == 2.828
+    assert next_benign_coef(tried((1, 0.5), (2, 0.9)), 0.2) is None
+    assert next_benign_coef(tried((1, 0.2), (2, 0.9)), 0.2) is None
+
+
+def test_match_benign_refines_and_resumes_from_its_trial_log(saved_llama, tmp_path, monkeypatch):
+    """``refine`` bisection tries follow the grid and the closest value wins; the trial log
+    lets an interrupted calibration resume without retraining a logged value, and is ignored
+    for another seed. (Training and the compliance measurement are replaced by a known curve:
+    compliance = benign_coef / 4.)"""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    data = lat_config(saved_llama, "refusal", seeds=[0])
+    match = {"values": [0.5, 2.0, 8.0], "target": 0.2, "refine": 2}
+    data["methods"] = [{"name": "RT", "match_benign": match}]
+    cfg = validate_config(LatExperimentConfig, data, "t")
+    trainings: list[float] = []
+
+    @contextmanager
+    def fake_trained(hm, trainable, lat_config, data, progress, log):
+        trainings.append(lat_config.benign_coef)
+        yield None, {"wall_seconds": 0.0}
+
+    def fake_compliance(hm, requests, batch_size):
+        return {"compliance": {"rate": min(1.0, trainings[-1] / 4)}}
+
+    monkeypatch.setattr(lat_measure, "trained", fake_trained)
+    monkeypatch.setattr(lat_measure, "benign_compliance", fake_compliance)
+    seed_data = SimpleNamespace(benign_validation=["a request"] * 8)
+    log_path = tmp_path / "RT.trials.json"
+
+    def calibrate(seed):
+        method = cfg.methods[0]
+        args = (None, cfg, method, seed_data, [], seed, False, lambda _: None)
+        return lat_measure.match_benign(*args, trials_path=log_path)
+
+    first = calibrate(0)
+    assert trainings == [0.5, 2.0, 8.0, 1.0, 0.7071]
+    assert first["chosen"] == 0.7071
+    assert json.loads(log_path.read_text())["tried"] == first["tried"]
+    trainings.clear()
+    assert calibrate(0) == first and trainings == []
+    assert calibrate(1)["chosen"] == 0.7071 and len(trainings) == 5
+
+
 def test_two_workers_give_the_results_of_one_process(saved_llama, tmp_path):
     """A LAT run's units (refusal: one per method and seed) give the same results in two
     spawned worker processes as in this one: each unit seeds its RNGs from its key and starts

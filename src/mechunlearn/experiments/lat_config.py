@@ -167,6 +167,13 @@ class BenignMatch(Strict):
         description="calibrate on each seed's validation requests; false: on the first seed's "
         "only, every seed then trains with that value (1/len(seeds) of the calibration cost)",
     )
+    refine: int = Field(
+        0,
+        ge=0,
+        description="extra tries after the grid, each halfway (geometric mean) between the two "
+        "adjacent tried values whose compliance brackets the target: a coarse grid can leave "
+        "two methods 20 points apart on either side of it",
+    )
 
     @field_validator("values")
     @classmethod

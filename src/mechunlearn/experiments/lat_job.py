@@ -264,7 +264,8 @@ def execute_lat_unit(ctx: LatRunContext, unit: Unit) -> dict[str, Any]:
     args = (ctx.hm, config, method, data, ctx.layers, seed, ctx.progress, ctx.log)
     if unit.kind == "calibrate":
         ctx.log(f"{method.name}: matching benign compliance on seed {seed}")
-        return match_benign(*args)
+        trials = ctx.folder / "calibration" / f"{method.name}.trials.json"
+        return match_benign(*args, trials_path=trials)
     ctx.log(f"seed {seed}: {method.name}")
     calibration = None
     if method.name in _calibrated_once(config):

@@ -5,10 +5,12 @@ forward/backward passes)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from mechunlearn.edit.lat import LatConfig, train_lat
@@ -19,6 +21,7 @@ from mechunlearn.evals.refusal import benign_compliance
 from mechunlearn.experiments.lat_config import LatExperimentConfig, MethodSpec, TrainableSpec
 from mechunlearn.experiments.lat_data import SeedData
 from mechunlearn.experiments.measurements import BatteryResult, LatContext, plan
+from mechunlearn.io import atomic_write_json, read_json
 from mechunlearn.models.handle import HookedModel
 
 Log = Callable[[str], None]
@@ -127,6 +130,31 @@ def closest_to_target(tried: list[dict[str, float]], target: float) -> float:
     return best["benign_coef"]
 
 
+def next_benign_coef(tried: list[dict[str, float]], target: float) -> float | None:
+    """The next ``benign_coef`` to try when refining: halfway (the geometric mean; the
+    arithmetic one next to 0) between the two adjacent tried values whose validation compliance
+    lies on either side of ``target``; when noise makes several, the pair whose nearer, then
+    farther, end is nearest the target.
+    None when no pair brackets it, one value hits it, or the pair is too close to split."""
+    ordered = sorted(tried, key=lambda t: t["benign_coef"])
+    if any(t["validation_compliance"] == target for t in ordered):
+        return None
+    pairs = [
+        (low, high)
+        for low, high in itertools.pairwise(ordered)
+        if (low["validation_compliance"] - target) * (high["validation_compliance"] - target) < 0
+    ]
+    if not pairs:
+        return None
+    low, high = min(
+        pairs,
+        key=lambda p: sorted(abs(t["validation_compliance"] - target) for t in p),
+    )
+    a, b = low["benign_coef"], high["benign_coef"]
+    value = float(f"{(math.sqrt(a * b) if a > 0 else (a + b) / 2):.4g}")
+    return value if a < value < b else None
+
+
 def match_benign(
     hm: HookedModel,
     config: LatExperimentConfig,
@@ -136,15 +164,29 @@ def match_benign(
     seed: int,
     progress: bool,
     log: Log,
+    trials_path: Path | None = None,
 ) -> dict[str, Any]:
-    """Train ``method`` at each ``match_benign.values`` benign coefficient and measure benign
-    compliance on the validation requests; the record names the value closest to the target
-    (training undone after each try)."""
+    """Train ``method`` at each ``match_benign.values`` benign coefficient (then ``refine``
+    bisection steps) and measure benign compliance on the validation requests; the record names
+    the value closest to the target (training undone after each try). ``trials_path``: a log of
+    finished tries, written after each one, so an interrupted calibration (each try is a full
+    training) resumes without redoing them; tries logged for another seed or validation set are
+    ignored."""
     spec = method.match_benign
     if data.benign_validation is None or not len(data.benign_validation):
         raise DataError(f"method {method.name!r}: no validation benign requests to match on")
-    tried = []
-    for value in spec.values:
+    key = {"seed": seed, "n_validation": len(data.benign_validation)}
+    logged: dict[float, dict[str, float]] = {}
+    if trials_path is not None and trials_path.is_file():
+        record = read_json(trials_path)
+        if {k: record.get(k) for k in key} == key:
+            logged = {t["benign_coef"]: t for t in record["tried"]}
+    tried: list[dict[str, float]] = []
+
+    def attempt(value: float) -> None:
+        if value in logged:
+            tried.append(logged[value])
+            return
         trial = method.model_copy(update={"benign_coef": value, "match_benign": None})
         lat_config = trial.lat_config(config.train, layers, seed)
         log(f"{method.name}: matching benign compliance, benign_coef {value:g}")
@@ -157,6 +199,16 @@ def match_benign(
                 "seconds": round(info["wall_seconds"], 3),
             }
         )
+        if trials_path is not None:
+            atomic_write_json(trials_path, {**key, "tried": tried})
+
+    for value in spec.values:
+        attempt(value)
+    for _ in range(spec.refine):
+        value = next_benign_coef(tried, spec.target)
+        if value is None:
+            break
+        attempt(value)
     return {
         "seed": seed,
         "target": spec.target,
