@@ -615,6 +615,11 @@ def test_match_benign_once_calibrates_on_the_first_seed_for_every_seed(saved_lla
         lat = json.loads((out / "results" / "LAT" / f"seed{seed}.json").read_text())
         assert lat["calibration"] == calibration
         assert lat["lat_config"]["benign_coef"] == calibration["chosen"]
+    report = (out / "results.md").read_text()
+    section = report.split("## Matched benign compliance", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| LAT |")]
+    assert len(rows) == 1 and f"| {calibration['chosen']:g} |" in rows[0]
+    assert (out / "figures" / "benign_calibration.png").is_file()
     bad = lat_config(saved_llama, "backdoor", seeds=[0])
     bad["methods"] = [{"name": "SFT", "match_benign": match}]
     with pytest.raises(ConfigError, match="per_seed: false is for refusal runs"):

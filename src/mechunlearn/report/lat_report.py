@@ -1,9 +1,9 @@
 """The report of a targeted-LAT experiment (Sheshadri et al. 2024): per application (refusal
 or backdoor) its headline columns (registered by the LAT measurements), each method minus its
-non-LAT twin with paired 95% intervals (``lat_twins``), a compute table (training time and
-forward/backward passes of every method and their ratio to the method's baseline), the
-backdoor as measured before removal, attack success against the L2 bound, and a bar figure per
-headline metric.
+non-LAT twin with paired 95% intervals (``lat_twins``), how well benign compliance was matched
+(``lat_calibration``), a compute table (training time and forward/backward passes of every
+method and their ratio to the method's baseline), the backdoor as measured before removal,
+attack success against the L2 bound, and a bar figure per headline metric.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ from mechunlearn.io import atomic_write_text  # noqa: E402
 from mechunlearn.plotting import save_figure  # noqa: E402
 from mechunlearn.report.columns import Column, TableColumn, table_columns  # noqa: E402
 from mechunlearn.report.edit_report import metric_bars  # noqa: E402
+from mechunlearn.report.lat_calibration import (  # noqa: E402
+    calibration_figure,
+    calibration_markdown,
+    calibrations,
+)
 from mechunlearn.report.lat_twins import lat_twin_rows, lat_twins_markdown  # noqa: E402
 from mechunlearn.report.results import format_cell, markdown_table, mean_ratio  # noqa: E402
 
@@ -210,6 +215,7 @@ def _lat_markdown(
             cell=format_cell,
         ),
         *lat_twins_markdown(twins),
+        *calibration_markdown(calibrations(results, order), summary),
         "",
         *_compute_lines(summary, order, results),
         *_install_lines(folder),
@@ -248,6 +254,7 @@ def write_lat_report(
     if twins:  # runs with per-request results (earlier runs have none)
         atomic_write_text(folder / "claims.json", json.dumps({"twins": twins}, indent=1) + "\n")
     metric_bars(summary, order, folder / "figures" / "metrics.png", headline)
+    calibration_figure(calibrations(results, order), folder / "figures" / "benign_calibration.png")
     attack_curves(
         summary,
         order,
