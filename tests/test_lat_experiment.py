@@ -453,9 +453,16 @@ def test_input_space_attacks_run_by_name_in_a_lat_experiment(saved_llama, tmp_pa
         result = json.loads((out / "results" / name / "seed0.json").read_text())
         for key in ("gcg.success", "gcg.baseline", "many_shot.success", "many_shot.baseline"):
             assert 0 <= result["metrics"][key] <= 1, (name, key)
+        seconds = {k: v for k, v in result["metrics"].items() if ".eval_seconds." in k}
+        assert {"compute.eval_seconds.gcg", "compute.eval_seconds.many_shot"} <= set(seconds)
+        assert sum(seconds.values()) <= result["eval_seconds"] + 0.01
     table = (out / "results.md").read_text()
     assert "compliance under a GCG suffix" in table
     assert "compliance under many-shot prompts" in table
+    timing = table.split("## Compute (evaluation)", 1)[1].split("\n## ", 1)[0]
+    header = next(line for line in timing.splitlines() if line.startswith("| method |"))
+    assert "gcg" in header and "many_shot" in header
+    assert sum(line.startswith(("| base |", "| RT |")) for line in timing.splitlines()) == 2
 
 
 def test_match_benign_picks_the_coefficient_closest_to_the_target(saved_llama, tmp_path):

@@ -23,6 +23,7 @@ from mechunlearn.experiments.lat_data import SeedData
 from mechunlearn.experiments.measurements import BatteryResult, LatContext, plan
 from mechunlearn.io import atomic_write_json, read_json
 from mechunlearn.models.handle import HookedModel
+from mechunlearn.report.columns import EVAL_SECONDS
 
 Log = Callable[[str], None]
 
@@ -112,13 +113,16 @@ def evaluate(
     log: Log = lambda _: None,
 ) -> tuple[BatteryResult, float]:
     """``(result, seconds)`` of the current model on the seed's held-out requests: every
-    measurement the config asks for (``LatEvaluation.measurement_options``)."""
+    measurement the config asks for (``LatEvaluation.measurement_options``), each one's wall
+    time in ``compute.eval_seconds.<name>`` (the attacks cost most of a run's time on a CPU)."""
     tick = time.perf_counter()
     log(f"evaluating: {config.application}")
     ctx = LatContext(hm, seed, progress, log, config=config, data=data, layers=layers)
     out = BatteryResult()
     for entry in plan(config.evaluation.measurement_options(config.application), "lat"):
+        started = time.perf_counter()
         out.update(entry.measurement.run(ctx, entry.options, entry.name))
+        out.metrics[f"{EVAL_SECONDS}.{entry.name}"] = round(time.perf_counter() - started, 3)
     return out, time.perf_counter() - tick
 
 

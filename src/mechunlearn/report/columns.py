@@ -20,6 +20,9 @@ it, latent knowledge, then side effects on everything else."""
 EDITING = ("edit", "unlearn")
 """The kinds of an editing experiment's run (``mode``)."""
 
+EVAL_SECONDS = "compute.eval_seconds"
+"""Prefix of the metrics holding each measurement's wall seconds (``<prefix>.<name>``)."""
+
 TableColumn = tuple[str, str, bool | None]
 """(metric key, title, lower is better) as ``results.markdown_table`` reads it."""
 

@@ -21,7 +21,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from mechunlearn.io import atomic_write_text  # noqa: E402
 from mechunlearn.plotting import save_figure  # noqa: E402
-from mechunlearn.report.columns import Column, TableColumn, table_columns  # noqa: E402
+from mechunlearn.report.columns import (  # noqa: E402
+    EVAL_SECONDS,
+    Column,
+    TableColumn,
+    table_columns,
+)
 from mechunlearn.report.edit_report import metric_bars  # noqa: E402
 from mechunlearn.report.lat_calibration import (  # noqa: E402
     calibration_figure,
@@ -156,6 +161,29 @@ def _compute_lines(summary, order: list[str], results) -> list[str]:
     return lines
 
 
+def _eval_time_lines(summary, order: list[str]) -> list[str]:
+    """Seconds each measurement took per method (mean ± std over seeds): where a run's
+    evaluation time goes (absent in runs made before it was recorded)."""
+    prefix = EVAL_SECONDS + "."
+    names = sorted({k[len(prefix) :] for s in summary.values() for k in s if k.startswith(prefix)})
+    if not names:
+        return []
+    lines = [
+        "",
+        "## Compute (evaluation)",
+        "",
+        "Wall seconds of each measurement on the held-out requests (one worker thread).",
+        "",
+        "| method | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for name in order:
+        stats = summary.get(name, {})
+        cells = [format_cell(stats.get(prefix + n), prefix + n) for n in names]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _install_lines(folder: Path) -> list[str]:
     """The backdoor as measured after installation, before any removal (per seed)."""
     files = sorted((folder / "install").glob("seed*.json"), key=lambda p: int(p.stem[4:]))
@@ -218,6 +246,7 @@ def _lat_markdown(
         *calibration_markdown(calibrations(results, order), summary),
         "",
         *_compute_lines(summary, order, results),
+        *_eval_time_lines(summary, order),
         *_install_lines(folder),
     ]
     all_keys = sorted({k for s in summary.values() for k in s})
