@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from mechunlearn.plotting import save_figure  # noqa: E402
 from mechunlearn.report.results import format_cell  # noqa: E402
@@ -100,6 +101,9 @@ def calibration_figure(records: Sequence[dict[str, Any]], path: Path) -> Path | 
         )
     ax.axhline(records[0]["target"], color="grey", linestyle="--", linewidth=1, label="target")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("benign_coef")
     ax.set_ylabel("benign compliance (validation)")
     ax.set_ylim(-0.02, 1.02)
