@@ -174,7 +174,8 @@ def test_refusal_run_writes_a_complete_report(saved_llama, tmp_path, monkeypatch
             assert "embed_attack.success@0" not in m
             # per held-out request, the 0/1 outcomes whose mean is the headline rate
             for key in ("refusal.rate", "latent_attack.success", "prefill.success",
-                        "embed_attack.success", "benign.compliance"):  # fmt: skip
+                        "embed_attack.success", "benign.compliance",
+                        "latent_attack.success@0", "latent_attack.success@2"):  # fmt: skip
                 values = result["per_request"][key]
                 assert sorted(values, key=int) == [str(i) for i in range(len(values))]
                 assert sum(values.values()) / len(values) == pytest.approx(m[key]), (name, key)
@@ -203,6 +204,8 @@ def test_refusal_run_writes_a_complete_report(saved_llama, tmp_path, monkeypatch
     refusal = next(r for r in twins if r["method"] == "LAT" and r["metric"] == "refusal.rate")
     assert refusal["seeds"] == 2 and refusal["pairs"] == 12
     assert refusal["low"] <= refusal["difference"] <= refusal["high"]
+    # the attack's extra bounds are paired too (a small one is often the only one that separates)
+    assert {r["metric"] for r in twins} >= {"latent_attack.success@0", "latent_attack.success@2"}
     # each extra bound of the latent attack is a headline column after the headline bound's
     header = table.split("\n| method |", 1)[1].split("\n", 1)[0]
     eps = cfg.evaluation.latent_attack.epsilon

@@ -24,7 +24,8 @@ def attack_measurement(
 ) -> BatteryResult:
     """The attack ``spec`` (layers ``default_layers`` when it leaves them null) on the test
     split: success before and after, argmax rate and loss, under ``name``; and its success at
-    every ``curve_epsilons`` bound (``<name>.success@<eps>``)."""
+    every ``curve_epsilons`` bound (``<name>.success@<eps>``), per request too, since a small
+    bound is often the only one that separates the methods."""
     ev = ctx.config.evaluation
     out = BatteryResult()
 
@@ -50,7 +51,9 @@ def attack_measurement(
     out.curves[name] = details
     for eps in spec.curve_epsilons:
         ctx.log(f"evaluating: {name.replace('_', ' ')} at epsilon {eps:g}")
-        out.metrics[f"{name}.success@{eps:g}"] = attack(eps)["success_rate_after"]
+        curve = attack(eps)
+        out.metrics[f"{name}.success@{eps:g}"] = curve["success_rate_after"]
+        out.per_fact[f"{name}.success@{eps:g}"] = per_item(curve["success_after"])
     return out
 
 
