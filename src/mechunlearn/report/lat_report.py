@@ -214,8 +214,9 @@ def _lat_markdown(
     summary,
     order: list[str],
     results,
-    columns: Sequence[Column],
+    headline: Sequence[TableColumn],
     twins: Sequence[dict[str, Any]],
+    calibrated: Sequence[dict[str, Any]],
 ) -> str:
     run = _lat_run(folder)
     seeds = sorted({r["seed"] for runs in results.values() for r in runs})
@@ -238,12 +239,12 @@ def _lat_markdown(
         markdown_table(
             summary,
             order,
-            lat_columns(folder, columns, summary),
+            headline,
             label="method",
             cell=format_cell,
         ),
         *lat_twins_markdown(twins),
-        *calibration_markdown(calibrations(results, order), summary),
+        *calibration_markdown(calibrated, summary),
         "",
         *_compute_lines(summary, order, results),
         *_eval_time_lines(summary, order),
@@ -277,13 +278,15 @@ def write_lat_report(
     measurements' report columns)."""
     headline = lat_columns(folder, columns, summary)
     twins = lat_twin_rows(results, headline, order)
+    calibrated = calibrations(results, order)
     atomic_write_text(
-        folder / "results.md", _lat_markdown(folder, summary, order, results, columns, twins)
+        folder / "results.md",
+        _lat_markdown(folder, summary, order, results, headline, twins, calibrated),
     )
     if twins:  # runs with per-request results (earlier runs have none)
         atomic_write_text(folder / "claims.json", json.dumps({"twins": twins}, indent=1) + "\n")
     metric_bars(summary, order, folder / "figures" / "metrics.png", headline)
-    calibration_figure(calibrations(results, order), folder / "figures" / "benign_calibration.png")
+    calibration_figure(calibrated, folder / "figures" / "benign_calibration.png")
     attack_curves(
         summary,
         order,
