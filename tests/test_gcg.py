@@ -14,6 +14,7 @@ import torch
 from mechunlearn.attacks.gcg import (
     GCGConfig,
     _losses,
+    _mean_logprobs,
     _preference,
     _request,
     gcg_attack,
@@ -35,14 +36,35 @@ def items():
     return load_refusal_task().harmful["test"][:6]
 
 
-def chat_llama() -> HookedModel:
+def chat_model(family: str) -> HookedModel:
     tok = copy.deepcopy(tiny_tokenizer())
     tok.chat_template = CHAT_TEMPLATE
-    return HookedModel(tiny_model("llama"), tok)
+    return HookedModel(tiny_model(family), tok)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_candidate_losses_with_the_shared_head_cached_equal_plain_forwards(family, items):
+    """``_losses`` runs each request's prompt head once into a KV cache; every candidate's
+    loss must equal the plain left-padded forward of its whole sequence."""
+    hm = chat_model(family)
+    requests = [_request(hm, it, 4) for it in items[:3]]
+    rng = random.Random(0)
+    suffixes = [[rng.randrange(5, 200) for _ in range(5)] for _ in range(7)]
+    suffixes[1] = suffixes[0][:4] + [suffixes[0][4] + 1]  # shares all but the last suffix token
+    plain = torch.stack(
+        [
+            -_mean_logprobs(hm, [r.head + s + r.tail for s in suffixes], [r.target] * 7, 16)
+            for r in requests
+        ],
+        dim=1,
+    ).mean(1)
+    cached = _losses(hm, requests, suffixes, batch_size=3)  # chunks of 3, 3 and 1 rows
+    torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-5)
+    assert len(set(cached.tolist())) > 1  # the candidates really differ
 
 
 def test_suffix_sits_inside_the_user_turn(items):
-    hm = chat_llama()
+    hm = chat_model("llama")
     request = _request(hm, items[0], target_words=3)
     text = hm.tokenizer.decode(request.head + [7, 8] + request.tail)
     assert text.index(items[0].request) < text.index("<|assistant|>")

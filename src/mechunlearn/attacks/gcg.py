@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field
 from mechunlearn.edit.latent_adversary import frozen_model, target_logits
 from mechunlearn.errors import DataError
 from mechunlearn.evals.refusal import rate_summary
+from mechunlearn.evals.scoring import last_logits
 from mechunlearn.models.batches import TargetBatch
 from mechunlearn.models.handle import HookedModel
 from mechunlearn.progress import progress_bar
@@ -181,11 +182,25 @@ def suffix_gradient(
 def _losses(
     hm: HookedModel, requests: Sequence[_Request], suffixes: Sequence[list[int]], batch_size: int
 ) -> torch.Tensor:
-    """Loss of every candidate suffix (mean target cross-entropy over ``requests``)."""
-    prompts = [_prompt(r, s) for s in suffixes for r in requests]
-    targets = [r.target for _ in suffixes for r in requests]
-    scores = _mean_logprobs(hm, prompts, targets, batch_size)
-    return -scores.view(len(suffixes), len(requests)).mean(1)
+    """Loss of every candidate suffix (mean target cross-entropy over ``requests``).
+
+    Per request, its candidates differ only inside the suffix and have equal lengths: the
+    prompt head (chat template and request, most of each sequence) runs once into a KV cache
+    that every candidate row continues from (``evals.scoring.last_logits``), and only the
+    suffix, the template's tail and the target run per candidate. Equal to one padded forward
+    per row up to float rounding."""
+    losses = torch.empty(len(suffixes), len(requests))
+    with torch.no_grad():
+        for column, request in enumerate(requests):
+            keep = len(request.target)
+            target = torch.tensor(request.target, device=hm.device)
+            for start in range(0, len(suffixes), batch_size):
+                chunk = suffixes[start : start + batch_size]
+                rows = [_prompt(request, s) + request.target[:-1] for s in chunk]
+                log_probs = last_logits(rows, hm, keep).float().log_softmax(-1)
+                picked = log_probs.gather(-1, target.expand(len(chunk), keep).unsqueeze(-1))
+                losses[start : start + len(chunk), column] = -picked.squeeze(-1).mean(1).cpu()
+    return losses.mean(1)
 
 
 def optimise_suffix(
