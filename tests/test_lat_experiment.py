@@ -591,6 +591,43 @@ def test_two_workers_give_the_results_of_one_process(saved_llama, tmp_path):
     assert {u["worker"] for u in parts[-1]["timeline"].values()} <= {0, 1}
 
 
+def test_match_benign_per_seed_calibrates_each_seed_in_a_unit_of_its_own(saved_llama, tmp_path):
+    """``per_seed: true`` (the default): a calibration unit per seed, each with its own record
+    and trial log, before that seed's unit only; each seed trains with its own chosen value;
+    two workers give the one-process records."""
+    data = lat_config(saved_llama, "refusal", seeds=[0, 1])
+    data["methods"] = [
+        {"name": "RT"},
+        {"name": "LAT", "adversary": "latent",
+         "match_benign": {"values": [0.0, 2.0], "target": 0.5}},
+    ]  # fmt: skip
+    data["evaluation"].update(latent_attack=None, embedding_attack=None, prefill=None)
+    cfg = validate_config(LatExperimentConfig, data, "t")
+    units = {u.key: u for u in lat_job.plan_lat_units(cfg)}
+    assert [k for k, u in units.items() if u.kind == "calibrate"] == [
+        "calibrate/LAT/seed0",
+        "calibrate/LAT/seed1",
+    ]
+    assert units["calibrate/LAT/seed1"].path == "calibration/LAT.seed1.json"
+    assert units["LAT/seed0"].deps == ("calibrate/LAT/seed0",)
+    assert units["LAT/seed1"].deps == ("calibrate/LAT/seed1",)
+    assert units["RT/seed1"].deps == ()
+    one = run_lat_experiment(cfg, tmp_path / "one", progress=False)
+    two = run_lat_experiment(cfg, tmp_path / "two", progress=False, workers=2)
+    for seed in (0, 1):
+        calibration = json.loads((one / "calibration" / f"LAT.seed{seed}.json").read_text())
+        trials = json.loads((one / "calibration" / f"LAT.seed{seed}.trials.json").read_text())
+        assert calibration["seed"] == seed == trials["seed"]
+        assert [t["benign_coef"] for t in trials["tried"]] == [0.0, 2.0]
+        lat = json.loads((one / "results" / "LAT" / f"seed{seed}.json").read_text())
+        assert lat["calibration"] == calibration
+        assert lat["lat_config"]["benign_coef"] == calibration["chosen"]
+        again = json.loads((two / "calibration" / f"LAT.seed{seed}.json").read_text())
+        assert [t["validation_compliance"] for t in again["tried"]] == [
+            t["validation_compliance"] for t in calibration["tried"]
+        ]
+
+
 def test_match_benign_once_calibrates_on_the_first_seed_for_every_seed(saved_llama, tmp_path):
     """``per_seed: false``: one calibration unit (first seed's validation requests) before the
     method's units; every seed trains with its chosen value and records it; a backdoor run

@@ -21,8 +21,9 @@ more seeds. Only a complete run is moved to ``OUT``. Input is validated before t
 written.
 
 The work runs as units of ``experiments.workers`` (``workers`` processes, one torch thread
-each), one unit per (method, seed). Refusal: after the method's calibration when it calibrates
-once on the first seed (``match_benign.per_seed: false``). Backdoor: after the seed's
+each), one unit per (method, seed). Refusal: after the method's calibration unit when it
+matches benign compliance, once on the first seed (``match_benign.per_seed: false``) or on
+every seed (a unit per seed). Backdoor: after the seed's
 installation unit, which saves the backdoored weights (``units/backdoor``, deleted at the end)
 for the seed's removal units to start from. A unit's result does not depend on which process
 ran it: its data come from the seed, its RNGs from its key (the installation from the seed),
@@ -213,20 +214,38 @@ def _calibrated_once(config: LatExperimentConfig) -> list[str]:
     return [m.name for m in config.methods if m.match_benign and not m.match_benign.per_seed]
 
 
+def calibration_stem(config: LatExperimentConfig, method: str, seed: int) -> str:
+    """``calibration/<stem>.json`` (and ``<stem>.trials.json``) of ``method``'s refusal
+    calibration that trains ``seed``: ``<method>`` when it calibrates once on the first seed,
+    ``<method>.seed<k>`` when it calibrates on every seed."""
+    return method if method in _calibrated_once(config) else f"{method}.seed{seed}"
+
+
 def plan_lat_units(config: LatExperimentConfig) -> list[Unit]:
     """A unit per (method, seed), its result file. Refusal: after the method's calibration
-    unit when it calibrates once (``match_benign.per_seed: false``); backdoor: after the seed's
-    installation unit (its record, ``install/seed<n>.json``)."""
+    unit (``calibration/<stem>.json``) when it matches benign compliance: one on the first
+    seed (``match_benign.per_seed: false``) or one per seed, each a unit of its own so that
+    calibrations run in parallel and resume; backdoor: after the seed's installation unit (its
+    record, ``install/seed<n>.json``; a removal method calibrates inside its unit, on the
+    seed's backdoored model)."""
     if config.application == "refusal":
         once = _calibrated_once(config)
+        matched = [m.name for m in config.methods if m.match_benign]
+
+        def calibrate_key(method: str, seed: int) -> str:
+            return f"calibrate/{method}" if method in once else f"calibrate/{method}/seed{seed}"
+
         first = [
-            Unit(f"calibrate/{name}", "calibrate", f"calibration/{name}.json",
-                 params={"method": name, "seed": config.seeds[0]})
-            for name in once
+            Unit(calibrate_key(name, seed), "calibrate",
+                 f"calibration/{calibration_stem(config, name, seed)}.json",
+                 params={"method": name, "seed": seed,
+                         "stem": calibration_stem(config, name, seed)})
+            for name in matched
+            for seed in (config.seeds[:1] if name in once else config.seeds)
         ]  # fmt: skip
 
         def deps(method: str, seed: int) -> tuple[str, ...]:
-            return (f"calibrate/{method}",) if method in once else ()
+            return (calibrate_key(method, seed),) if method in matched else ()
     else:
         first = [
             Unit(f"install/seed{seed}", "install", f"install/seed{seed}.json",
@@ -264,12 +283,13 @@ def execute_lat_unit(ctx: LatRunContext, unit: Unit) -> dict[str, Any]:
     args = (ctx.hm, config, method, data, ctx.layers, seed, ctx.progress, ctx.log)
     if unit.kind == "calibrate":
         ctx.log(f"{method.name}: matching benign compliance on seed {seed}")
-        trials = ctx.folder / "calibration" / f"{method.name}.trials.json"
+        trials = ctx.folder / "calibration" / f"{unit.params['stem']}.trials.json"
         return match_benign(*args, trials_path=trials)
     ctx.log(f"seed {seed}: {method.name}")
     calibration = None
-    if method.name in _calibrated_once(config):
-        calibration = read_json(ctx.folder / "calibration" / f"{method.name}.json")
+    if method.match_benign is not None:
+        stem = calibration_stem(config, method.name, seed)
+        calibration = read_json(ctx.folder / "calibration" / f"{stem}.json")
     return measure_method(*args, calibration=calibration)
 
 
