@@ -383,6 +383,11 @@ def test_unlearning_rows_with_their_own_objective_and_lat(saved_llama, tmp_path,
     # the LAT row's training time is compared with the same row trained without the adversary
     assert "## Training compute of the LAT rows" in report
     assert "| GA_LAT | GA |" in report
+    # ... with the adversary's record: whether it lowered its own objective while training
+    adversary = results["GA_LAT"]["train"]["adversary"]
+    assert set(adversary) == {"loss_first_mean", "loss_last_mean", "improved_share"}
+    assert results["GA"]["train"]["adversary"] is None
+    assert "steps it lowered its loss" in report
 
 
 def test_whole_group_edit_probes_with_validation_facts_of_the_group(

@@ -10,7 +10,12 @@ import torch
 
 from mechunlearn.edit import TrainConfig, TrainData, fact_pairs, make_trainable, train
 from mechunlearn.edit.lat import ForgetLat
-from mechunlearn.edit.latent_adversary import LatentAdversaryConfig, train_adversary
+from mechunlearn.edit.latent_adversary import (
+    LatentAdversaryConfig,
+    adversary_progress,
+    failing_adversary_message,
+    train_adversary,
+)
 from mechunlearn.errors import ConfigError, DataError, SiteError
 from mechunlearn.experiments.edit_config import ExperimentConfig, LocalizationSpec
 from mechunlearn.models.batches import LatBatch
@@ -86,6 +91,30 @@ def test_zero_epsilon_is_exactly_plain_training(data, objective):
     _, attacked, attacked_weights = run(data, ADVERSARY, objective=objective)
     assert attacked.history["adv_loss_last"][0] < attacked.history["adv_loss_first"][0]
     assert any(not torch.equal(attacked_weights[n], v) for n, v in plain_weights.items())
+
+
+def test_the_adversarys_record_says_whether_it_attacked():
+    _, attacked, _ = run(UNLEARN, ADVERSARY, objective="gradient_ascent")
+    first, last = attacked.history["adv_loss_first"], attacked.history["adv_loss_last"]
+    record = attacked.info["adversary"]
+    assert record == adversary_progress(attacked.history)
+    assert record["improved_share"] == sum(b < a for a, b in zip(first, last, strict=True)) / len(
+        first
+    )
+    assert record["loss_first_mean"] == pytest.approx(sum(first) / len(first))
+    _, plain, _ = run(UNLEARN, None, objective="gradient_ascent")
+    assert plain.info["adversary"] is None
+
+
+def test_an_adversary_that_raises_its_own_loss_is_reported_as_failing():
+    overshooting = {"adv_loss_first": [0.4, 0.2, 0.1, 0.3], "adv_loss_last": [6.4, 3.1, 0.05, 2.0]}
+    record = adversary_progress(overshooting)
+    assert record["improved_share"] == 0.25
+    message = failing_adversary_message(record)
+    assert message is not None and "25%" in message and "not attacking" in message
+    working = {"adv_loss_first": [1.4, 0.9], "adv_loss_last": [0.2, 0.1]}
+    assert failing_adversary_message(adversary_progress(working)) is None
+    assert adversary_progress({"loss": [1.0]}) is None
 
 
 def attacked_original_nll(hm: HookedModel, data: TrainData, attack: LatentAdversaryConfig) -> float:

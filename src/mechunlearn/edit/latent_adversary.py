@@ -297,6 +297,46 @@ def target_logits(hm: HookedModel, batch: TargetBatch) -> tuple[torch.Tensor, to
     return lp, ok
 
 
+# ---- how well the adversary did over a training run -----------------------------------------
+FAILING_ADVERSARY_SHARE = 0.5
+"""Below this share of training steps on which the adversary lowered its own objective, it is
+reported as failing: LAT then trains against large, nearly random perturbations of the
+residual stream, not against the behaviour it targets."""
+
+
+def adversary_progress(history: Mapping[str, Sequence[float]]) -> dict[str, float] | None:
+    """The training adversary's record over a run, from a trainer's per-step history
+    (``adv_loss_first``/``adv_loss_last``: its objective before its first and after its last
+    step): mean first and last loss, and the share of training steps on which it lowered its
+    objective. ``None`` when the history has no adversary.
+
+    Why: a step size too large for the model's latent geometry makes every attack step *raise*
+    the objective (the perturbation overshoots), and nothing else in a LAT run shows it: the
+    defender still trains, under perturbations that elicit nothing.
+    """
+    first, last = history.get("adv_loss_first") or [], history.get("adv_loss_last") or []
+    pairs = list(zip(first, last, strict=False))
+    if not pairs:
+        return None
+    return {
+        "loss_first_mean": sum(f for f, _ in pairs) / len(pairs),
+        "loss_last_mean": sum(lo for _, lo in pairs) / len(pairs),
+        "improved_share": sum(lo < f for f, lo in pairs) / len(pairs),
+    }
+
+
+def failing_adversary_message(progress: Mapping[str, float] | None) -> str | None:
+    """A warning when the adversary lowered its objective on too few steps, else ``None``."""
+    if progress is None or progress["improved_share"] >= FAILING_ADVERSARY_SHARE:
+        return None
+    return (
+        f"warning: the latent adversary lowered its own objective on only "
+        f"{progress['improved_share']:.0%} of training steps (mean {progress['loss_first_mean']:.3f}"
+        f" before its first step, {progress['loss_last_mean']:.3f} after its last): it is not "
+        "attacking; lower its lr or give it more steps"
+    )
+
+
 # ---- training the adversary -----------------------------------------------------------------
 @contextmanager
 def frozen_model(hm: HookedModel) -> Iterator[None]:

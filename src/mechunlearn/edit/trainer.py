@@ -56,6 +56,7 @@ from mechunlearn.edit.engine import (
     step_seed,
     total_loss,
 )
+from mechunlearn.edit.latent_adversary import adversary_progress, failing_adversary_message
 from mechunlearn.edit.objectives import (
     OBJECTIVES,
     BoundObjective,
@@ -116,7 +117,8 @@ class TrainResult:
     (``forget``, ``maintain``, ``lm``; unweighted, averaged over processes), ``lr``,
     ``grad_norm`` (before clipping) and ``seconds``. ``info``: processes, the module the forward
     went through (``DistributedDataParallel`` when several), the objective setup's choices and
-    ``resumed_at`` (the checkpoint's step a resumed run began from; 0 when fresh)."""
+    ``resumed_at`` (the checkpoint's step a resumed run began from; 0 when fresh) and, under a
+    latent adversary, ``adversary`` (``edit.latent_adversary.adversary_progress``)."""
 
     steps: int
     history: dict[str, list[float]]
@@ -346,11 +348,15 @@ def train(
             f"trained {len(history['loss']) - loop.started_at} steps in {loop.seconds:.1f}s; "
             f"final loss {history['loss'][-1]:.4f}"
         )
+    progress_of_adversary = adversary_progress(history)
+    if (warning := failing_adversary_message(progress_of_adversary)) is not None:
+        log(warning)
     info = {
         "processes": loop.world,
         "forward_module": loop.forward_module,
         "objective": dict(objective.info) if objective else {},
         "resumed_at": loop.started_at,
+        "adversary": progress_of_adversary,
     }
     steps_done = len(history.get("loss", []))
     return TrainResult(steps_done, history, loop.seconds, trainable.n_params, info)

@@ -587,5 +587,6 @@ def _edit(ctx: EditContext, spec, loc, hp: Hyperparameters, data: TrainData, see
             # milliseconds: a tiny model's edit can take well under 0.1 s
             "seconds": round(trained.seconds, 3),
             "final": {k: v[-1] for k, v in trained.history.items() if v},
+            "adversary": trained.info.get("adversary"),
         },
     }

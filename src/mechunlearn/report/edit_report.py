@@ -141,19 +141,28 @@ def _lat_compute_lines(summary, order: list[str], results) -> list[str]:
         "",
         "## Training compute of the LAT rows",
         "",
-        "Seconds of the edit's training loop (mean ± std over seeds); the ratio divides the means.",
+        "Seconds of the edit's training loop (mean ± std over seeds); the ratio divides the means."
+        " The adversary's objective (nats, mean over training steps) before its first and after"
+        " its last step, and the share of training steps on which it lowered it: an adversary"
+        " that raises its own objective is not attacking, and its row is not LAT.",
         "",
-        "| row | baseline | train seconds | baseline train seconds | time / baseline |",
-        "|---|---|---|---|---|",
+        "| row | baseline | train seconds | baseline train seconds | time / baseline "
+        "| adversary loss before | adversary loss after | steps it lowered its loss |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, base in pairs.items():
-        lat, plain = summary[name].get("train_seconds"), summary[base].get("train_seconds")
+        stats = summary[name]
+        lat, plain = stats.get("train_seconds"), summary[base].get("train_seconds")
         if lat is None or plain is None:
             continue
+        adversary = [
+            format_cell(stats.get(f"adversary.{k}"), f"adversary.{k}")
+            for k in ("loss_first_mean", "loss_last_mean", "improved_share")
+        ]
         lines.append(
             f"| {name} | {base} | {format_cell(lat, 'train_seconds')} | "
             f"{format_cell(plain, 'train_seconds')} | "
-            f"{mean_ratio(summary, name, base, 'train_seconds')} |"
+            f"{mean_ratio(summary, name, base, 'train_seconds')} | {' | '.join(adversary)} |"
         )
     return lines
 

@@ -51,7 +51,8 @@ def result_order(folder: Path, results: dict[str, Any]) -> list[str]:
 
 def _add_deltas(results: dict[str, list[dict[str, Any]]]) -> None:
     """Derived metrics: LM-loss change relative to the base model of the same seed, the
-    relearning attack's best point, the edit's training seconds."""
+    relearning attack's best point, the edit's training seconds and its latent adversary's
+    record (``adversary.*``, see ``edit.latent_adversary.adversary_progress``)."""
     base = {r["seed"]: r["metrics"] for r in results.get(BASE, [])}
     for runs in results.values():
         for run in runs:
@@ -62,6 +63,9 @@ def _add_deltas(results: dict[str, list[dict[str, Any]]]) -> None:
             seconds = run.get("train", {}).get("seconds")
             if seconds is not None:  # the edit's training compute (e.g. LAT vs its baseline)
                 run["metrics"]["train_seconds"] = float(seconds)
+            adversary = run.get("train", {}).get("adversary") or {}
+            for key, value in adversary.items():  # did the training adversary attack at all?
+                run["metrics"][f"adversary.{key}"] = float(value)
 
 
 def relearn_peaks(run: dict[str, Any]) -> dict[str, float]:
