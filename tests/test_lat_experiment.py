@@ -197,6 +197,13 @@ def test_refusal_run_writes_a_complete_report(saved_llama, tmp_path, monkeypatch
     table = (out / "results.md").read_text()
     assert "| method | refusal rate (held-out templates) ↑" in table
     assert "| LAT | RT |" in table  # compute row with its baseline
+    # ... and the adversary's record from the per-step history: LAT's attacks, RT has none
+    compute = table.split("## Compute (training)", 1)[1].split("\n## ", 1)[0].splitlines()
+    lat_row = next(line for line in compute if line.startswith("| LAT | RT |"))
+    rt_row = next(line for line in compute if line.startswith("| RT |"))
+    assert "→" in lat_row and lat_row.rstrip(" |").endswith("%")
+    assert rt_row.endswith("| - | - |")
+    assert lat["train"]["info"]["adversary"]["improved_share"] >= 0
     # LAT and EAT minus their twin RT, paired by request, on every directed headline metric
     assert "## Each method minus its twin without the adversary" in table
     twins = json.loads((out / "claims.json").read_text())["twins"]

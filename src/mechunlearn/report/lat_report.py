@@ -19,6 +19,7 @@ import yaml
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mechunlearn.edit.latent_adversary import adversary_progress  # noqa: E402
 from mechunlearn.io import atomic_write_text  # noqa: E402
 from mechunlearn.plotting import save_figure  # noqa: E402
 from mechunlearn.report.columns import (  # noqa: E402
@@ -132,17 +133,35 @@ def _run_config(folder: Path) -> dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
+def _adversary_cells(runs: list[dict[str, Any]]) -> list[str]:
+    """Mean over seeds of the training adversary's record (its objective before its first and
+    after its last step, share of training steps it lowered it), from each run's per-step
+    history, so runs made before the record was kept show it too; "-" without an adversary."""
+    records = [adversary_progress(r.get("train", {}).get("history") or {}) for r in runs]
+    records = [r for r in records if r is not None]
+    if not records:
+        return ["-", "-"]
+    mean = {k: sum(r[k] for r in records) / len(records) for k in records[0]}
+    return [
+        f"{mean['loss_first_mean']:.3f} → {mean['loss_last_mean']:.3f}",
+        f"{100 * mean['improved_share']:.0f}%",
+    ]
+
+
 def _compute_lines(summary, order: list[str], results) -> list[str]:
     lines = [
         "## Compute (training)",
         "",
         "Passes are forward+backward passes over a batch (adversary PGD steps, defender steps, "
         "benign-term steps); the ratios compare mean training time and passes with the "
-        "method's baseline (the same training without an adversary).",
+        "method's baseline (the same training without an adversary). The adversary's objective "
+        "(mean over training steps, before its first and after its last step) and the share of "
+        "training steps on which it lowered it: an adversary that raises its own objective is "
+        "not attacking.",
         "",
         "| method | baseline | train seconds | fwd+bwd passes | adversary seconds | "
-        "time / baseline | passes / baseline |",
-        "|---|---|---|---|---|---|---|",
+        "time / baseline | passes / baseline | adversary objective | steps it lowered it |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in order:
         first = results[name][0]
@@ -156,7 +175,8 @@ def _compute_lines(summary, order: list[str], results) -> list[str]:
             f"{format_cell(stats.get('compute.fwd_bwd_passes'), 'compute.fwd_bwd_passes')} | "
             f"{format_cell(stats.get('compute.adversary_seconds'), 'compute.adversary_seconds')} | "
             f"{mean_ratio(summary, name, base, 'compute.train_seconds')} | "
-            f"{mean_ratio(summary, name, base, 'compute.fwd_bwd_passes')} |"
+            f"{mean_ratio(summary, name, base, 'compute.fwd_bwd_passes')} | "
+            f"{' | '.join(_adversary_cells(results[name]))} |"
         )
     return lines
 
