@@ -272,6 +272,7 @@ def test_a_given_accelerator_is_left_reusable(tiny_llama):
             "forward_module": "LlamaForCausalLM",
             "objective": {},
             "resumed_at": 0,
+            "adversary": None,  # no latent adversary, so no record of one
         }
     assert accelerator._models == [] and accelerator._optimizers == []
     assert tiny_llama.forward_module is None
