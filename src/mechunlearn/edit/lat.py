@@ -82,9 +82,8 @@ from mechunlearn.edit.engine import (
 from mechunlearn.edit.latent_adversary import (
     LatentAdversary,
     LatentAdversaryConfig,
-    adversary_progress,
+    checked_adversary_progress,
     completion_terms,
-    failing_adversary_message,
     resolve_sites,
     train_adversary,
 )
@@ -531,13 +530,10 @@ def train_lat(
         f"{method}: {config.steps - loop.started_at} steps in {loop.seconds:.1f}s; "
         f"final loss {history['loss'][-1]:.4f}"
     )
-    progress_of_adversary = adversary_progress(history)
-    if (warning := failing_adversary_message(progress_of_adversary)) is not None:
-        log(warning)
     info = {
         "processes": loop.world,
         "forward_module": loop.forward_module,
-        "adversary": progress_of_adversary,
+        "adversary": checked_adversary_progress(history, log),
         "method": "rt" if config.adversary is None else "lat",
         "defender_loss": config.defender_loss,
         "sites": sites,

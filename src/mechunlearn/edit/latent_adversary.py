@@ -39,7 +39,7 @@ The standalone attack built on it (``latent_attack``, with its success measure) 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Literal
 
@@ -323,6 +323,17 @@ def adversary_progress(history: Mapping[str, Sequence[float]]) -> dict[str, floa
         "loss_last_mean": sum(lo for _, lo in pairs) / len(pairs),
         "improved_share": sum(lo < f for f, lo in pairs) / len(pairs),
     }
+
+
+def checked_adversary_progress(
+    history: Mapping[str, Sequence[float]], log: Callable[[str], None]
+) -> dict[str, float] | None:
+    """``adversary_progress(history)``, with the failing-adversary warning passed to ``log``:
+    what a trainer stores as ``info["adversary"]`` at the end of a run."""
+    progress = adversary_progress(history)
+    if (warning := failing_adversary_message(progress)) is not None:
+        log(warning)
+    return progress
 
 
 def failing_adversary_message(progress: Mapping[str, float] | None) -> str | None:

@@ -56,7 +56,7 @@ from mechunlearn.edit.engine import (
     step_seed,
     total_loss,
 )
-from mechunlearn.edit.latent_adversary import adversary_progress, failing_adversary_message
+from mechunlearn.edit.latent_adversary import checked_adversary_progress
 from mechunlearn.edit.objectives import (
     OBJECTIVES,
     BoundObjective,
@@ -348,15 +348,12 @@ def train(
             f"trained {len(history['loss']) - loop.started_at} steps in {loop.seconds:.1f}s; "
             f"final loss {history['loss'][-1]:.4f}"
         )
-    progress_of_adversary = adversary_progress(history)
-    if (warning := failing_adversary_message(progress_of_adversary)) is not None:
-        log(warning)
     info = {
         "processes": loop.world,
         "forward_module": loop.forward_module,
         "objective": dict(objective.info) if objective else {},
         "resumed_at": loop.started_at,
-        "adversary": progress_of_adversary,
+        "adversary": checked_adversary_progress(history, log),
     }
     steps_done = len(history.get("loss", []))
     return TrainResult(steps_done, history, loop.seconds, trainable.n_params, info)
