@@ -236,12 +236,11 @@ def plan_lat_units(config: LatExperimentConfig) -> list[Unit]:
             return f"calibrate/{method}" if method in once else f"calibrate/{method}/seed{seed}"
 
         first = [
-            Unit(calibrate_key(name, seed), "calibrate",
-                 f"calibration/{calibration_stem(config, name, seed)}.json",
-                 params={"method": name, "seed": seed,
-                         "stem": calibration_stem(config, name, seed)})
+            Unit(calibrate_key(name, seed), "calibrate", f"calibration/{stem}.json",
+                 params={"method": name, "seed": seed, "stem": stem})
             for name in matched
             for seed in (config.seeds[:1] if name in once else config.seeds)
+            for stem in (calibration_stem(config, name, seed),)
         ]  # fmt: skip
 
         def deps(method: str, seed: int) -> tuple[str, ...]:
