@@ -5,7 +5,6 @@ forward/backward passes)."""
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from mechunlearn.edit.parametrization import WeightSnapshot, make_trainable
 from mechunlearn.edit.trainer import TrainResult
 from mechunlearn.errors import DataError
 from mechunlearn.evals.refusal import benign_compliance
+from mechunlearn.experiments import calibration
 from mechunlearn.experiments.lat_config import LatExperimentConfig, MethodSpec, TrainableSpec
 from mechunlearn.experiments.lat_data import SeedData
 from mechunlearn.experiments.measurements import BatteryResult, LatContext, plan
@@ -130,33 +130,12 @@ def evaluate(
 def closest_to_target(tried: list[dict[str, float]], target: float) -> float:
     """The ``benign_coef`` whose validation compliance is closest to ``target`` (ties: the
     smaller coefficient, the weaker pull toward the benign data)."""
-    best = min(tried, key=lambda t: (abs(t["validation_compliance"] - target), t["benign_coef"]))
-    return best["benign_coef"]
+    return calibration.closest_to_target(tried, target, "benign_coef", "validation_compliance")
 
 
 def next_benign_coef(tried: list[dict[str, float]], target: float) -> float | None:
-    """The next ``benign_coef`` to try when refining: halfway (the geometric mean; the
-    arithmetic one next to 0) between the two adjacent tried values whose validation compliance
-    lies on either side of ``target``; when noise makes several, the pair whose nearer, then
-    farther, end is nearest the target.
-    None when no pair brackets it, one value hits it, or the pair is too close to split."""
-    ordered = sorted(tried, key=lambda t: t["benign_coef"])
-    if any(t["validation_compliance"] == target for t in ordered):
-        return None
-    pairs = [
-        (low, high)
-        for low, high in itertools.pairwise(ordered)
-        if (low["validation_compliance"] - target) * (high["validation_compliance"] - target) < 0
-    ]
-    if not pairs:
-        return None
-    low, high = min(
-        pairs,
-        key=lambda p: sorted(abs(t["validation_compliance"] - target) for t in p),
-    )
-    a, b = low["benign_coef"], high["benign_coef"]
-    value = float(f"{(math.sqrt(a * b) if a > 0 else (a + b) / 2):.4g}")
-    return value if a < value < b else None
+    """The next ``benign_coef`` to try when refining (``calibration.next_bracketing_value``)."""
+    return calibration.next_bracketing_value(tried, target, "benign_coef", "validation_compliance")
 
 
 def match_benign(
