@@ -33,6 +33,35 @@ class Strict(BaseModel):
     model_config = STRICT_CONFIG
 
 
+class ForgetMatch(Strict):
+    """Calibrate a row's learning rate so that it forgets as much as another row on the
+    validation facts, before the two are compared (issue 18). A LAT twin at its row's learning
+    rate may hardly unlearn (its loss is computed under an adversary that restores the
+    answer); then whether LAT resists relearning cannot be asked. Matched, both rows start the
+    robustness battery having forgotten the same share of validation facts.
+
+    The target is ``row``'s validation forget effect (``1 - accuracy``, completion format; edit
+    success when editing) after its full training at its chosen hyper-parameters. Each ``lr``
+    is trained for the same steps on the same validation facts, then ``refine`` bisection
+    tries (geometric mean) between the two learning rates that bracket the target; the one
+    closest to it is chosen (ties: the smaller learning rate)."""
+
+    row: str = Field(description="the row whose validation forgetting is matched")
+    lr: list[float] | None = Field(
+        default=None, description="learning rates tried (default: the sweep's grid)"
+    )
+    refine: int = Field(2, ge=0, description="bisection tries after the grid")
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_distinct(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (
+            len(value) < 2 or any(v <= 0 for v in value) or len(set(value)) != len(value)
+        ):
+            raise ValueError("lr needs at least two distinct values, all > 0")
+        return value
+
+
 class LocalizationSpec(Strict):
     """One row of the comparison: a localization method and how its weights are trained.
 
@@ -65,6 +94,11 @@ class LocalizationSpec(Strict):
         description="train with the learning rate and forget coefficient chosen for this other "
         "row (no sweep of its own), so twins (a row and its LAT variant) differ only in the "
         "adversary",
+    )
+    match_forgetting: ForgetMatch | None = Field(
+        default=None,
+        description="choose this row's learning rate so that it forgets as much as another row "
+        "on the validation facts (no sweep of its own); it is paired with that row in the report",
     )
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
@@ -403,11 +437,43 @@ class ExperimentConfig(Strict):
                 )
             if spec.name in self.hyperparameters:
                 raise ValueError(f"{spec.name}: both hyperparameters and hyperparameters_from")
+        for spec in self.localizations:
+            match = spec.match_forgetting
+            if match is None:
+                continue
+            origin = next((s for s in self.localizations if s.name == match.row), None)
+            if origin is None or match.row == spec.name:
+                raise ValueError(
+                    f"{spec.name}: match_forgetting names no other localization ({match.row!r})"
+                )
+            if origin.match_forgetting is not None:
+                raise ValueError(
+                    f"{spec.name}: match_forgetting {match.row!r}, which is matched itself; "
+                    "name a row with hyper-parameters of its own"
+                )
+            if spec.hyperparameters_from is not None or spec.name in self.hyperparameters:
+                raise ValueError(
+                    f"{spec.name}: match_forgetting chooses the learning rate; drop "
+                    "hyperparameters_from / hyperparameters"
+                )
+            if self.sweep is None and match.lr is None:
+                raise ValueError(f"{spec.name}: match_forgetting needs lr values or a sweep")
+        for spec in self.localizations:
+            source = spec.hyperparameters_from
+            if source is not None and any(
+                s.name == source and s.match_forgetting is not None for s in self.localizations
+            ):
+                raise ValueError(
+                    f"{spec.name}: hyperparameters_from {source!r}, which is matched; name the "
+                    "row it is matched to, or match this row too"
+                )
         if self.sweep is None:
             missing = [
                 s.name
                 for s in self.localizations
-                if s.name not in self.hyperparameters and s.hyperparameters_from is None
+                if s.name not in self.hyperparameters
+                and s.hyperparameters_from is None
+                and s.match_forgetting is None
             ]
             if missing:
                 raise ValueError(

@@ -1,7 +1,9 @@
 """``mechunlearn run CONFIG``: the Mechanistic Unlearning comparison end to end.
 
 known facts -> validation / per-seed fact sets -> localizations at equal budget -> per
-localization a hyper-parameter sweep on the validation split -> for every (localization, seed):
+localization a hyper-parameter sweep on the validation split (or, for a ``match_forgetting``
+row, a calibration of its learning rate to another row's validation forgetting:
+``experiments.forget_match``) -> for every (localization, seed):
 train only the localized weights, run the robustness battery, restore the weights -> report.
 
 After a short plan made in this process (known facts, localization facts, the base model's
@@ -54,6 +56,7 @@ from mechunlearn.experiments.fact_sets import (
     split_experiment_facts,
     with_targets,
 )
+from mechunlearn.experiments.forget_match import match_forgetting, reference_forgetting
 from mechunlearn.experiments.localizations import (
     BUDGET_METHOD,
     localization_facts,
@@ -126,7 +129,7 @@ def check_inputs(config: ExperimentConfig) -> tuple[list[FactRecord], list[FactR
 SWEEP_CHECKPOINTS = Path("units") / "sweep-checkpoints"
 """Where a successive-halving point's checkpoint waits for its next rung."""
 
-UNIT_PRIORITY = ("localize", "sweep", "edit", "measure", "base")
+UNIT_PRIORITY = ("localize", "sweep", "match", "edit", "measure", "base")
 """Ready units are taken in this order: localizations unblock sweeps, sweeps unblock edits,
 edits unblock their battery's parts, and the base model's batteries (no dependencies) fill the
 gaps."""
@@ -236,8 +239,8 @@ def plan_units(config: ExperimentConfig) -> list[Unit]:
         if spec.name in config.hyperparameters or config.sweep is None:
             chosen_from[spec.name] = ()
             continue
-        if spec.hyperparameters_from is not None:
-            continue  # the row it takes them from is swept (below)
+        if spec.hyperparameters_from is not None or spec.match_forgetting is not None:
+            continue  # the row it takes them from is swept; a matched row is calibrated (below)
         n_points = len(sweep_grid(config.sweep))
         previous: tuple[str, ...] = ()
         steps = config.row_train(spec.name).steps
@@ -251,8 +254,24 @@ def plan_units(config: ExperimentConfig) -> list[Unit]:
             previous = keys
         chosen_from[spec.name] = previous
     for spec in specs:  # a twin waits for the sweep of the row it takes its choice from
-        if spec.name not in chosen_from:
+        if spec.name not in chosen_from and spec.hyperparameters_from is not None:
             chosen_from[spec.name] = chosen_from[spec.hyperparameters_from]
+    for spec in specs:  # a matched row waits for its calibration, which waits for its target
+        if spec.match_forgetting is None:
+            continue
+        row = spec.match_forgetting.row
+        reference = f"match/reference/{row}"
+        if not any(u.key == reference for u in units):
+            units.append(
+                Unit(reference, "match", f"{reference}.json", {"reference": row},
+                     (f"localize/{row}", *chosen_from[row]))
+            )  # fmt: skip
+        key = f"match/{spec.name}"
+        units.append(
+            Unit(key, "match", f"{key}.json", {"name": spec.name},
+                 (f"localize/{spec.name}", reference))
+        )  # fmt: skip
+        chosen_from[spec.name] = (key,)
     # the attacks train longest: started first, they leave the short parts to fill the end
     parts = sorted(battery_parts(config), key=lambda p: p == "formats")
     for seed in config.seeds:
@@ -319,6 +338,8 @@ def execute_unit(ctx: EditContext, unit: Unit) -> dict[str, Any]:
         return _localize_unit(ctx, unit).model_dump(mode="json")
     if unit.kind == "sweep":
         return _sweep_unit(ctx, unit)
+    if unit.kind == "match":
+        return _match_unit(ctx, unit)
     seed = unit.params["seed"]
     if unit.kind == "base":
         ctx.log(f"seed {seed}: base model")
@@ -420,6 +441,33 @@ def _sweep_unit(ctx: EditContext, unit: Unit) -> dict[str, Any]:
         f"{numbers['retain_accuracy']:.2f})"
     )
     return {**numbers, "rung": rung, "steps": steps}
+
+
+def _match_unit(ctx: EditContext, unit: Unit) -> dict[str, Any]:
+    """A matched row's calibration, or the reference row's validation forgetting it targets."""
+    config = ctx.config
+    name = unit.params.get("name") or unit.params["reference"]
+    spec = next(s for s in config.localizations if s.name == name)
+    loc = Localization.load(ctx.folder / "localizations" / f"{name}.json")
+    data = train_data(config, ctx.validation, ctx.text_train)
+    common = (ctx.hm, spec, loc, ctx.validation, data, config, ctx.base_retain)
+    if "reference" in unit.params:
+        chosen = chosen_hyperparameters(ctx.folder, config, name)
+        record = reference_forgetting(*common, chosen)
+        ctx.log(
+            f"{name}: validation forget effect {record['forget_effect']:.2f} at lr "
+            f"{chosen.lr:g} (the target of the rows matched to it)"
+        )
+        return record
+    row = spec.match_forgetting.row
+    reference = read_json(ctx.folder / "match" / "reference" / f"{row}.json")
+    trials = ctx.folder / "units" / "match" / f"{name}.trials.json"
+    record = match_forgetting(*common, reference, trials_path=trials, log=ctx.log)
+    ctx.log(
+        f"{name}: lr {record['chosen']['lr']:g} forgets {record['chosen_forget_effect']:.2f} "
+        f"of the validation facts ({row}: {record['target']:.2f})"
+    )
+    return record
 
 
 def run_experiment(

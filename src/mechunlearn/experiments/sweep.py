@@ -206,9 +206,22 @@ def swept_row(config: ExperimentConfig, name: str) -> str:
     return spec.hyperparameters_from or name
 
 
+MATCH_FOLDER = Path("match")
+"""``match/<row>.json``: a matched row's calibration (``experiments.forget_match``)."""
+
+
+def matched_record_file(folder: Path, name: str) -> Path:
+    return folder / MATCH_FOLDER / f"{name}.json"
+
+
 def chosen_hyperparameters(folder: Path, config: ExperimentConfig, name: str) -> Hyperparameters:
     """A localization's fixed hyper-parameters, or its sweep's choice (best of the last rung),
-    or those of the row it takes them from (``hyperparameters_from``)."""
+    or those of the row it takes them from (``hyperparameters_from``), or its calibration's
+    (``match_forgetting``)."""
+    spec = next(s for s in config.localizations if s.name == name)
+    if spec.match_forgetting is not None:
+        chosen = read_json(matched_record_file(folder, name))["chosen"]
+        return Hyperparameters(lr=chosen["lr"], forget_coef=chosen["forget_coef"])
     source = swept_row(config, name)
     if source != name:
         return chosen_hyperparameters(folder, config, source)
@@ -226,7 +239,11 @@ def write_sweep_summaries(folder: Path, config: ExperimentConfig, base_retain) -
         return
     n_points = len(sweep_grid(config.sweep))
     for spec in config.localizations:
-        if spec.name in config.hyperparameters or spec.hyperparameters_from is not None:
+        if (
+            spec.name in config.hyperparameters
+            or spec.hyperparameters_from is not None
+            or spec.match_forgetting is not None
+        ):
             continue
         rungs = sweep_rungs(config.sweep, n_points, config.row_train(spec.name).steps)
         tried = [

@@ -316,9 +316,9 @@ def _claim_table(rows: list[dict[str, Any]], both_edited: bool) -> list[str]:
 def twin_rows(
     results: dict[str, list[dict[str, Any]]], twins: dict[str, str]
 ) -> list[dict[str, Any]]:
-    """Each twin against the row it takes its learning rate from (``twins``: twin -> row; e.g.
-    a LAT row and its plain twin, Sheshadri et al.'s comparison): the same claims as
-    ``claim_rows``, difference = twin - row, the twin's name in the verdict."""
+    """Each twin against the row it takes its learning rate from or is matched to (``twins``:
+    twin -> row; e.g. a LAT row and its plain twin, Sheshadri et al.'s comparison): the same
+    claims as ``claim_rows``, difference = twin - row, the twin's name in the verdict."""
     rows = []
     for twin, base in twins.items():
         if twin in results and base in results:
@@ -333,11 +333,13 @@ def twins_markdown(results: dict[str, list[dict[str, Any]]], twins: dict[str, st
     if not rows:
         return ""
     lines = [
-        "## Twins: each row minus the row whose learning rate it trains with",
+        "## Twins: each row minus the row it is compared with",
         "",
-        "Percent. Difference = twin - row (e.g. LAT minus its plain twin: the same method, "
-        "learning rate and facts, only the adversary added), paired by seed and fact, with its "
-        "bootstrap 95% interval; the same direction conventions as the claims above.",
+        "Percent. Difference = twin - row, paired by seed and fact, with its bootstrap 95% "
+        "interval; the same direction conventions as the claims above. A twin trains with its "
+        "row's learning rate (e.g. LAT minus its plain twin: the same method, learning rate "
+        "and facts, only the adversary added) or, when matched, with the learning rate at "
+        "which it forgets as much as its row on the validation facts.",
         "",
         "| claim | twin | row | ours twin | ours row | twin - row [95% CI] | seeds | pairs | verdict |",
         "|---|---|---|---|---|---|---|---|---|",

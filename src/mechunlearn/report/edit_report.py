@@ -51,13 +51,51 @@ def headline_columns(summary, columns: Sequence[Column]) -> list[TableColumn]:
 
 
 def twins_of(folder: Path) -> dict[str, str]:
-    """Twin -> the row it takes its learning rate from (``hyperparameters_from`` in the run's
-    config.yaml; none for runs without one)."""
+    """Twin -> the row it is compared with: the row it takes its learning rate from
+    (``hyperparameters_from``) or whose forgetting it is matched to (``match_forgetting``), as
+    the run's config.yaml says (none for runs without either)."""
     path = folder / "config.yaml"
     if not path.is_file():
         return {}
     rows = (yaml.safe_load(path.read_text()) or {}).get("localizations") or []
-    return {r["name"]: r["hyperparameters_from"] for r in rows if r.get("hyperparameters_from")}
+    twins = {r["name"]: r["hyperparameters_from"] for r in rows if r.get("hyperparameters_from")}
+    for r in rows:
+        if r.get("match_forgetting"):
+            twins[r["name"]] = r["match_forgetting"]["row"]
+    return twins
+
+
+def matched_forgetting_lines(folder: Path) -> list[str]:
+    """The calibrations of ``match_forgetting`` rows (``match/<row>.json``): each learning
+    rate tried and the validation forgetting and retain accuracy it gave, against the target."""
+    files = (
+        sorted(p for p in (folder / "match").glob("*.json")) if (folder / "match").is_dir() else []
+    )
+    if not files:
+        return []
+    lines = [
+        "",
+        "## Matched forgetting (validation facts)",
+        "",
+        "Each matched row's learning rate was chosen so that it forgets as much of the "
+        "validation facts (completion format, 1 - accuracy) as the row it is matched to after "
+        "that row's full training; the same steps, facts and forget coefficient.",
+        "",
+        "| row | matched to | target | tried: lr -> forgotten (retain acc.) | chosen lr | forgotten |",
+        "|---|---|---|---|---|---|",
+    ]
+    for path in files:
+        record = json.loads(path.read_text())
+        tried = ", ".join(
+            f"{t['lr']:.3g} -> {100 * t['forget_effect']:.0f}% ({100 * t['retain_accuracy']:.0f}%)"
+            for t in record["tried"]
+        )
+        lines.append(
+            f"| {record['name']} | {record['row']} (lr {record['reference']['lr']:.3g}) | "
+            f"{100 * record['target']:.1f}% | {tried} | {record['chosen']['lr']:.3g} | "
+            f"{100 * record['chosen_forget_effect']:.1f}% |"
+        )
+    return lines
 
 
 def _markdown(folder: Path, summary, order: list[str], results, columns: Sequence[Column]) -> str:
@@ -96,6 +134,7 @@ def _markdown(folder: Path, summary, order: list[str], results, columns: Sequenc
             f"| {name} | {hp.get('lr', '-')} | {hp.get('forget_coef', '-')} | "
             f"{first.get('n_params', 0):,} | {', '.join(first.get('components', []))[:120]} |"
         )
+    lines += matched_forgetting_lines(folder)
     lines += _lat_compute_lines(summary, order, results)
     all_keys = sorted({k for s in summary.values() for k in s})
     lines += [
