@@ -67,6 +67,7 @@ from mechunlearn.experiments.localizations import (
 from mechunlearn.experiments.measurements import MEASUREMENTS
 from mechunlearn.experiments.run_folder import RunFolder
 from mechunlearn.experiments.sweep import (
+    MATCH_FOLDER,
     chosen_hyperparameters,
     forget_perturbation,
     rung_survivors,
@@ -130,8 +131,9 @@ SWEEP_CHECKPOINTS = Path("units") / "sweep-checkpoints"
 """Where a successive-halving point's checkpoint waits for its next rung."""
 
 UNIT_PRIORITY = ("localize", "sweep", "match", "edit", "measure", "base")
-"""Ready units are taken in this order: localizations unblock sweeps, sweeps unblock edits,
-edits unblock their battery's parts, and the base model's batteries (no dependencies) fill the
+"""Ready units are taken in this order: localizations unblock sweeps, sweeps unblock edits and
+calibrations to a row's forgetting (which unblock their rows' edits), edits unblock their
+battery's parts, and the base model's batteries (no dependencies) fill the
 gaps."""
 
 
@@ -260,13 +262,13 @@ def plan_units(config: ExperimentConfig) -> list[Unit]:
         if spec.match_forgetting is None:
             continue
         row = spec.match_forgetting.row
-        reference = f"match/reference/{row}"
+        reference = f"{MATCH_FOLDER}/reference/{row}"
         if not any(u.key == reference for u in units):
             units.append(
                 Unit(reference, "match", f"{reference}.json", {"reference": row},
                      (f"localize/{row}", *chosen_from[row]))
             )  # fmt: skip
-        key = f"match/{spec.name}"
+        key = f"{MATCH_FOLDER}/{spec.name}"
         units.append(
             Unit(key, "match", f"{key}.json", {"name": spec.name},
                  (f"localize/{spec.name}", reference))
@@ -460,8 +462,8 @@ def _match_unit(ctx: EditContext, unit: Unit) -> dict[str, Any]:
         )
         return record
     row = spec.match_forgetting.row
-    reference = read_json(ctx.folder / "match" / "reference" / f"{row}.json")
-    trials = ctx.folder / "units" / "match" / f"{name}.trials.json"
+    reference = read_json(ctx.folder / MATCH_FOLDER / "reference" / f"{row}.json")
+    trials = ctx.folder / "units" / MATCH_FOLDER / f"{name}.trials.json"
     record = match_forgetting(*common, reference, trials_path=trials, log=ctx.log)
     ctx.log(
         f"{name}: lr {record['chosen']['lr']:g} forgets {record['chosen_forget_effect']:.2f} "
