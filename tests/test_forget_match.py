@@ -4,7 +4,6 @@ validation forgetting before the two are compared (issue 18)."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
@@ -16,12 +15,12 @@ from mechunlearn.experiments.edit_job import plan_units, run_experiment
 from tests.test_experiment_run import tiny_config
 
 
-def _fake_points(monkeypatch, effect):
-    """``sweep_point`` replaced by one whose forget effect is ``effect(lr)``; returns the list
-    of learning rates it was called with."""
+def _fake_point(effect):
+    """A validation point whose forget effect is ``effect(lr)``, and the learning rates it was
+    trained at."""
     calls: list[float] = []
 
-    def point(hm, spec, loc, sets, data, config, base_retain, lr, coef, *args, **kwargs):
+    def point(lr, coef):
         calls.append(lr)
         return {
             "forget_effect": effect(lr),
@@ -33,8 +32,7 @@ def _fake_points(monkeypatch, effect):
             "final_loss": 0.0,
         }
 
-    monkeypatch.setattr(forget_match, "sweep_point", point)
-    return calls
+    return point, calls
 
 
 def _spec(**match) -> LocalizationSpec:
@@ -43,18 +41,15 @@ def _spec(**match) -> LocalizationSpec:
     )
 
 
-def _match(spec, reference, trials=None):
-    sets = SimpleNamespace(forget=list(range(32)))
-    config = SimpleNamespace(sweep=SimpleNamespace(lr=[1e-3, 1e-5, 1e-4]))
-    return forget_match.match_forgetting(
-        None, spec, None, sets, None, config, 1.0, reference, trials_path=trials
-    )
+def _match(spec, point, reference, trials=None):
+    reference = {"n_validation": 32, **reference}
+    return forget_match.match_forgetting(spec, point, reference, [1e-3, 1e-5, 1e-4], trials)
 
 
-def test_the_learning_rate_is_bisected_toward_the_rows_forgetting(monkeypatch, tmp_path):
-    calls = _fake_points(monkeypatch, lambda lr: min(1.0, lr * 1000))
+def test_the_learning_rate_is_bisected_toward_the_rows_forgetting(tmp_path):
+    point, calls = _fake_point(lambda lr: min(1.0, lr * 1000))
     reference = {"forget_effect": 0.5, "forget_coef": 2.0, "lr": 1e-5}
-    record = _match(_spec(refine=2), reference, tmp_path / "trials.json")
+    record = _match(_spec(refine=2), point, reference, tmp_path / "trials.json")
     # the sweep's grid, smallest first, then two bisections of the bracketing pair
     assert calls == [1e-5, 1e-4, 1e-3, 0.0003162, 0.0005623]
     assert record["chosen"] == {"lr": 0.0005623, "forget_coef": 2.0}
@@ -63,16 +58,17 @@ def test_the_learning_rate_is_bisected_toward_the_rows_forgetting(monkeypatch, t
     assert [t["lr"] for t in record["tried"]] == sorted(calls)
     # resumed: every logged try is reused, none retrained
     calls.clear()
-    again = _match(_spec(refine=2), reference, tmp_path / "trials.json")
+    again = _match(_spec(refine=2), point, reference, tmp_path / "trials.json")
     assert calls == [] and again["chosen"] == record["chosen"]
     # another target: the log belongs to another calibration and is ignored
-    _match(_spec(refine=0), {**reference, "forget_effect": 0.05}, tmp_path / "trials.json")
+    _match(_spec(refine=0), point, {**reference, "forget_effect": 0.05}, tmp_path / "trials.json")
     assert calls == [1e-5, 1e-4, 1e-3]
 
 
-def test_without_a_bracketing_pair_the_closest_grid_value_is_chosen(monkeypatch):
-    calls = _fake_points(monkeypatch, lambda lr: 0.1)  # never forgets enough
-    record = _match(_spec(lr=[3e-5, 1e-5], refine=3), {"forget_effect": 0.6, "forget_coef": 1.0})
+def test_without_a_bracketing_pair_the_closest_grid_value_is_chosen():
+    point, calls = _fake_point(lambda lr: 0.1)  # never forgets enough
+    reference = {"forget_effect": 0.6, "forget_coef": 1.0}
+    record = _match(_spec(lr=[3e-5, 1e-5], refine=3), point, reference)
     assert calls == [3e-5, 1e-5]  # the row's own grid, no bisection without a bracket
     assert record["chosen"]["lr"] == 1e-5  # a tie goes to the smaller learning rate
 

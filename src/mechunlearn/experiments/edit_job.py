@@ -452,10 +452,15 @@ def _match_unit(ctx: EditContext, unit: Unit) -> dict[str, Any]:
     spec = next(s for s in config.localizations if s.name == name)
     loc = Localization.load(ctx.folder / "localizations" / f"{name}.json")
     data = train_data(config, ctx.validation, ctx.text_train)
-    common = (ctx.hm, spec, loc, ctx.validation, data, config, ctx.base_retain)
+
+    def point(lr: float, coef: float) -> dict[str, Any]:
+        return sweep_point(
+            ctx.hm, spec, loc, ctx.validation, data, config, ctx.base_retain, lr, coef
+        )
+
     if "reference" in unit.params:
         chosen = chosen_hyperparameters(ctx.folder, config, name)
-        record = reference_forgetting(*common, chosen)
+        record = reference_forgetting(name, point, chosen, len(ctx.validation.forget))
         ctx.log(
             f"{name}: validation forget effect {record['forget_effect']:.2f} at lr "
             f"{chosen.lr:g} (the target of the rows matched to it)"
@@ -464,7 +469,8 @@ def _match_unit(ctx: EditContext, unit: Unit) -> dict[str, Any]:
     row = spec.match_forgetting.row
     reference = read_json(ctx.folder / MATCH_FOLDER / "reference" / f"{row}.json")
     trials = ctx.folder / "units" / MATCH_FOLDER / f"{name}.trials.json"
-    record = match_forgetting(*common, reference, trials_path=trials, log=ctx.log)
+    default_lr = config.sweep.lr if config.sweep else []
+    record = match_forgetting(spec, point, reference, default_lr, trials, ctx.log)
     ctx.log(
         f"{name}: lr {record['chosen']['lr']:g} forgets {record['chosen_forget_effect']:.2f} "
         f"of the validation facts ({row}: {record['target']:.2f})"

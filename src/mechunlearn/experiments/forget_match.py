@@ -22,69 +22,54 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mechunlearn.edit.data import TrainData
 from mechunlearn.experiments.calibration import closest_to_target, next_bracketing_value
-from mechunlearn.experiments.edit_config import ExperimentConfig, Hyperparameters, LocalizationSpec
-from mechunlearn.experiments.fact_sets import FactSets
-from mechunlearn.experiments.sweep import sweep_point
+from mechunlearn.experiments.edit_config import Hyperparameters, LocalizationSpec
 from mechunlearn.io import atomic_write_json, read_json
-from mechunlearn.localize import Localization
-from mechunlearn.models.handle import HookedModel
 
 MEASURE = "forget_effect"
 
+ValidationPoint = Callable[[float, float], dict[str, Any]]
+"""``point(lr, forget_coef)``: one row trained at that point on the validation facts for its
+full steps, scored (``experiments.sweep.sweep_point``: ``forget_effect``, ``retain_accuracy``,
+...), and its weights restored."""
 
-def _timed_point(hm, spec, loc, sets, data, config, base_retain, lr, coef) -> dict[str, Any]:
+
+def _timed(point: ValidationPoint, lr: float, coef: float) -> dict[str, Any]:
     tick = time.perf_counter()
-    numbers = sweep_point(hm, spec, loc, sets, data, config, base_retain, lr, coef)
+    numbers = point(lr, coef)
     return {**numbers, "seconds": round(time.perf_counter() - tick, 3)}
 
 
 def reference_forgetting(
-    hm: HookedModel,
-    spec: LocalizationSpec,
-    loc: Localization,
-    sets: FactSets,
-    data: TrainData,
-    config: ExperimentConfig,
-    base_retain: float,
-    chosen: Hyperparameters,
+    name: str, point: ValidationPoint, chosen: Hyperparameters, n_validation: int
 ) -> dict[str, Any]:
-    """The reference row trained for its full steps at its ``chosen`` hyper-parameters on the
-    validation facts: its forget effect is the matched rows' target (a halving sweep scores
-    its points after fewer steps, so the sweep's own numbers are not that target)."""
-    numbers = _timed_point(
-        hm, spec, loc, sets, data, config, base_retain, chosen.lr, chosen.forget_coef
-    )
-    return {"row": spec.name, **numbers, "n_validation": len(sets.forget)}
+    """The reference row ``name`` trained for its full steps at its ``chosen``
+    hyper-parameters on the validation facts: its forget effect is the matched rows' target (a
+    halving sweep scores its points after fewer steps, so the sweep's own numbers are not that
+    target)."""
+    numbers = _timed(point, chosen.lr, chosen.forget_coef)
+    return {"row": name, **numbers, "n_validation": n_validation}
 
 
 def match_forgetting(
-    hm: HookedModel,
     spec: LocalizationSpec,
-    loc: Localization,
-    sets: FactSets,
-    data: TrainData,
-    config: ExperimentConfig,
-    base_retain: float,
+    point: ValidationPoint,
     reference: dict[str, Any],
+    default_lr: list[float],
     trials_path: Path | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Calibrate ``spec``'s learning rate to ``reference``'s validation forget effect; the
-    record names every try and the chosen ``(lr, forget_coef)``. ``trials_path``: a log of
+    """Calibrate ``spec``'s learning rate (its ``match_forgetting.lr``, else ``default_lr``:
+    the sweep's grid) to ``reference``'s validation forget effect; ``point`` trains ``spec``.
+    The record names every try and the chosen ``(lr, forget_coef)``. ``trials_path``: a log of
     finished tries (ignored when made for another target, coefficient or validation set)."""
     match = spec.match_forgetting
     if match is None:
         raise ValueError(f"{spec.name} has no match_forgetting")
     target = reference[MEASURE]
     coef = reference["forget_coef"]
-    key = {
-        "row": match.row,
-        "target": target,
-        "forget_coef": coef,
-        "n_validation": len(sets.forget),
-    }
+    n_validation = reference["n_validation"]
+    key = {"row": match.row, "target": target, "forget_coef": coef, "n_validation": n_validation}
     logged: dict[float, dict[str, Any]] = {}
     if trials_path is not None and trials_path.is_file():
         record = read_json(trials_path)
@@ -96,7 +81,7 @@ def match_forgetting(
         if lr in logged:
             tried.append(logged[lr])
             return
-        numbers = _timed_point(hm, spec, loc, sets, data, config, base_retain, lr, coef)
+        numbers = _timed(point, lr, coef)
         tried.append(numbers)
         log(
             f"{spec.name}: matching {match.row}'s forgetting ({target:.2f}): lr {lr:g} -> "
@@ -105,7 +90,7 @@ def match_forgetting(
         if trials_path is not None:
             atomic_write_json(trials_path, {**key, "tried": tried})
 
-    for lr in match.lr or sorted(config.sweep.lr):
+    for lr in match.lr or sorted(default_lr):
         attempt(lr)
     for _ in range(match.refine):
         lr = next_bracketing_value(tried, target, "lr", MEASURE)
@@ -122,5 +107,5 @@ def match_forgetting(
         "tried": sorted(tried, key=lambda t: t["lr"]),
         "chosen": {"lr": chosen_lr, "forget_coef": coef},
         "chosen_forget_effect": chosen[MEASURE],
-        "n_validation": len(sets.forget),
+        "n_validation": n_validation,
     }
