@@ -78,8 +78,9 @@ def matched_forgetting_lines(folder: Path) -> list[str]:
         "## Matched forgetting (validation facts)",
         "",
         "Each matched row's learning rate was chosen so that it forgets as much of the "
-        "validation facts (completion format, 1 - accuracy) as the row it is matched to after "
-        "that row's full training; the same steps, facts and forget coefficient.",
+        "validation facts (completion format, 1 - accuracy; edit success when editing) as the "
+        "row it is matched to after that row's full training; the same steps, facts and "
+        "forget coefficient.",
         "",
         "| row | matched to | target | tried: lr -> forgotten (retain acc.) | chosen lr | forgotten |",
         "|---|---|---|---|---|---|",
