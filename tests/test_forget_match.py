@@ -155,3 +155,29 @@ def test_matching_to_a_matched_row_or_borrowing_its_choice_is_refused(saved_llam
     )
     with pytest.raises(ConfigError, match="which is matched"):
         validate_config(ExperimentConfig, borrowing, "t")
+
+
+def test_an_edit_whose_weights_are_gone_is_trained_again_before_its_battery(
+    saved_llama, tmp_path, monkeypatch
+):
+    """A finished run deletes every edited-weights file; an edit made by an earlier launch for
+    a seed the finished run did not cover could then never be measured. Extending the run
+    retrains it instead of failing."""
+    monkeypatch.setenv("MECHUNLEARN_CACHE", str(tmp_path / "cache"))
+    config = _matched_config(saved_llama, {"name": "all_mlps_2", "method": "all_mlps"})
+    config["localizations"] = config["localizations"][:1]
+    cfg = validate_config(ExperimentConfig, config, "t")
+    out = run_experiment(cfg, tmp_path / "run", progress=False)
+    result = out / "results" / "all_mlps" / "seed0.json"
+    measures = out / "units" / "measure" / "all_mlps" / "seed0"
+    assert result.is_file() and not (out / "units" / "weights").exists()
+    # the state such a launch leaves: the edit done, its battery not, its weights deleted
+    result.unlink()
+    for part in measures.glob("*.json"):
+        part.unlink()
+    edit = out / "units" / "edit" / "all_mlps" / "seed0.json"
+    edited_at = edit.stat().st_mtime_ns
+    messages: list[str] = []
+    run_experiment(cfg, tmp_path / "run", resume=True, progress=False, log=messages.append)
+    assert result.is_file() and edit.stat().st_mtime_ns > edited_at
+    assert any("edit/all_mlps/seed0: its edited weights are gone" in m for m in messages)

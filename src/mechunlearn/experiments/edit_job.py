@@ -304,6 +304,26 @@ def _result_file(folder: Path, name: str, seed: int) -> Path:
     return folder / "results" / name / f"seed{seed}.json"
 
 
+def retrain_edits_without_weights(folder: Path, units: list[Unit]) -> list[str]:
+    """Mark for training again every finished edit whose battery is not done but whose
+    edited weights file is gone (a finished run deletes them all, so an edit of a run stopped
+    and then finished with fewer seeds could never be measured), by removing its unit file.
+    Returns the edits' keys."""
+    retrain = []
+    for unit in units:
+        if unit.kind != "edit" or not (folder / unit.path).is_file():
+            continue
+        weights = _weights_file(folder, unit.params["name"], unit.params["seed"])
+        pending = any(
+            u.kind == "measure" and unit.key in u.deps and not (folder / u.path).is_file()
+            for u in units
+        )
+        if pending and not weights.is_file():
+            (folder / unit.path).unlink()
+            retrain.append(unit.key)
+    return retrain
+
+
 def _assembled(folder: Path, unit: Unit) -> bool:
     if unit.kind not in ("edit", "measure"):
         return False
@@ -549,6 +569,8 @@ def run_experiment(
     # (localization, seed) results of an earlier run (e.g. one being extended to more seeds)
     # are kept as they are, however they were made
     units = [u for u in plan_units(config) if not _assembled(partial, u)]
+    for key in retrain_edits_without_weights(partial, units):
+        log(f"{key}: its edited weights are gone and its battery is not done; training it again")
     context = None
     if workers <= 1:
         context = build_context(partial, hm, progress=progress, log=log)
