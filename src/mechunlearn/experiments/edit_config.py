@@ -435,6 +435,11 @@ class ExperimentConfig(Strict):
                     f"{spec.name}: hyperparameters_from {source!r}, which takes its own from "
                     f"{origin.hyperparameters_from!r}; name the row that is swept"
                 )
+            if origin.match_forgetting is not None:
+                raise ValueError(
+                    f"{spec.name}: hyperparameters_from {source!r}, which is matched; name the "
+                    "row it is matched to, or match this row too"
+                )
             if spec.name in self.hyperparameters:
                 raise ValueError(f"{spec.name}: both hyperparameters and hyperparameters_from")
         for spec in self.localizations:
@@ -458,15 +463,6 @@ class ExperimentConfig(Strict):
                 )
             if self.sweep is None and match.lr is None:
                 raise ValueError(f"{spec.name}: match_forgetting needs lr values or a sweep")
-        for spec in self.localizations:
-            source = spec.hyperparameters_from
-            if source is not None and any(
-                s.name == source and s.match_forgetting is not None for s in self.localizations
-            ):
-                raise ValueError(
-                    f"{spec.name}: hyperparameters_from {source!r}, which is matched; name the "
-                    "row it is matched to, or match this row too"
-                )
         if self.sweep is None:
             missing = [
                 s.name
