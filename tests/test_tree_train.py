@@ -398,3 +398,23 @@ def test_tree_train_takes_its_model_preset_as_preset():
     assert result.exit_code == 2 and "No such option: --model" in result.output
     result = CliRunner().invoke(app, ["tree", "train", "--help"])
     assert "--preset" in result.output
+
+
+def test_shipped_recipes_resolve_by_name_and_are_valid_recipes(tmp_path):
+    import yaml
+
+    from mechunlearn.reasoning.shipped_recipes import resolve_recipe, shipped_recipes
+
+    recipes = shipped_recipes()
+    assert {"depth-n8-4layers", "depth-n8-6layers"} <= set(recipes)
+    for name, path in recipes.items():
+        assert resolve_recipe(name) == path
+        recipe = TreeTrainConfig.model_validate(yaml.safe_load(path.read_text()))
+        assert recipe.task.n_nodes == recipe.model.n_nodes
+    mine = tmp_path / "depth-n8-4layers"  # an existing file wins over a shipped name
+    mine.write_text("steps: 10\n")
+    assert resolve_recipe(mine) == mine
+    with pytest.raises(ConfigError, match="neither a file nor a shipped recipe.*depth-n8-6layers"):
+        resolve_recipe("depth-n8-99layers")
+    result = CliRunner().invoke(app, ["tree", "train", "--config", "nope", "--quiet"])
+    assert result.exit_code == 2 and "neither a file nor a shipped recipe" in result.output

@@ -53,7 +53,8 @@ def tree_train(
     config: Annotated[
         Path | None,
         typer.Option(
-            help="YAML recipe ('shipped': the shipped checkpoint's); command-line options override it"
+            help="YAML recipe, 'shipped' (the shipped checkpoint's) or a shipped recipe's name "
+            "(depth-n8-6layers, ...); command-line options override it"
         ),
     ] = None,
     out: Annotated[
@@ -87,8 +88,7 @@ def tree_train(
     quiet: QuietOpt = False,
 ) -> None:
     """Train the path-finding model on fresh trees; writes OUT/model and OUT/metrics.json."""
-    from mechunlearn.errors import DataError
-    from mechunlearn.reasoning.model import SHIPPED, SHIPPED_RECIPE, shipped_checkpoint_folder
+    from mechunlearn.reasoning.shipped_recipes import resolve_recipe
     from mechunlearn.reasoning.train import TreeTrainConfig, train_tree_model
 
     values = {
@@ -101,10 +101,8 @@ def tree_train(
         "compile": True if compile else None,
         "device": device,
     }
-    if config is not None and str(config) == SHIPPED:
-        config = shipped_checkpoint_folder() / SHIPPED_RECIPE
-        if not config.is_file():
-            raise DataError(f"this installation ships no tree recipe ({config})")
+    if config is not None:
+        config = resolve_recipe(config)
     cfg = build_config(TreeTrainConfig, config, values)
     result = train_tree_model(
         cfg,
