@@ -244,3 +244,25 @@ def tree_analyze(
     console.print(
         f"results: {out}/results.json, {out}/summary.md, figures in {out}/figures", markup=False
     )
+
+
+@tree_app.command("compare")
+@user_errors
+def tree_compare(
+    analyses: Annotated[
+        list[Path], typer.Argument(help="`tree analyze --out` folders, shallowest model first")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="folder for comparison.md, comparison.json, figures/depth.png")
+    ] = Path("runs/tree-depth"),
+    label: Annotated[
+        list[str] | None, typer.Option(help="a name per analysis folder, in order (repeat)")
+    ] = None,
+) -> None:
+    """Mechanism verdicts of several analysed tree models side by side, against depth relative
+    to path length (issue 17's depth question)."""
+    from mechunlearn.report.tree_depth import depth_markdown, write_depth_comparison
+
+    models = write_depth_comparison(list(analyses), out, label)
+    console.print(depth_markdown(models), markup=False, highlight=False)
+    console.print(f"written: {out}/comparison.md, {out}/comparison.json, {out}/figures/depth.png")

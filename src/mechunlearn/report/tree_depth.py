@@ -1,0 +1,234 @@
+"""Mechanism verdicts of several tree models side by side, against depth relative to path length.
+
+Brinkmann et al. (2024, arXiv:2402.11917) find backward chaining, one level per layer, in a
+6-layer model whose paths are up to 15 edges long; our 3-layer model at n = 8 solves the task
+without it. Whether the mechanism appears depends on depth relative to path length, so this
+module reads the ``results.json`` of several ``tree analyze`` runs and tabulates, per model,
+the depth, the longest path, every mechanism's verdict, the per-layer deduction-head weight and
+the per-layer loss recovered by matched resampling. It only reads what the analyses wrote; the
+verdicts and thresholds are theirs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mechunlearn.errors import ConfigError, DataError
+from mechunlearn.io import atomic_write_json, atomic_write_text
+
+RESULTS_FILE = "results.json"
+MODEL_KEYS = ("n_layers", "n_nodes", "d_model")
+
+
+@dataclass(frozen=True)
+class AnalysedModel:
+    """One analysis folder's numbers that the comparison needs."""
+
+    label: str
+    folder: Path
+    n_layers: int
+    n_nodes: int
+    d_model: int
+    accuracy: float
+    verdicts: dict[str, bool | None]
+    deduction: dict[str, list[float | None]]  # site -> per-layer best-head weight
+    deduction_uniform: list[float | None]
+    short_recovered: list[float | None]
+    long_recovered: list[float | None]
+    depth_bound: int
+
+    @property
+    def longest_path(self) -> int:
+        return self.n_nodes - 1
+
+    def deduction_ratio(self, layer: int) -> float | None:
+        """The larger of the two sites' weight on the chain edge, in multiples of uniform."""
+        uniform = self.deduction_uniform[layer]
+        scores = [s[layer] for s in self.deduction.values() if s[layer] is not None]
+        if not scores or not uniform:
+            return None
+        return max(scores) / uniform
+
+
+def _required(data: dict[str, Any], path: str, where: Path) -> Any:
+    value: Any = data
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise DataError(f"{where}: no '{path}'; is this a `tree analyze` results file?")
+        value = value[key]
+    return value
+
+
+def load_analysed_model(folder: str | Path, label: str | None = None) -> AnalysedModel:
+    """The comparison's view of one ``tree analyze --out`` folder."""
+    folder = Path(folder)
+    path = folder / RESULTS_FILE
+    if not path.is_file():
+        raise DataError(f"{folder}: no {RESULTS_FILE}; pass a `tree analyze --out` folder")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from None
+    model = {key: int(_required(data, f"meta.model.{key}", path)) for key in MODEL_KEYS}
+    findings = _required(data, "summary.findings", path)
+    deduction = _required(data, "deduction", path)
+    scrubbing = _required(data, "scrubbing", path)
+    sites = {
+        str(deduction.get("site") or "target"): _required(data, "deduction.layer_scores", path)
+    }
+    separator = deduction.get("separator")
+    if isinstance(separator, dict) and "layer_scores" in separator:
+        sites["separator"] = separator["layer_scores"]
+    return AnalysedModel(
+        label=label or f"{model['n_layers']} layers, n = {model['n_nodes']}",
+        folder=folder,
+        n_layers=model["n_layers"],
+        n_nodes=model["n_nodes"],
+        d_model=model["d_model"],
+        accuracy=float(_required(data, "accuracy.overall", path)),
+        verdicts={f["name"]: f["found"] for f in findings},
+        deduction=sites,
+        deduction_uniform=_required(data, "deduction.uniform", path),
+        short_recovered=_required(data, "scrubbing.short_recovered", path),
+        long_recovered=_required(data, "scrubbing.long_recovered", path),
+        depth_bound=int(scrubbing.get("depth_bound", model["n_layers"])),
+    )
+
+
+def _verdict(found: bool | None) -> str:
+    return {True: "found", False: "not found", None: "not testable"}[found]
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def depth_markdown(models: list[AnalysedModel]) -> str:
+    """The comparison as markdown: models, verdicts, deduction weight and recovery per layer."""
+    lines = [
+        "# Mechanisms against depth (Brinkmann et al. 2024)",
+        "",
+        "| model | layers | d_model | nodes | longest path (edges) | layers / longest path | "
+        "whole-path accuracy | analysis |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in models:
+        lines.append(
+            f"| {m.label} | {m.n_layers} | {m.d_model} | {m.n_nodes} | {m.longest_path} | "
+            f"{m.n_layers / m.longest_path:.2f} | {100 * m.accuracy:.2f}% | `{m.folder}` |"
+        )
+    names: list[str] = []
+    for m in models:
+        names += [n for n in m.verdicts if n not in names]
+    lines += ["", "## Verdicts", "", "| mechanism | " + " | ".join(m.label for m in models) + " |"]
+    lines.append("|---|" + "---|" * len(models))
+    for name in names:
+        cells = [_verdict(m.verdicts[name]) if name in m.verdicts else "-" for m in models]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    deepest = max(m.n_layers for m in models)
+    header = " | ".join(f"L{layer}" for layer in range(1, deepest))
+    lines += [
+        "",
+        "## Deduction heads: weight on the chain edge, per layer, in multiples of uniform",
+        "",
+        "The best head's mean weight from a path position on the edge into chain node "
+        "a_(l-1) in layer l (one level up the tree per layer), read at the edge's target or at "
+        "the separator after it, whichever is larger, divided by the uniform weight. The "
+        "analyses call a deduction head found at >= 0.3 weight and >= 3x uniform.",
+        "",
+        f"| model | {header} |",
+        "|---|" + "---|" * (deepest - 1),
+    ]
+    for m in models:
+        cells = [
+            _number(m.deduction_ratio(layer)) if layer < m.n_layers else "-"
+            for layer in range(1, deepest)
+        ]
+        lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
+    header = " | ".join(f"L{layer}" for layer in range(deepest))
+    lines += [
+        "",
+        "## Depth bound: loss recovered by matched resampling, per layer",
+        "",
+        "Layer l's attention output at the root position is taken from a donor tree whose "
+        "node l levels above its goal is the same; 1 = the clean loss, 0 = uniform. Pure "
+        "backward chaining recovers most of the loss on paths no longer than the number of "
+        "layers (short) and less on longer ones (long).",
+        "",
+        f"| model | paths | {header} |",
+        "|---|---|" + "---|" * deepest,
+    ]
+    for m in models:
+        for kind, values in (("short", m.short_recovered), ("long", m.long_recovered)):
+            cells = [
+                _number(values[layer]) if layer < len(values) else "-" for layer in range(deepest)
+            ]
+            lines.append(f"| {m.label} | {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def depth_json(models: list[AnalysedModel]) -> dict[str, Any]:
+    return {
+        "models": [
+            {
+                "label": m.label,
+                "folder": str(m.folder),
+                "n_layers": m.n_layers,
+                "d_model": m.d_model,
+                "n_nodes": m.n_nodes,
+                "longest_path": m.longest_path,
+                "accuracy": m.accuracy,
+                "verdicts": m.verdicts,
+                "deduction_ratio": [m.deduction_ratio(layer) for layer in range(m.n_layers)],
+                "short_recovered": m.short_recovered,
+                "long_recovered": m.long_recovered,
+            }
+            for m in models
+        ]
+    }
+
+
+def depth_figure(models: list[AnalysedModel], path: Path) -> Path:
+    """Deduction weight ratio and short-path recovery per layer, one line per model."""
+    import matplotlib.pyplot as plt
+
+    from mechunlearn.plotting import save_figure
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
+    for m in models:
+        layers = list(range(1, m.n_layers))
+        ratios = [m.deduction_ratio(layer) for layer in layers]
+        left.plot(layers, [float("nan") if r is None else r for r in ratios], "o-", label=m.label)
+        recovered = [float("nan") if v is None else v for v in m.short_recovered]
+        right.plot(range(len(recovered)), recovered, "o-", label=m.label)
+    left.set_xlabel("layer")
+    left.set_ylabel("weight on the chain edge / uniform")
+    left.set_title("deduction heads")
+    left.legend(fontsize=7)
+    right.axhline(1.0, color="grey", linestyle=":")
+    right.set_xlabel("layer")
+    right.set_ylabel("loss recovered, paths <= layers")
+    right.set_title("matched resampling")
+    right.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def write_depth_comparison(
+    folders: list[str | Path], out: str | Path, labels: list[str] | None = None
+) -> list[AnalysedModel]:
+    """Read every analysis first (a bad folder writes nothing), then write ``comparison.md``,
+    ``comparison.json`` and ``figures/depth.png`` into ``out``, each atomically."""
+    if not folders:
+        raise ConfigError("give at least one `tree analyze --out` folder to compare")
+    if labels and len(labels) != len(folders):
+        raise ConfigError(f"{len(labels)} labels for {len(folders)} analysis folders")
+    names = labels or [None] * len(folders)
+    models = [load_analysed_model(f, label) for f, label in zip(folders, names, strict=True)]
+    out = Path(out)
+    atomic_write_text(out / "comparison.md", depth_markdown(models))
+    atomic_write_json(out / "comparison.json", depth_json(models))
+    depth_figure(models, out / "figures" / "depth.png")
+    return models

@@ -1,0 +1,95 @@
+"""``tree compare``: mechanism verdicts of several analysed tree models against depth. The
+comparison must carry each analysis's own numbers (verdicts, per-layer deduction weight,
+matched recovery) into its table, and refuse a folder that is not an analysis without writing
+anything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mechunlearn.cli import app
+from mechunlearn.errors import ConfigError, DataError
+from mechunlearn.reasoning.model import TreeModelConfig, build_model, save_tree_model
+from mechunlearn.reasoning.trees import TreeTaskConfig
+from mechunlearn.report.tree_depth import load_analysed_model, write_depth_comparison
+
+N = 6
+TASK = TreeTaskConfig(n_nodes=N, heldout_fraction=0.05)
+
+
+@pytest.fixture(scope="module")
+def analyses(tmp_path_factory):
+    """Two tiny random models of 2 and 3 layers, each analysed by `tree analyze`."""
+    root = tmp_path_factory.mktemp("depth")
+    folders = []
+    for layers in (2, 3):
+        config = TreeModelConfig(n_nodes=N, n_layers=layers, d_model=32, n_heads=2, d_mlp=64)
+        checkpoint = save_tree_model(build_model(config, 3), config, TASK, root / f"ckpt{layers}")
+        out = root / f"analysis{layers}"
+        args = ["tree", "analyze", "--checkpoint", str(checkpoint), "--out", str(out)]
+        result = CliRunner().invoke(app, [*args, "--n-trees", "16", "--per-length", "4", "--quiet"])
+        assert result.exit_code == 0, result.output
+        folders.append(out)
+    return folders
+
+
+def test_comparison_carries_each_analysis_numbers(analyses, tmp_path):
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(
+        app,
+        ["tree", "compare", *map(str, analyses), "--out", str(out), "--label", "two"]
+        + ["--label", "three"],
+    )
+    assert result.exit_code == 0, result.output
+    table = (out / "comparison.md").read_text()
+    saved = json.loads((out / "comparison.json").read_text())
+    assert [m["label"] for m in saved["models"]] == ["two", "three"]
+    assert (out / "figures" / "depth.png").stat().st_size > 0
+    for folder, label in zip(analyses, ("two", "three"), strict=True):
+        results = json.loads((folder / "results.json").read_text())
+        layers = results["meta"]["model"]["n_layers"]
+        assert f"| {label} | {layers} | 32 | {N} | {N - 1} | {layers / (N - 1):.2f} |" in table
+        model = load_analysed_model(folder, label)
+        assert model.verdicts == {f["name"]: f["found"] for f in results["summary"]["findings"]}
+        short = [f"{v:.2f}" for v in results["scrubbing"]["short_recovered"]]
+        row = f"| {label} | short | " + " | ".join(short + ["-"] * (3 - layers)) + " |"
+        assert row in table
+        deduction = results["deduction"]
+        best = max(
+            s for s in (deduction["layer_scores"][1], deduction["separator"]["layer_scores"][1])
+        )
+        assert model.deduction_ratio(1) == pytest.approx(best / deduction["uniform"][1])
+    verdict_rows = [line for line in table.splitlines() if line.startswith("| task solved |")]
+    assert len(verdict_rows) == 1 and verdict_rows[0].count("|") == 4
+
+
+def test_bad_folders_and_labels_write_nothing(analyses, tmp_path):
+    out = tmp_path / "cmp"
+    with pytest.raises(ConfigError, match="1 labels for 2"):
+        write_depth_comparison(analyses, out, ["only one"])
+    with pytest.raises(ConfigError, match="at least one"):
+        write_depth_comparison([], out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no results.json"):
+        write_depth_comparison([analyses[0], empty], out)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "results.json").write_text(json.dumps({"meta": {"model": {}}}))
+    with pytest.raises(DataError, match="no 'meta.model.n_layers'"):
+        write_depth_comparison([analyses[0], broken], out)
+    results = json.loads((analyses[0] / "results.json").read_text())
+    del results["summary"]
+    (broken / "results.json").write_text(json.dumps(results))
+    with pytest.raises(DataError, match="no 'summary.findings'"):
+        write_depth_comparison([analyses[0], broken], out)
+    (broken / "results.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        write_depth_comparison([broken], out)
+    assert not out.exists()
+    result = CliRunner().invoke(app, ["tree", "compare", str(empty), "--out", str(out)])
+    assert result.exit_code == 2 and "no results.json" in result.output
+    assert not out.exists()
