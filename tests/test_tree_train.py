@@ -418,3 +418,21 @@ def test_shipped_recipes_resolve_by_name_and_are_valid_recipes(tmp_path):
         resolve_recipe("depth-n8-99layers")
     result = CliRunner().invoke(app, ["tree", "train", "--config", "nope", "--quiet"])
     assert result.exit_code == 2 and "neither a file nor a shipped recipe" in result.output
+
+
+def test_named_shipped_checkpoints_load_by_name(tmp_path, monkeypatch):
+    from mechunlearn.reasoning import model as model_module
+    from mechunlearn.reasoning.analysis.run import TreeAnalysisConfig, analyze_checkpoint
+
+    root = tmp_path / "checkpoints"
+    save_tree_model(build_model(TINY), TINY, TreeTaskConfig(n_nodes=N), root / "depth-tiny")
+    (root / "not-a-model").mkdir()
+    monkeypatch.setattr(model_module, "named_checkpoints_root", lambda: root)
+    assert set(model_module.named_checkpoint_folders()) == {"shipped", "depth-tiny"}
+    assert load_tree_model("depth-tiny").config == TINY
+    with pytest.raises(DataError, match=r"nor the name of a shipped one \(shipped, depth-tiny\)"):
+        load_tree_model("not-a-model")
+    out = tmp_path / "analysis"
+    analyze_checkpoint("depth-tiny", out, TreeAnalysisConfig(n_trees=16, per_length=2))
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["checkpoint"].startswith("the shipped checkpoint 'depth-tiny'")

@@ -24,8 +24,9 @@ from mechunlearn.cli.common import (
 CheckpointOpt = Annotated[
     str,
     typer.Option(
-        help="a saved tree model folder (or a tree train --out folder); "
-        "'shipped': the checkpoint that comes with the package"
+        help="a saved tree model folder (or a tree train --out folder), or the name of a "
+        "checkpoint that comes with the package ('shipped', the n = 8 model; others are "
+        "listed when a name is unknown)"
     ),
 ]
 

@@ -222,11 +222,30 @@ def shipped_checkpoint_folder() -> Path:
     return Path(str(resources.files("mechunlearn.reasoning").joinpath("checkpoint")))
 
 
+def named_checkpoints_root() -> Path:
+    """``mechunlearn/reasoning/checkpoints``: one folder per named shipped checkpoint."""
+    from importlib import resources
+
+    return Path(str(resources.files("mechunlearn.reasoning").joinpath("checkpoints")))
+
+
+def named_checkpoint_folders() -> dict[str, Path]:
+    """Checkpoints shipped in the package by name: ``shipped`` (``reasoning/checkpoint``) and
+    every folder of ``reasoning/checkpoints/`` that holds a saved tree model, e.g. the depth
+    study's models, so that an analysis of them is reproduced without retraining."""
+    folders = {SHIPPED: shipped_checkpoint_folder()}
+    more = named_checkpoints_root()
+    if more.is_dir():
+        folders |= {p.name: p for p in sorted(more.iterdir()) if (p / META_FILE).is_file()}
+    return folders
+
+
 def resolve_checkpoint_folder(path: str | Path) -> Path:
-    """``path`` itself, or its ``model/`` subfolder (a ``tree train`` output folder);
-    ``"shipped"`` is the checkpoint shipped with the package."""
-    if str(path) == SHIPPED:
-        folder = shipped_checkpoint_folder()
+    """A shipped checkpoint's name (``shipped``, ``named_checkpoint_folders``), or ``path``
+    itself, or its ``model/`` subfolder (a ``tree train`` output folder)."""
+    named = named_checkpoint_folders()
+    if str(path) in named:
+        folder = named[str(path)]
         if not (folder / META_FILE).is_file():
             raise DataError(
                 f"this installation has no shipped tree checkpoint ({folder}); train one with "
@@ -237,7 +256,18 @@ def resolve_checkpoint_folder(path: str | Path) -> Path:
     for candidate in (path, path / "model"):
         if (candidate / META_FILE).is_file():
             return candidate
-    raise DataError(f"{path} is not a tree model checkpoint (no {META_FILE} in it or in model/)")
+    raise DataError(
+        f"{path} is not a tree model checkpoint (no {META_FILE} in it or in model/), nor the "
+        f"name of a shipped one ({', '.join(named)})"
+    )
+
+
+def shipped_checkpoint_name(folder: Path) -> str | None:
+    """The name under which ``folder`` is shipped, or None for a checkpoint of the user's."""
+    for name, shipped in named_checkpoint_folders().items():
+        if shipped.resolve() == folder.resolve():
+            return name
+    return None
 
 
 def load_tree_model(

@@ -179,9 +179,10 @@ def analyze_checkpoint(
     it is of another config than ``expect`` or its weights do not match), analyse it, write
     ``out``."""
     from mechunlearn.reasoning.model import (
+        SHIPPED,
         hooked_tree_model,
         load_tree_model,
-        shipped_checkpoint_folder,
+        shipped_checkpoint_name,
     )
     from mechunlearn.runtime import configure_threads, resolve_device
 
@@ -189,12 +190,16 @@ def analyze_checkpoint(
     loaded = load_tree_model(checkpoint, expect=expect, device=str(resolve_device(device)))
     hm = hooked_tree_model(loaded.model, name=str(loaded.path))
     analysis = analyze_tree_model(hm, loaded.task, config, progress=progress, log=log)
-    # the shipped checkpoint by name, not by this machine's install path (results get committed)
-    shipped = loaded.path.resolve() == shipped_checkpoint_folder().resolve()
+    # a shipped checkpoint by name, not by this machine's install path (results get committed)
+    name = shipped_checkpoint_name(loaded.path)
+    if name == SHIPPED:
+        described = "the shipped checkpoint (mechunlearn/reasoning/checkpoint)"
+    elif name is not None:
+        described = f"the shipped checkpoint {name!r} (mechunlearn/reasoning/checkpoints/{name})"
+    else:
+        described = str(loaded.path)
     analysis.meta = {
-        "checkpoint": "the shipped checkpoint (mechunlearn/reasoning/checkpoint)"
-        if shipped
-        else str(loaded.path),
+        "checkpoint": described,
         "model": loaded.config.model_dump(),
         "task": loaded.task.model_dump(),
     }
