@@ -8,13 +8,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-export OMP_NUM_THREADS=1 MECHUNLEARN_THREADS=1 MECHUNLEARN_TEST_DEVICE=cuda
+source scripts/gpu_env.sh
+export MECHUNLEARN_TEST_DEVICE=cuda
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers',
 transformers.__version__, '|', torch.cuda.get_device_name())" | tee "$OUT/env.txt" || exit 1
 

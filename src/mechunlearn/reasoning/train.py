@@ -456,7 +456,11 @@ def _load_state(
     load_state_checked(
         model, load_file(str(folder / "model.safetensors")), f"training state {folder}"
     )
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    # read onto the CPU: a state saved on a GPU then resumes anywhere (load_state_dict moves the
+    # moments to each parameter's device)
+    optimizer.load_state_dict(
+        torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
+    )
     config = TreeTrainConfig.model_validate(
         {**config.model_dump(mode="json"), "schedule_restarts": restarts}
     )
