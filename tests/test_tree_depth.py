@@ -62,6 +62,8 @@ def test_comparison_carries_each_analysis_numbers(analyses, tmp_path):
             s for s in (deduction["layer_scores"][1], deduction["separator"]["layer_scores"][1])
         )
         assert model.deduction_ratio(1) == pytest.approx(best / deduction["uniform"][1])
+        ratio = best / deduction["uniform"][1]
+        assert f"| {label} | {best:.2f} ({ratio:.1f}x) |" in table
     verdict_rows = [line for line in table.splitlines() if line.startswith("| task solved |")]
     assert len(verdict_rows) == 1 and verdict_rows[0].count("|") == 4
 

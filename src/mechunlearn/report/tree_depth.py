@@ -44,13 +44,15 @@ class AnalysedModel:
     def longest_path(self) -> int:
         return self.n_nodes - 1
 
-    def deduction_ratio(self, layer: int) -> float | None:
-        """The larger of the two sites' weight on the chain edge, in multiples of uniform."""
-        uniform = self.deduction_uniform[layer]
+    def deduction_weight(self, layer: int) -> float | None:
+        """The larger of the two sites' weight on the chain edge in ``layer``."""
         scores = [s[layer] for s in self.deduction.values() if s[layer] is not None]
-        if not scores or not uniform:
-            return None
-        return max(scores) / uniform
+        return max(scores) if scores else None
+
+    def deduction_ratio(self, layer: int) -> float | None:
+        """``deduction_weight`` in multiples of the uniform weight."""
+        weight, uniform = self.deduction_weight(layer), self.deduction_uniform[layer]
+        return None if weight is None or not uniform else weight / uniform
 
 
 def _required(data: dict[str, Any], path: str, where: Path) -> Any:
@@ -106,6 +108,15 @@ def _number(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _deduction_cell(model: AnalysedModel, layer: int) -> str:
+    if layer >= model.n_layers:
+        return "-"
+    weight, ratio = model.deduction_weight(layer), model.deduction_ratio(layer)
+    if weight is None:
+        return "n/a"
+    return f"{weight:.2f}" if ratio is None else f"{weight:.2f} ({ratio:.1f}x)"
+
+
 def depth_markdown(models: list[AnalysedModel]) -> str:
     """The comparison as markdown: models, verdicts, deduction weight and recovery per layer."""
     lines = [
@@ -132,21 +143,18 @@ def depth_markdown(models: list[AnalysedModel]) -> str:
     header = " | ".join(f"L{layer}" for layer in range(1, deepest))
     lines += [
         "",
-        "## Deduction heads: weight on the chain edge, per layer, in multiples of uniform",
+        "## Deduction heads: weight on the chain edge per layer (multiple of uniform)",
         "",
         "The best head's mean weight from a path position on the edge into chain node "
         "a_(l-1) in layer l (one level up the tree per layer), read at the edge's target or at "
-        "the separator after it, whichever is larger, divided by the uniform weight. The "
-        "analyses call a deduction head found at >= 0.3 weight and >= 3x uniform.",
+        "the separator after it, whichever is larger; in brackets, divided by the uniform "
+        "weight. The analyses call a deduction head found at >= 0.3 weight and >= 3x uniform.",
         "",
         f"| model | {header} |",
         "|---|" + "---|" * (deepest - 1),
     ]
     for m in models:
-        cells = [
-            _number(m.deduction_ratio(layer)) if layer < m.n_layers else "-"
-            for layer in range(1, deepest)
-        ]
+        cells = [_deduction_cell(m, layer) for layer in range(1, deepest)]
         lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
     header = " | ".join(f"L{layer}" for layer in range(deepest))
     lines += [
@@ -182,6 +190,7 @@ def depth_json(models: list[AnalysedModel]) -> dict[str, Any]:
                 "longest_path": m.longest_path,
                 "accuracy": m.accuracy,
                 "verdicts": m.verdicts,
+                "deduction_weight": [m.deduction_weight(layer) for layer in range(m.n_layers)],
                 "deduction_ratio": [m.deduction_ratio(layer) for layer in range(m.n_layers)],
                 "short_recovered": m.short_recovered,
                 "long_recovered": m.long_recovered,
