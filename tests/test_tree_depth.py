@@ -64,6 +64,15 @@ def test_comparison_carries_each_analysis_numbers(analyses, tmp_path):
         assert model.deduction_ratio(1) == pytest.approx(best / deduction["uniform"][1])
         ratio = best / deduction["uniform"][1]
         assert f"| {label} | {best:.2f} ({ratio:.1f}x) |" in table
+        evidence = next(
+            f["evidence"]
+            for f in results["summary"]["findings"]
+            if f["name"] == "deduction heads (backward chaining)"
+        )
+        expected = sorted(
+            set(evidence["chaining layers"]) | set(evidence.get("separator chaining layers", []))
+        )
+        assert model.chaining_layers == expected
     verdict_rows = [line for line in table.splitlines() if line.startswith("| task solved |")]
     assert len(verdict_rows) == 1 and verdict_rows[0].count("|") == 4
 
@@ -95,3 +104,19 @@ def test_bad_folders_and_labels_write_nothing(analyses, tmp_path):
     result = CliRunner().invoke(app, ["tree", "compare", str(empty), "--out", str(out)])
     assert result.exit_code == 2 and "no results.json" in result.output
     assert not out.exists()
+
+
+def test_chaining_layers_join_both_sites_of_the_deduction_finding(analyses, tmp_path):
+    results = json.loads((analyses[1] / "results.json").read_text())
+    for finding in results["summary"]["findings"]:
+        if finding["name"] == "deduction heads (backward chaining)":
+            finding["evidence"]["chaining layers"] = [2]
+            finding["evidence"]["separator chaining layers"] = [1, 2]
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(results))
+    assert load_analysed_model(folder).chaining_layers == [1, 2]
+    write_depth_comparison([analyses[0], folder], tmp_path / "cmp", ["a", "b"])
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    first = ", ".join(map(str, load_analysed_model(analyses[0]).chaining_layers)) or "none"
+    assert f"| ... layers with a deduction head | {first} | 1, 2 |" in table

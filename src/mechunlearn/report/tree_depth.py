@@ -21,6 +21,7 @@ from mechunlearn.io import atomic_write_json, atomic_write_text
 
 RESULTS_FILE = "results.json"
 MODEL_KEYS = ("n_layers", "n_nodes", "d_model")
+DEDUCTION_FINDING = "deduction heads (backward chaining)"
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class AnalysedModel:
     short_recovered: list[float | None]
     long_recovered: list[float | None]
     depth_bound: int
+    chaining_layers: list[int]  # layers whose best head passed the deduction criterion
 
     @property
     def longest_path(self) -> int:
@@ -84,6 +86,14 @@ def load_analysed_model(folder: str | Path, label: str | None = None) -> Analyse
     separator = deduction.get("separator")
     if isinstance(separator, dict) and "layer_scores" in separator:
         sites["separator"] = separator["layer_scores"]
+    deduction_evidence = next(
+        (f.get("evidence", {}) for f in findings if f["name"] == DEDUCTION_FINDING), {}
+    )
+    chaining = {
+        int(layer)
+        for key in ("chaining layers", "separator chaining layers")
+        for layer in deduction_evidence.get(key) or []
+    }
     return AnalysedModel(
         label=label or f"{model['n_layers']} layers, n = {model['n_nodes']}",
         folder=folder,
@@ -97,6 +107,7 @@ def load_analysed_model(folder: str | Path, label: str | None = None) -> Analyse
         short_recovered=_required(data, "scrubbing.short_recovered", path),
         long_recovered=_required(data, "scrubbing.long_recovered", path),
         depth_bound=int(scrubbing.get("depth_bound", model["n_layers"])),
+        chaining_layers=sorted(chaining),
     )
 
 
@@ -139,6 +150,9 @@ def depth_markdown(models: list[AnalysedModel]) -> str:
     for name in names:
         cells = [_verdict(m.verdicts[name]) if name in m.verdicts else "-" for m in models]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if name == DEDUCTION_FINDING:  # one level per layer needs several such layers
+            cells = [", ".join(map(str, m.chaining_layers)) or "none" for m in models]
+            lines.append("| ... layers with a deduction head | " + " | ".join(cells) + " |")
     deepest = max(m.n_layers for m in models)
     header = " | ".join(f"L{layer}" for layer in range(1, deepest))
     lines += [
@@ -190,6 +204,7 @@ def depth_json(models: list[AnalysedModel]) -> dict[str, Any]:
                 "longest_path": m.longest_path,
                 "accuracy": m.accuracy,
                 "verdicts": m.verdicts,
+                "chaining_layers": m.chaining_layers,
                 "deduction_weight": [m.deduction_weight(layer) for layer in range(m.n_layers)],
                 "deduction_ratio": [m.deduction_ratio(layer) for layer in range(m.n_layers)],
                 "short_recovered": m.short_recovered,
