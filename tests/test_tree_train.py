@@ -406,7 +406,7 @@ def test_shipped_recipes_resolve_by_name_and_are_valid_recipes(tmp_path):
     from mechunlearn.reasoning.shipped_recipes import resolve_recipe, shipped_recipes
 
     recipes = shipped_recipes()
-    assert {"depth-n8-4layers", "depth-n8-6layers"} <= set(recipes)
+    assert {"depth-n8-4layers", "depth-n8-6layers", "depth-n8-8layers", "paper-n16"} <= set(recipes)
     for name, path in recipes.items():
         assert resolve_recipe(name) == path
         recipe = TreeTrainConfig.model_validate(yaml.safe_load(path.read_text()))

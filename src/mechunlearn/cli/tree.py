@@ -55,7 +55,7 @@ def tree_train(
         Path | None,
         typer.Option(
             help="YAML recipe, 'shipped' (the shipped checkpoint's) or a shipped recipe's name "
-            "(depth-n8-6layers, ...); command-line options override it"
+            "(depth-n8-6layers, paper-n16, ...); command-line options override it"
         ),
     ] = None,
     out: Annotated[
