@@ -218,6 +218,7 @@ def depth_json(models: list[AnalysedModel]) -> dict[str, Any]:
 def depth_figure(models: list[AnalysedModel], path: Path) -> Path:
     """Deduction weight ratio and short-path recovery per layer, one line per model."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from mechunlearn.plotting import save_figure
 
@@ -228,6 +229,8 @@ def depth_figure(models: list[AnalysedModel], path: Path) -> Path:
         left.plot(layers, [float("nan") if r is None else r for r in ratios], "o-", label=m.label)
         recovered = [float("nan") if v is None else v for v in m.short_recovered]
         right.plot(range(len(recovered)), recovered, "o-", label=m.label)
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_xlabel("layer")
     left.set_ylabel("weight on the chain edge / uniform")
     left.set_title("deduction heads")
