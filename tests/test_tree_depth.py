@@ -97,6 +97,10 @@ def test_bad_folders_and_labels_write_nothing(analyses, tmp_path):
     (broken / "results.json").write_text(json.dumps(results))
     with pytest.raises(DataError, match="no 'summary.findings'"):
         write_depth_comparison([analyses[0], broken], out)
+    results["summary"] = {"findings": [{"found": True}]}  # a finding without its name
+    (broken / "results.json").write_text(json.dumps(results))
+    with pytest.raises(DataError, match="malformed `tree analyze` results"):
+        write_depth_comparison([broken], out)
     (broken / "results.json").write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):
         write_depth_comparison([broken], out)

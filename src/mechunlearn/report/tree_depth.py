@@ -76,6 +76,15 @@ def load_analysed_model(folder: str | Path, label: str | None = None) -> Analyse
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON ({error})") from None
+    try:
+        return _analysed_model(data, folder, path, label)
+    except (KeyError, TypeError, ValueError, IndexError) as error:  # a malformed entry
+        raise DataError(f"{path}: malformed `tree analyze` results ({error!r})") from None
+
+
+def _analysed_model(
+    data: dict[str, Any], folder: Path, path: Path, label: str | None
+) -> AnalysedModel:
     model = {key: int(_required(data, f"meta.model.{key}", path)) for key in MODEL_KEYS}
     findings = _required(data, "summary.findings", path)
     deduction = _required(data, "deduction", path)
