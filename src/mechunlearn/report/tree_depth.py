@@ -18,6 +18,7 @@ from typing import Any
 
 from mechunlearn.errors import ConfigError, DataError
 from mechunlearn.io import atomic_write_json, atomic_write_text
+from mechunlearn.reasoning.analysis.summary import VERDICTS
 
 RESULTS_FILE = "results.json"
 MODEL_KEYS = ("n_layers", "n_nodes", "d_model")
@@ -39,7 +40,6 @@ class AnalysedModel:
     deduction_uniform: list[float | None]
     short_recovered: list[float | None]
     long_recovered: list[float | None]
-    depth_bound: int
     chaining_layers: list[int]  # layers whose best head passed the deduction criterion
 
     @property
@@ -88,7 +88,6 @@ def _analysed_model(
     model = {key: int(_required(data, f"meta.model.{key}", path)) for key in MODEL_KEYS}
     findings = _required(data, "summary.findings", path)
     deduction = _required(data, "deduction", path)
-    scrubbing = _required(data, "scrubbing", path)
     sites = {
         str(deduction.get("site") or "target"): _required(data, "deduction.layer_scores", path)
     }
@@ -115,13 +114,8 @@ def _analysed_model(
         deduction_uniform=_required(data, "deduction.uniform", path),
         short_recovered=_required(data, "scrubbing.short_recovered", path),
         long_recovered=_required(data, "scrubbing.long_recovered", path),
-        depth_bound=int(scrubbing.get("depth_bound", model["n_layers"])),
         chaining_layers=sorted(chaining),
     )
-
-
-def _verdict(found: bool | None) -> str:
-    return {True: "found", False: "not found", None: "not testable"}[found]
 
 
 def _number(value: float | None, digits: int = 2) -> str:
@@ -157,7 +151,7 @@ def depth_markdown(models: list[AnalysedModel]) -> str:
     lines += ["", "## Verdicts", "", "| mechanism | " + " | ".join(m.label for m in models) + " |"]
     lines.append("|---|" + "---|" * len(models))
     for name in names:
-        cells = [_verdict(m.verdicts[name]) if name in m.verdicts else "-" for m in models]
+        cells = [VERDICTS[m.verdicts[name]] if name in m.verdicts else "-" for m in models]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         if name == DEDUCTION_FINDING:  # one level per layer needs several such layers
             cells = [", ".join(map(str, m.chaining_layers)) or "none" for m in models]

@@ -39,6 +39,9 @@ class SummaryThresholds(BaseModel):
     )
 
 
+VERDICTS = {True: "found", False: "not found", None: "not testable"}
+
+
 @dataclass
 class Finding:
     name: str
@@ -49,7 +52,7 @@ class Finding:
 
     @property
     def verdict(self) -> str:
-        return {True: "found", False: "not found", None: "not testable"}[self.found]
+        return VERDICTS[self.found]
 
     def to_json(self) -> dict[str, Any]:
         return {
