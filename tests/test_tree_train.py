@@ -436,3 +436,23 @@ def test_named_shipped_checkpoints_load_by_name(tmp_path, monkeypatch):
     analyze_checkpoint("depth-tiny", out, TreeAnalysisConfig(n_trees=16, per_length=2))
     meta = json.loads((out / "results.json").read_text())["meta"]
     assert meta["checkpoint"].startswith("the shipped checkpoint 'depth-tiny'")
+
+
+def test_every_named_shipped_checkpoint_solves_trees_and_matches_its_recipe():
+    """A checkpoint shipped under ``reasoning/checkpoints/<name>`` was trained by the shipped
+    recipe of the same name (the recipe reproduces it) and still solves fresh held-out trees."""
+    import yaml
+
+    from mechunlearn.reasoning.model import SHIPPED, named_checkpoint_folders
+    from mechunlearn.reasoning.shipped_recipes import shipped_recipes
+
+    named = {k: v for k, v in named_checkpoint_folders().items() if k != SHIPPED}
+    assert "depth-n8-6layers" in named
+    recipes = shipped_recipes()
+    for name in named:
+        loaded = load_tree_model(name)
+        recipe = TreeTrainConfig.model_validate(yaml.safe_load(recipes[name].read_text()))
+        assert recipe.model_dump(mode="json") == loaded.meta["recipe"], name
+        assert loaded.meta["accuracy"]["overall"] >= 0.99, name
+        trees = heldout_trees(loaded.task, 20, seed=11)
+        assert evaluate_accuracy(loaded.model, trees, 512).overall >= 0.98, name
