@@ -30,6 +30,7 @@ from mechunlearn.reasoning.analysis import (
     scrubbing_analysis,
     summarize,
 )
+from mechunlearn.reasoning.analysis import subtrees as subtree_module
 from mechunlearn.reasoning.analysis.attention import (
     AttentionResult,
     edge_merging_mass,
@@ -479,8 +480,9 @@ def test_cli_analyze_writes_results_and_rejects_bad_checkpoints(tmp_path):
     assert result.exit_code == 0, result.output
     assert "mechanisms" in result.output and "deduction heads" in result.output
     saved = json.loads((out / "results.json").read_text())
-    for key in ("accuracy", "attention", "roles", "probes", "deduction", "scrubbing", "registers"):
+    for key in ("accuracy", "attention", "roles", "probes", "subtrees", "deduction"):
         assert key in saved and key in saved["seconds"]
+    assert "scrubbing" in saved and "registers" in saved
     names = [f["name"] for f in saved["summary"]["findings"]]
     assert "edge merging (layer 0)" in names and "register tokens" in names
     assert saved["meta"]["model"]["n_layers"] == TINY.n_layers
@@ -493,11 +495,13 @@ def test_cli_analyze_writes_results_and_rejects_bad_checkpoints(tmp_path):
         "registers.png",
         "roles.png",
         "scrubbing.png",
+        "subtrees.png",
     ]
     summary = (out / "summary.md").read_text()
     assert (
         summary.startswith("# Mechanisms of") and "| remaining path edges: separator |" in summary
     )
+    assert "## Subtrees held at the edge separators" in summary and "| embed |" in summary
 
     too_few = runner.invoke(app, [*args, "--n-trees", "2"])
     assert too_few.exit_code == 2 and "n_trees" in too_few.output
@@ -517,3 +521,44 @@ def test_analyses_refuse_a_model_of_another_tree_size():
     hm = tiny_hm()
     with pytest.raises(ConfigError, match="does not fit trees of n=7"):
         attention_analysis(hm, TreeTaskConfig(n_nodes=7), SETTINGS)
+
+
+# ---- subtrees at the separators -----------------------------------------------------------
+
+
+def test_descendant_hops_count_edges_down_the_tree():
+    # 0 -> 1 -> 2 -> 3 and 1 -> 4 (root 0)
+    parent = torch.tensor([[-1, 0, 1, 2, 1]])
+    hops = subtree_module.descendant_hops(parent)[0]
+    assert hops[0].tolist() == [0, 1, 2, 3, 2]
+    assert hops[1].tolist() == [0, 0, 1, 2, 1]
+    assert hops[2].tolist() == [0, 0, 0, 1, 0]
+    assert hops[3].sum() == 0 and hops[4].sum() == 0
+    assert subtree_module.held_depth([0.9, 0.85, 0.5], 0.05) == 2
+    assert subtree_module.held_depth([0.9, 0.85], 0.2) == 0  # too many false positives
+
+
+def test_subtree_probe_finds_a_planted_subtree_and_nothing_at_noise(monkeypatch):
+    """Separators whose features are the descendant indicators (plus noise) hold the whole
+    subtree; features of pure noise hold none of it."""
+    data = analysis_trees(TASK, SETTINGS)
+    hops = subtree_module.descendant_hops(data.trees.parent)
+    targets = data.trees.edges[..., 1]
+    labels = (hops[torch.arange(len(data))[:, None], targets] > 0).flatten(0, 1).float()
+    noise = torch.randn(labels.shape[0], 16, generator=torch.Generator().manual_seed(0))
+    planted = torch.cat([4 * labels, noise], 1)
+    rows = torch.stack([noise.repeat(1, 2)[:, : planted.shape[1]], planted])  # [R=2, edges, d]
+
+    def fake_rows(hm, data, batch_size):
+        return rows
+
+    monkeypatch.setattr(subtree_module, "_separator_rows", fake_rows)
+    hm = tiny_hm(TreeModelConfig(n_nodes=N, n_layers=1, d_model=32, n_heads=2, d_mlp=64))
+    result = subtree_module.subtree_analysis(hm, TASK, SETTINGS)
+    assert result.rows == ["embed", "L0"] and result.hops == list(range(1, N - 1))
+    deepest = max(h for h, c in zip(result.hops, result.counts, strict=True) if c)
+    assert result.held_depth == [0, deepest]
+    assert all(r == 1.0 for r in result.recall[1] if r is not None)
+    assert result.false_positive_rate[1] == 0.0
+    assert max(r for r in result.recall[0] if r is not None) < 0.8
+    assert "| L0 |" in result.markdown()

@@ -21,6 +21,7 @@ from mechunlearn.reasoning.analysis.probes import ProbeResult  # noqa: E402
 from mechunlearn.reasoning.analysis.registers import RegisterResult  # noqa: E402
 from mechunlearn.reasoning.analysis.roles import RoleResult  # noqa: E402
 from mechunlearn.reasoning.analysis.scrubbing import ScrubbingResult  # noqa: E402
+from mechunlearn.reasoning.analysis.subtrees import SubtreeResult  # noqa: E402
 
 
 def _nan(values) -> np.ndarray:
@@ -88,6 +89,25 @@ def probes_figure(result: ProbeResult, path: Path) -> Path:
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7, loc="best")
     ax.set_title("linear probes")
+    return save_figure(fig, path)
+
+
+def subtrees_figure(result: SubtreeResult, path: Path) -> Path:
+    """Recall of the descendant probe at the separators, residual row x hops below the target."""
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(result.hops), 1 + 0.45 * len(result.rows)))
+    image = ax.imshow(
+        np.array([_nan(row) for row in result.recall]), vmin=0, vmax=1, cmap="magma", aspect="auto"
+    )
+    ax.set_xticks(range(len(result.hops)), [str(h) for h in result.hops])
+    labels = [
+        f"{row} (fp {fp:.2f})"
+        for row, fp in zip(result.rows, result.false_positive_rate, strict=True)
+    ]
+    ax.set_yticks(range(len(result.rows)), labels)
+    ax.set_xlabel("descendant h edges below the edge's target")
+    ax.set_ylabel("residual stream after")
+    ax.set_title("subtree held at each edge's separator (probe recall)")
+    fig.colorbar(image, ax=ax)
     return save_figure(fig, path)
 
 

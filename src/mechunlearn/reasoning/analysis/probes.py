@@ -161,7 +161,7 @@ def _gather(
     return torch.cat(at_targets, 1), torch.cat(at_commas, 1), torch.cat(at_queries, 1)
 
 
-def _split(n_trees: int, seed: int) -> torch.Tensor:
+def split_trees(n_trees: int, seed: int) -> torch.Tensor:
     """Bool ``[n_trees]``: the training half of the trees (seeded)."""
     order = torch.randperm(n_trees, generator=torch.Generator().manual_seed(seed))
     train = torch.zeros(n_trees, dtype=torch.bool)
@@ -251,7 +251,7 @@ def probe_analysis(
     data = analysis_trees(task, settings)
     n, n_rows = data.n, hm.dims.n_layers + 1
     at_targets, at_commas, at_queries = _gather(hm, data, settings.batch_size)
-    train_trees = _split(len(data), settings.seed)
+    train_trees = split_trees(len(data), settings.seed)
     q = data.queries
     train_q = train_trees[q.rows]
     train_t = train_trees.repeat_interleave(n - 1)

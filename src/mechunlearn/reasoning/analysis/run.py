@@ -32,6 +32,7 @@ from mechunlearn.reasoning.analysis.scrubbing import (
     ScrubbingSettings,
     scrubbing_analysis,
 )
+from mechunlearn.reasoning.analysis.subtrees import SubtreeResult, subtree_analysis
 from mechunlearn.reasoning.analysis.summary import (
     MechanismSummary,
     SummaryThresholds,
@@ -40,7 +41,18 @@ from mechunlearn.reasoning.analysis.summary import (
 from mechunlearn.reasoning.trees import TreeTaskConfig
 from mechunlearn.schema import STRICT_CONFIG
 
-STEPS = ("accuracy", "attention", "roles", "probes", "deduction", "scrubbing", "registers")
+STEPS = (
+    "accuracy",
+    "attention",
+    "roles",
+    "probes",
+    "subtrees",
+    "deduction",
+    "scrubbing",
+    "registers",
+)
+# analyses reported beside the verdicts rather than read by ``summarize``
+DESCRIPTIVE = ("roles", "subtrees")
 
 
 class TreeAnalysisConfig(BaseModel):
@@ -74,6 +86,7 @@ class TreeAnalysis:
     attention: AttentionResult
     roles: RoleResult
     probes: ProbeResult
+    subtrees: SubtreeResult
     deduction: DeductionResult
     scrubbing: ScrubbingResult
     registers: RegisterResult
@@ -111,6 +124,7 @@ def analyze_tree_model(
         "attention": lambda: attention_analysis(hm, task, settings),
         "roles": lambda: role_analysis(hm, task, settings),
         "probes": lambda: probe_analysis(hm, task, settings, l2=config.probe_l2),
+        "subtrees": lambda: subtree_analysis(hm, task, settings, l2=config.probe_l2),
         "deduction": lambda: deduction_analysis(hm, task, settings),
         "scrubbing": lambda: scrubbing_analysis(
             hm, task, ScrubbingSettings(**base, donors=config.donors)
@@ -135,7 +149,7 @@ def analyze_tree_model(
             log(f"{step}: {seconds[step]:.1f} s")
             advance(1)
     summary = summarize(
-        **{k: v for k, v in results.items() if k != "roles"}, thresholds=config.thresholds
+        **{k: v for k, v in results.items() if k not in DESCRIPTIVE}, thresholds=config.thresholds
     )
     return TreeAnalysis(**results, summary=summary, config=config, seconds=seconds)
 
@@ -153,13 +167,16 @@ def write_analysis(analysis: TreeAnalysis, out: str | Path) -> Path:
             f"# Mechanisms of {title}\n\n"
             + analysis.summary.markdown()
             + "\n## Where the path positions read (attention mass by key role, %)\n\n"
-            + analysis.roles.markdown(),
+            + analysis.roles.markdown()
+            + "\n## Subtrees held at the edge separators\n\n"
+            + analysis.subtrees.markdown(),
         )
         folder = tmp / "figures"
         figures.accuracy_figure(analysis.accuracy, folder / "accuracy.png")
         figures.attention_figure(analysis.attention, folder / "attention.png")
         figures.roles_figure(analysis.roles, folder / "roles.png")
         figures.probes_figure(analysis.probes, folder / "probes.png")
+        figures.subtrees_figure(analysis.subtrees, folder / "subtrees.png")
         figures.deduction_figure(analysis.deduction, folder / "deduction.png")
         figures.scrubbing_figure(analysis.scrubbing, folder / "scrubbing.png")
         figures.registers_figure(analysis.registers, folder / "registers.png")
