@@ -73,6 +73,27 @@ def test_comparison_carries_each_analysis_numbers(analyses, tmp_path):
             set(evidence["chaining layers"]) | set(evidence.get("separator chaining layers", []))
         )
         assert model.chaining_layers == expected
+        answer = [
+            max(
+                max(deduction["answer_edge"][layer]),
+                max(deduction["separator"]["answer_edge"][layer]),
+            )
+            for layer in range(layers)
+        ]
+        assert model.answer_edge == pytest.approx(answer)
+        cells = [f"{a:.2f}" for a in answer] + ["-"] * (3 - layers)
+        assert f"| {label} | " + " | ".join(cells) + " |" in table
+        subtrees = results["subtrees"]
+        counts = subtrees["counts"]
+        expected_recall = [
+            sum(r * c for r, c in zip(row, counts, strict=True) if r is not None)
+            / sum(c for r, c in zip(row, counts, strict=True) if r is not None)
+            for row in subtrees["recall"]
+        ]
+        assert model.subtree_recall == pytest.approx(expected_recall)
+        pairs = zip(expected_recall, subtrees["false_positive_rate"], strict=True)
+        cells = [f"{r:.2f} ({f:.2f})" for r, f in pairs] + ["-"] * (3 - layers)
+        assert f"| {label} | " + " | ".join(cells) + " |" in table
     verdict_rows = [line for line in table.splitlines() if line.startswith("| task solved |")]
     assert len(verdict_rows) == 1 and verdict_rows[0].count("|") == 4
 
@@ -116,11 +137,14 @@ def test_chaining_layers_join_both_sites_of_the_deduction_finding(analyses, tmp_
         if finding["name"] == "deduction heads (backward chaining)":
             finding["evidence"]["chaining layers"] = [2]
             finding["evidence"]["separator chaining layers"] = [1, 2]
+    del results["subtrees"]  # an analysis from before the subtree probe
     folder = tmp_path / "edited"
     folder.mkdir()
     (folder / "results.json").write_text(json.dumps(results))
     assert load_analysed_model(folder).chaining_layers == [1, 2]
+    assert load_analysed_model(folder).subtree_recall is None
     write_depth_comparison([analyses[0], folder], tmp_path / "cmp", ["a", "b"])
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     first = ", ".join(map(str, load_analysed_model(analyses[0]).chaining_layers)) or "none"
     assert f"| ... layers with a deduction head | {first} | 1, 2 |" in table
+    assert "| b | - | - | - | - |" in table  # no subtree row to show

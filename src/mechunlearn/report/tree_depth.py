@@ -5,8 +5,10 @@ Brinkmann et al. (2024, arXiv:2402.11917) find backward chaining, one level per 
 without it. Whether the mechanism appears depends on depth relative to path length, so this
 module reads the ``results.json`` of several ``tree analyze`` runs and tabulates, per model,
 the depth, the longest path, every mechanism's verdict, the per-layer deduction-head weight and
-the per-layer loss recovered by matched resampling. It only reads what the analyses wrote; the
-verdicts and thresholds are theirs.
+the per-layer loss recovered by matched resampling, plus two descriptions of what a model does
+instead of chaining: the per-layer weight on the answer's own edge (reading the next edge of the
+path directly) and, where the analysis has it, how much of the subtree below each edge its
+separator holds. It only reads what the analyses wrote; the verdicts and thresholds are theirs.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class AnalysedModel:
     short_recovered: list[float | None]
     long_recovered: list[float | None]
     chaining_layers: list[int]  # layers whose best head passed the deduction criterion
+    answer_edge: list[float | None]  # per layer: best head's weight on the answer's edge
+    subtree_recall: list[float] | None  # per residual row; None: an analysis without it
+    subtree_false_positives: list[float] | None
 
     @property
     def longest_path(self) -> int:
@@ -102,6 +107,18 @@ def _analysed_model(
         for key in ("chaining layers", "separator chaining layers")
         for layer in deduction_evidence.get(key) or []
     }
+    answer_sites = [deduction.get("answer_edge")]
+    if isinstance(separator, dict):
+        answer_sites.append(separator.get("answer_edge"))
+    answer_edge = [
+        max((max(site[layer]) for site in answer_sites if site), default=None)
+        for layer in range(model["n_layers"])
+    ]
+    subtrees = data.get("subtrees")
+    recall = falses = None
+    if isinstance(subtrees, dict):
+        counts, falses = subtrees["counts"], subtrees["false_positive_rate"]
+        recall = [_weighted_recall(row, counts) for row in subtrees["recall"]]
     return AnalysedModel(
         label=label or f"{model['n_layers']} layers, n = {model['n_nodes']}",
         folder=folder,
@@ -115,7 +132,17 @@ def _analysed_model(
         short_recovered=_required(data, "scrubbing.short_recovered", path),
         long_recovered=_required(data, "scrubbing.long_recovered", path),
         chaining_layers=sorted(chaining),
+        answer_edge=answer_edge,
+        subtree_recall=recall,
+        subtree_false_positives=falses,
     )
+
+
+def _weighted_recall(recall: list[float | None], counts: list[int]) -> float:
+    """Recall over all descendants (each hop weighted by its count), so no hop is picked."""
+    total = sum(c for r, c in zip(recall, counts, strict=True) if r is not None)
+    hits = sum(r * c for r, c in zip(recall, counts, strict=True) if r is not None)
+    return hits / total if total else 0.0
 
 
 def _number(value: float | None, digits: int = 2) -> str:
@@ -192,6 +219,44 @@ def depth_markdown(models: list[AnalysedModel]) -> str:
                 _number(values[layer]) if layer < len(values) else "-" for layer in range(deepest)
             ]
             lines.append(f"| {m.label} | {kind} | " + " | ".join(cells) + " |")
+    header = " | ".join(f"L{layer}" for layer in range(deepest))
+    lines += [
+        "",
+        "## The answer's own edge: weight per layer",
+        "",
+        "The best head's mean weight from a path position on the edge to the next path node "
+        "(at its target or its separator, whichever is larger): a model that reads the next "
+        "edge directly, without climbing a chain, puts its weight here.",
+        "",
+        f"| model | {header} |",
+        "|---|" + "---|" * deepest,
+    ]
+    for m in models:
+        cells = [
+            _number(m.answer_edge[layer]) if layer < m.n_layers else "-" for layer in range(deepest)
+        ]
+        lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
+    if any(m.subtree_recall is not None for m in models):
+        header = " | ".join(["embed", *(f"L{layer}" for layer in range(deepest))])
+        lines += [
+            "",
+            "## Subtrees at the edge separators: descendant recall per residual row",
+            "",
+            "Recall of the analyses' descendant probe over all descendants of each edge's "
+            "target, at the separator after the edge (in brackets: false-positive rate); "
+            "- where the analysis predates this probe.",
+            "",
+            f"| model | {header} |",
+            "|---|" + "---|" * (deepest + 1),
+        ]
+        for m in models:
+            if m.subtree_recall is None or m.subtree_false_positives is None:
+                cells = ["-"] * (deepest + 1)
+            else:
+                pairs = zip(m.subtree_recall, m.subtree_false_positives, strict=True)
+                cells = [f"{r:.2f} ({f:.2f})" for r, f in pairs]
+                cells += ["-"] * (deepest + 1 - len(cells))
+            lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -212,6 +277,9 @@ def depth_json(models: list[AnalysedModel]) -> dict[str, Any]:
                 "deduction_ratio": [m.deduction_ratio(layer) for layer in range(m.n_layers)],
                 "short_recovered": m.short_recovered,
                 "long_recovered": m.long_recovered,
+                "answer_edge": m.answer_edge,
+                "subtree_recall": m.subtree_recall,
+                "subtree_false_positives": m.subtree_false_positives,
             }
             for m in models
         ]
