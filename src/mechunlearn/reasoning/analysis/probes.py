@@ -26,6 +26,7 @@ held-out half; for the multi-label F1, guessing each node with its training freq
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,20 +142,28 @@ def micro_f1(pred: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def residual_batches(
+    hm: HookedModel, data: TreeData, batch_size: int
+) -> Iterator[tuple[TreeData, torch.Tensor]]:
+    """Each batch of ``data`` with its residual rows ``[R, b, T, d]`` on the CPU (``embed``,
+    then after every layer): what every probe reads."""
+    sites = residual_sites(hm.dims.n_layers)
+    for _, part in data.batches(batch_size):
+        with hm.hooks(cache=sites) as cache:
+            hm.model(input_ids=part.inputs.to(hm.device))
+        yield part, torch.stack([cache[site].float().cpu() for site in sites])
+
+
 def _gather(
     hm: HookedModel, data: TreeData, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Residual rows at edge target tokens ``[R, B*(n-1), d]``, at the commas after edges
     ``[R, B*(n-2), d]`` and at queries ``[R, Q, d]``."""
-    sites = residual_sites(hm.dims.n_layers)
     targets = torch.arange(data.n - 1) * 3 + 1
     commas = separator_positions(data.n)
     at_targets, at_commas, at_queries = [], [], []
-    for _, part in data.batches(batch_size):
-        with hm.hooks(cache=sites) as cache:
-            hm.model(input_ids=part.inputs.to(hm.device))
+    for part, stacked in residual_batches(hm, data, batch_size):
         q = part.queries
-        stacked = torch.stack([cache[site].float().cpu() for site in sites])  # [R, b, T, d]
         at_targets.append(stacked[:, :, targets].flatten(1, 2))
         at_commas.append(stacked[:, :, commas].flatten(1, 2))
         at_queries.append(stacked[:, q.rows, q.positions])

@@ -34,9 +34,13 @@ from mechunlearn.reasoning.analysis.common import (
     analysis_trees,
     check_tree_model,
     residual_labels,
-    residual_sites,
 )
-from mechunlearn.reasoning.analysis.probes import DEFAULT_L2, fit_multilabel_probe, split_trees
+from mechunlearn.reasoning.analysis.probes import (
+    DEFAULT_L2,
+    fit_multilabel_probe,
+    residual_batches,
+    split_trees,
+)
 from mechunlearn.reasoning.trees import TreeTaskConfig
 
 MIN_RECALL = 0.8
@@ -126,17 +130,13 @@ def held_depth(recall: list[float | None], false_positives: float) -> int:
     return depth
 
 
-@torch.no_grad()
 def _separator_rows(hm: HookedModel, data: TreeData, batch_size: int) -> torch.Tensor:
     """``[R, B*(n-1), d]``: every residual row at the separator after each edge."""
-    sites = residual_sites(hm.dims.n_layers)
     separators = torch.arange(data.n - 1) * 3 + 2
-    parts = []
-    for _, part in data.batches(batch_size):
-        with hm.hooks(cache=sites) as cache:
-            hm.model(input_ids=part.inputs.to(hm.device))
-        stacked = torch.stack([cache[site].float().cpu() for site in sites])
-        parts.append(stacked[:, :, separators].flatten(1, 2))
+    parts = [
+        stacked[:, :, separators].flatten(1, 2)
+        for _, stacked in residual_batches(hm, data, batch_size)
+    ]
     return torch.cat(parts, 1)
 
 
