@@ -158,8 +158,21 @@ def _deduction_cell(model: AnalysedModel, layer: int) -> str:
     return f"{weight:.2f}" if ratio is None else f"{weight:.2f} ({ratio:.1f}x)"
 
 
+def _section(title: str, text: str, columns: list[str]) -> list[str]:
+    """A markdown section: heading, explanation, table header."""
+    return ["", f"## {title}", "", text, "", _row(columns), "|" + "---|" * len(columns)]
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _layers(first: int, deepest: int) -> list[str]:
+    return [f"L{layer}" for layer in range(first, deepest)]
+
+
 def depth_markdown(models: list[AnalysedModel]) -> str:
-    """The comparison as markdown: models, verdicts, deduction weight and recovery per layer."""
+    """The comparison as markdown: models, verdicts, then the per-layer numbers."""
     lines = [
         "# Mechanisms against depth (Brinkmann et al. 2024)",
         "",
@@ -172,92 +185,96 @@ def depth_markdown(models: list[AnalysedModel]) -> str:
             f"| {m.label} | {m.n_layers} | {m.d_model} | {m.n_nodes} | {m.longest_path} | "
             f"{m.n_layers / m.longest_path:.2f} | {100 * m.accuracy:.2f}% | `{m.folder}` |"
         )
+    deepest = max(m.n_layers for m in models)
+    lines += _verdict_lines(models)
+    lines += _deduction_lines(models, deepest)
+    lines += _depth_bound_lines(models, deepest)
+    lines += _answer_edge_lines(models, deepest)
+    if any(m.subtree_recall is not None for m in models):
+        lines += _subtree_lines(models, deepest)
+    return "\n".join(lines) + "\n"
+
+
+def _verdict_lines(models: list[AnalysedModel]) -> list[str]:
     names: list[str] = []
     for m in models:
         names += [n for n in m.verdicts if n not in names]
-    lines += ["", "## Verdicts", "", "| mechanism | " + " | ".join(m.label for m in models) + " |"]
+    lines = ["", "## Verdicts", "", _row(["mechanism", *(m.label for m in models)])]
     lines.append("|---|" + "---|" * len(models))
     for name in names:
         cells = [VERDICTS[m.verdicts[name]] if name in m.verdicts else "-" for m in models]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(_row([name, *cells]))
         if name == DEDUCTION_FINDING:  # one level per layer needs several such layers
             cells = [", ".join(map(str, m.chaining_layers)) or "none" for m in models]
-            lines.append("| ... layers with a deduction head | " + " | ".join(cells) + " |")
-    deepest = max(m.n_layers for m in models)
-    header = " | ".join(f"L{layer}" for layer in range(1, deepest))
-    lines += [
-        "",
-        "## Deduction heads: weight on the chain edge per layer (multiple of uniform)",
-        "",
+            lines.append(_row(["... layers with a deduction head", *cells]))
+    return lines
+
+
+def _deduction_lines(models: list[AnalysedModel], deepest: int) -> list[str]:
+    lines = _section(
+        "Deduction heads: weight on the chain edge per layer (multiple of uniform)",
         "The best head's mean weight from a path position on the edge into chain node "
         "a_(l-1) in layer l (one level up the tree per layer), read at the edge's target or at "
         "the separator after it, whichever is larger; in brackets, divided by the uniform "
         "weight. The analyses call a deduction head found at >= 0.3 weight and >= 3x uniform.",
-        "",
-        f"| model | {header} |",
-        "|---|" + "---|" * (deepest - 1),
-    ]
+        ["model", *_layers(1, deepest)],
+    )
     for m in models:
-        cells = [_deduction_cell(m, layer) for layer in range(1, deepest)]
-        lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
-    header = " | ".join(f"L{layer}" for layer in range(deepest))
-    lines += [
-        "",
-        "## Depth bound: loss recovered by matched resampling, per layer",
-        "",
+        lines.append(_row([m.label, *(_deduction_cell(m, layer) for layer in range(1, deepest))]))
+    return lines
+
+
+def _depth_bound_lines(models: list[AnalysedModel], deepest: int) -> list[str]:
+    lines = _section(
+        "Depth bound: loss recovered by matched resampling, per layer",
         "Layer l's attention output at the root position is taken from a donor tree whose "
         "node l levels above its goal is the same; 1 = the clean loss, 0 = uniform. Pure "
         "backward chaining recovers most of the loss on paths no longer than the number of "
         "layers (short) and less on longer ones (long).",
-        "",
-        f"| model | paths | {header} |",
-        "|---|---|" + "---|" * deepest,
-    ]
+        ["model", "paths", *_layers(0, deepest)],
+    )
     for m in models:
         for kind, values in (("short", m.short_recovered), ("long", m.long_recovered)):
             cells = [
                 _number(values[layer]) if layer < len(values) else "-" for layer in range(deepest)
             ]
-            lines.append(f"| {m.label} | {kind} | " + " | ".join(cells) + " |")
-    header = " | ".join(f"L{layer}" for layer in range(deepest))
-    lines += [
-        "",
-        "## The answer's own edge: weight per layer",
-        "",
+            lines.append(_row([m.label, kind, *cells]))
+    return lines
+
+
+def _answer_edge_lines(models: list[AnalysedModel], deepest: int) -> list[str]:
+    lines = _section(
+        "The answer's own edge: weight per layer",
         "The best head's mean weight from a path position on the edge to the next path node "
         "(at its target or its separator, whichever is larger): a model that reads the next "
         "edge directly, without climbing a chain, puts its weight here.",
-        "",
-        f"| model | {header} |",
-        "|---|" + "---|" * deepest,
-    ]
+        ["model", *_layers(0, deepest)],
+    )
     for m in models:
         cells = [
             _number(m.answer_edge[layer]) if layer < m.n_layers else "-" for layer in range(deepest)
         ]
-        lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
-    if any(m.subtree_recall is not None for m in models):
-        header = " | ".join(["embed", *(f"L{layer}" for layer in range(deepest))])
-        lines += [
-            "",
-            "## Subtrees at the edge separators: descendant recall per residual row",
-            "",
-            "Recall of the analyses' descendant probe over all descendants of each edge's "
-            "target, at the separator after the edge (in brackets: false-positive rate); "
-            "- where the analysis predates this probe.",
-            "",
-            f"| model | {header} |",
-            "|---|" + "---|" * (deepest + 1),
-        ]
-        for m in models:
-            if m.subtree_recall is None or m.subtree_false_positives is None:
-                cells = ["-"] * (deepest + 1)
-            else:
-                pairs = zip(m.subtree_recall, m.subtree_false_positives, strict=True)
-                cells = [f"{r:.2f} ({f:.2f})" for r, f in pairs]
-                cells += ["-"] * (deepest + 1 - len(cells))
-            lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append(_row([m.label, *cells]))
+    return lines
+
+
+def _subtree_lines(models: list[AnalysedModel], deepest: int) -> list[str]:
+    lines = _section(
+        "Subtrees at the edge separators: descendant recall per residual row",
+        "Recall of the analyses' descendant probe over all descendants of each edge's "
+        "target, at the separator after the edge (in brackets: false-positive rate); "
+        "- where the analysis predates this probe.",
+        ["model", "embed", *_layers(0, deepest)],
+    )
+    for m in models:
+        if m.subtree_recall is None or m.subtree_false_positives is None:
+            cells = ["-"] * (deepest + 1)
+        else:
+            pairs = zip(m.subtree_recall, m.subtree_false_positives, strict=True)
+            cells = [f"{r:.2f} ({f:.2f})" for r, f in pairs]
+            cells += ["-"] * (deepest + 1 - len(cells))
+        lines.append(_row([m.label, *cells]))
+    return lines
 
 
 def depth_json(models: list[AnalysedModel]) -> dict[str, Any]:
