@@ -37,6 +37,7 @@ from mechunlearn.reasoning.analysis.attention import (
     goal_copying_mass,
     separator_merging_mass,
 )
+from mechunlearn.reasoning.analysis.common import TreeData
 from mechunlearn.reasoning.analysis.deduction import deduction_result, deduction_sums
 from mechunlearn.reasoning.analysis.patterns import attention_from_residual
 from mechunlearn.reasoning.analysis.probes import fit_multilabel_probe, micro_f1, subset_accuracy
@@ -46,7 +47,15 @@ from mechunlearn.reasoning.analysis.registers import (
     read_kinds,
     trace_subpaths,
 )
-from mechunlearn.reasoning.analysis.roles import ROLES, key_roles, role_sums, role_uniform_sums
+from mechunlearn.reasoning.analysis.roles import (
+    ROLES,
+    SEPARATOR_GROUPS,
+    key_roles,
+    role_sums,
+    role_uniform_sums,
+    separator_group_sums,
+    separator_groups,
+)
 from mechunlearn.reasoning.analysis.scrubbing import chain_value
 from mechunlearn.reasoning.model import (
     TreeModelConfig,
@@ -234,6 +243,33 @@ def test_key_roles_partition_the_visible_keys_and_count_the_remaining_path():
     assert mass.sum() == pytest.approx(1.0)
     uniform = role_uniform_sums(data) / len(q)
     assert uniform.sum() == pytest.approx(1.0) and (uniform > 0).all()
+    groups, even = separator_group_sums({0: pattern}, data)
+    assert groups[0, 0, SEPARATOR_GROUPS.index("answer edge")] / len(q) == pytest.approx(1.0)
+    assert groups.sum() / len(q) == pytest.approx(1.0)
+    separators = [ROLES.index(f"{kind} edges: separator") for kind in ("remaining path", "other")]
+    assert (even / len(q)).sum() == pytest.approx(float(uniform[separators].sum()))
+
+
+def test_separator_groups_of_a_hand_built_tree():
+    # root 0 -> 1 -> 2 -> 3 (goal), 1 -> 4, 0 -> 5; query at p_1 = 1 (step 1)
+    trees = heldout_trees(TASK, 1, seed=0)
+    one = trees.select(torch.tensor([0]))
+    one.edges[0] = torch.tensor([[2, 3], [1, 4], [1, 2], [0, 5], [0, 1]])
+    one.parent[0] = torch.tensor([-1, 0, 1, 2, 1, 0])
+    one.path[0] = torch.tensor([0, 1, 2, 3, -1, -1])
+    one.path_length[0] = 3
+    one.root[0], one.goal[0] = 0, 3
+    data = TreeData(one)
+    step_one = data.queries.step == 1
+    groups = separator_groups(data)[step_one][0].tolist()
+    names = [SEPARATOR_GROUPS[g] for g in groups]
+    assert names == [
+        "rest of remaining path",  # 2 -> 3
+        "current node's other children",  # 1 -> 4
+        "answer edge",  # 1 -> 2
+        "off the path",  # 0 -> 5
+        "walked path",  # 0 -> 1
+    ]
 
 
 # ---- deduction: planted patterns ----------------------------------------------------------

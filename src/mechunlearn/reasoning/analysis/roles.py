@@ -15,6 +15,16 @@ reports the attention mass on each, so the rows of a layer sum to one:
 A deduction head of the paper shows up as mass on remaining-path targets concentrated in one
 chain step per layer (``deduction``); a model that reads the whole remaining path at once puts
 the mass here without passing the per-step test.
+
+A second map says *which* separators are read (``SEPARATOR_GROUPS``), because the deeper
+models trained here read the remaining path's separators directly. Each edge ``u -> v`` is:
+- ``answer edge``: ``v = p_{i+1}``;
+- ``rest of remaining path``: ``v`` is ``p_{i+2}`` .. goal;
+- ``walked path``: ``v`` is ``p_1`` .. ``p_i``;
+- ``current node's other children``: ``u = p_i``, ``v`` not on the path;
+- ``off the path``: every other edge.
+A read keyed on "the goal is below this edge" takes the walked path with the remaining one; a
+read keyed on the current node takes its other children with the answer edge.
 """
 
 from __future__ import annotations
@@ -45,6 +55,13 @@ ROLES = (
     "colon",
     "path so far",
 )
+SEPARATOR_GROUPS = (
+    "answer edge",
+    "rest of remaining path",
+    "walked path",
+    "current node's other children",
+    "off the path",
+)
 
 
 @dataclass
@@ -57,6 +74,10 @@ class RoleResult:
     uniform: list[float]
     n_queries: int
     edge_order: str
+    # the same for the separators of each group of edges (``SEPARATOR_GROUPS``)
+    separator_groups: list[str]
+    separator_mass: list[list[list[float]]]
+    separator_uniform: list[float]
 
     def columns(self) -> list[tuple[str, list[float]]]:
         """(label, mass per role) for every (layer, head), then the uniform head."""
@@ -76,6 +97,23 @@ class RoleResult:
         for index, role in enumerate(self.roles):
             cells = " | ".join(f"{100 * mass[index]:.0f}" for _, mass in columns)
             rows.append(f"| {role} | {cells} |")
+        rows += [
+            "",
+            "Of that, on the separators of each group of edges (the edge into the next path "
+            "node, the rest of the remaining path, the path already walked, the current "
+            "node's other children, the rest):",
+            "",
+            "| separator of | " + " | ".join(name for name, _ in columns) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
+        groups = [
+            (f"L{layer}" if len(heads) == 1 else f"L{layer}H{head}", mass)
+            for layer, heads in enumerate(self.separator_mass)
+            for head, mass in enumerate(heads)
+        ] + [("uniform", self.separator_uniform)]
+        for index, group in enumerate(self.separator_groups):
+            cells = " | ".join(f"{100 * mass[index]:.0f}" for _, mass in groups)
+            rows.append(f"| {group} | {cells} |")
         return "\n".join(rows) + "\n"
 
     def to_json(self) -> dict[str, Any]:
@@ -85,6 +123,9 @@ class RoleResult:
             "uniform": self.uniform,
             "n_queries": self.n_queries,
             "edge_order": self.edge_order,
+            "separator_groups": self.separator_groups,
+            "separator_mass": self.separator_mass,
+            "separator_uniform": self.separator_uniform,
         }
 
 
@@ -113,6 +154,51 @@ def key_roles(data: TreeData) -> torch.Tensor:
     roles[:, path_positions] = 8
     visible = torch.arange(T)[None, :] <= q.positions[:, None]
     return torch.where(visible, roles, -1)
+
+
+def separator_groups(data: TreeData) -> torch.Tensor:
+    """``[Q, E]`` group index (into ``SEPARATOR_GROUPS``) of every edge for every query."""
+    q = data.queries
+    n = data.n
+    path = data.trees.path[q.rows]  # [Q, n], -1 past the goal
+    index_on_path = torch.full((len(q), n), -1, dtype=torch.long)
+    for k in range(n):
+        node = path[:, k]
+        has = node >= 0
+        index_on_path[has.nonzero(as_tuple=True)[0], node[has]] = k
+    sources = data.trees.edges[q.rows, :, 0]
+    k = index_on_path.gather(1, data.trees.edges[q.rows, :, 1])  # target's path index
+    step = q.step[:, None]
+    current = path.gather(1, q.step[:, None])
+    groups = torch.full(k.shape, 4, dtype=torch.long)
+    groups[(k >= 1) & (k <= step)] = 2
+    groups[(k < 0) & (sources == current)] = 3
+    groups[k > step + 1] = 1
+    groups[k == step + 1] = 0
+    return groups
+
+
+def separator_group_sums(
+    patterns: dict[int, torch.Tensor], data: TreeData
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[L, H, G]`` attention mass on each group's separators and ``[G]`` the uniform
+    head's, both summed over the queries of ``data``."""
+    q = data.queries
+    groups = separator_groups(data)  # [Q, E]
+    one_hot = torch.nn.functional.one_hot(groups, len(SEPARATOR_GROUPS)).float()  # [Q, E, G]
+    separators = torch.arange(data.n - 1) * 3 + 2
+    mass = torch.stack(
+        [
+            torch.einsum(
+                "qhe,qeg->hg",
+                patterns[layer].cpu().float()[q.rows, :, q.positions][..., separators],
+                one_hot,
+            )
+            for layer in sorted(patterns)
+        ]
+    )
+    uniform = (one_hot.sum(1) / (q.positions + 1).float()[:, None]).sum(0)
+    return mass, uniform
 
 
 def role_sums(patterns: dict[int, torch.Tensor], data: TreeData) -> torch.Tensor:
@@ -148,10 +234,15 @@ def role_analysis(
     data = analysis_trees(task, settings)
     total = torch.zeros(hm.dims.n_layers, hm.dims.n_heads, len(ROLES))
     uniform = torch.zeros(len(ROLES))
+    group_total = torch.zeros(hm.dims.n_layers, hm.dims.n_heads, len(SEPARATOR_GROUPS))
+    group_uniform = torch.zeros(len(SEPARATOR_GROUPS))
     for _, part in data.batches(settings.batch_size):
         _, patterns = run_patterns(hm, part.inputs)
         total += role_sums(patterns, part)
         uniform += role_uniform_sums(part)
+        mass, even = separator_group_sums(patterns, part)
+        group_total += mass
+        group_uniform += even
     n_queries = len(data.queries)
     return RoleResult(
         roles=list(ROLES),
@@ -159,4 +250,7 @@ def role_analysis(
         uniform=(uniform / n_queries).tolist(),
         n_queries=n_queries,
         edge_order=settings.edge_order,
+        separator_groups=list(SEPARATOR_GROUPS),
+        separator_mass=(group_total / n_queries).tolist(),
+        separator_uniform=(group_uniform / n_queries).tolist(),
     )
