@@ -30,7 +30,7 @@ from mechunlearn.reasoning.analysis import (
     scrubbing_analysis,
     summarize,
 )
-from mechunlearn.reasoning.analysis import subtrees as subtree_module
+from mechunlearn.reasoning.analysis import subtrees as subtree_module  # module: for monkeypatch
 from mechunlearn.reasoning.analysis.attention import (
     AttentionResult,
     edge_merging_mass,

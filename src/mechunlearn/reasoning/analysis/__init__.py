@@ -1,8 +1,8 @@
 """Mechanistic analyses of the path-finding tree model (Brinkmann et al. 2024, "A Mechanistic
 Analysis of a Transformer Trained on a Symbolic Multi-Step Reasoning Task", arXiv:2402.11917):
 accuracy by path length and edge order, attention patterns (edge merging, goal copying), the
-attention mass by key role, linear
-probes, deduction heads, causal scrubbing (the depth bound), register tokens, and a summary of
+attention mass by key role and by group of edge separators, linear probes, the subtree each
+edge's separator holds, deduction heads, causal scrubbing (the depth bound), register tokens, and a summary of
 which mechanisms the model shows. ``analyze_checkpoint`` runs them all (``tree analyze``)."""
 
 from mechunlearn.reasoning.analysis.accuracy import AccuracyResult, accuracy_analysis
@@ -29,6 +29,7 @@ from mechunlearn.reasoning.analysis.scrubbing import (
     ScrubbingSettings,
     scrubbing_analysis,
 )
+from mechunlearn.reasoning.analysis.subtrees import SubtreeResult, subtree_analysis
 from mechunlearn.reasoning.analysis.summary import (
     Finding,
     MechanismSummary,
@@ -49,6 +50,7 @@ __all__ = [
     "RoleResult",
     "ScrubbingResult",
     "ScrubbingSettings",
+    "SubtreeResult",
     "SummaryThresholds",
     "TreeAnalysis",
     "TreeAnalysisConfig",
@@ -65,6 +67,7 @@ __all__ = [
     "role_analysis",
     "run_patterns",
     "scrubbing_analysis",
+    "subtree_analysis",
     "summarize",
     "write_analysis",
 ]
