@@ -289,9 +289,16 @@ def test_cli_train_and_eval(tmp_path):
     assert result.exit_code == 0, result.output
     assert "path accuracy" in result.output and (out / "model" / "model.safetensors").is_file()
     assert json.loads((out / "metrics.json").read_text())["steps"] == 6
-    result = runner.invoke(app, ["tree", "eval", "--checkpoint", str(out), "--per-length", "5"])
+    saved = tmp_path / "eval" / "seed3.json"
+    args = ["tree", "eval", "--checkpoint", str(out), "--per-length", "5", "--seed", "3"]
+    result = runner.invoke(app, [*args, "--out", str(saved)])
     assert result.exit_code == 0, result.output
     assert "overall" in result.output and "backward" in result.output
+    record = json.loads(saved.read_text())
+    assert record["seed"] == 3 and record["per_length"] == 5 and record["edge_order"] == "mixed"
+    accuracy = record["accuracy"]
+    assert sum(accuracy["counts"].values()) == 5 * len(accuracy["by_length"])
+    assert f"overall {accuracy['overall']:.4f}" in result.output
     result = runner.invoke(app, ["tree", "eval", "--checkpoint", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "not a tree model checkpoint" in result.output
     bad = tmp_path / "bad.yaml"

@@ -164,9 +164,14 @@ def tree_eval(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="trees per forward pass")] = 1024,
     device: DeviceOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="also write the accuracy, with what was evaluated, to this JSON file"),
+    ] = None,
 ) -> None:
     """Whole-path accuracy of a tree model by path length on held-out trees."""
     from mechunlearn.errors import ConfigError
+    from mechunlearn.io import atomic_write_json
     from mechunlearn.reasoning.model import load_tree_model
     from mechunlearn.reasoning.train import evaluate_accuracy
     from mechunlearn.reasoning.trees import ORDER_CODES, heldout_trees
@@ -188,6 +193,16 @@ def tree_eval(
         f"overall {accuracy['overall']:.4f}; by edge order: {orders}; "
         f"token accuracy {accuracy['token_accuracy']:.4f}, loss {accuracy['loss']:.4f}"
     )
+    if out is not None:
+        record = {
+            "checkpoint": str(loaded.path),
+            "per_length": per_length,
+            "seed": seed,
+            "edge_order": edge_order or loaded.task.edge_order,
+            "accuracy": accuracy,
+        }
+        atomic_write_json(out, record)
+        console.print(f"written: {out}")
 
 
 @tree_app.command("analyze")
