@@ -243,11 +243,25 @@ def test_key_roles_partition_the_visible_keys_and_count_the_remaining_path():
     assert mass.sum() == pytest.approx(1.0)
     uniform = role_uniform_sums(data) / len(q)
     assert uniform.sum() == pytest.approx(1.0) and (uniform > 0).all()
-    groups, even = separator_group_sums({0: pattern}, data)
-    assert groups[0, 0, SEPARATOR_GROUPS.index("answer edge")] / len(q) == pytest.approx(1.0)
-    assert groups.sum() / len(q) == pytest.approx(1.0)
+    sums = separator_group_sums({0: pattern}, data)
+    assert sums.mass[0, 0, SEPARATOR_GROUPS.index("answer edge")] / len(q) == pytest.approx(1.0)
+    assert sums.mass.sum() / len(q) == pytest.approx(1.0)
     separators = [ROLES.index(f"{kind} edges: separator") for kind in ("remaining path", "other")]
-    assert (even / len(q)).sum() == pytest.approx(float(uniform[separators].sum()))
+    assert (sums.uniform / len(q)).sum() == pytest.approx(float(uniform[separators].sum()))
+    # the choice: all on the answer edge for this head; even for a head reading both children
+    with_choice = (
+        separator_groups(data) == SEPARATOR_GROUPS.index("current node's other children")
+    ).any(1)
+    assert 0 < sums.choice_queries == int(with_choice.sum()) < len(q)
+    assert sums.choice[0, 0].tolist() == pytest.approx([sums.choice_queries, 0.0])
+    both = torch.zeros_like(pattern)
+    groups = separator_groups(data)
+    for index in range(len(q)):
+        children = [e for e in range(data.n - 1) if groups[index, e] in (0, 3)]
+        for e in children:
+            both[q.rows[index], 0, q.positions[index], 3 * e + 2] = 1.0 / len(children)
+    even = separator_group_sums({0: both}, data).choice[0, 0] / sums.choice_queries
+    assert even.tolist() == pytest.approx([0.5, 0.5])
 
 
 def test_separator_groups_of_a_hand_built_tree():
@@ -518,7 +532,7 @@ def test_cli_analyze_writes_results_and_rejects_bad_checkpoints(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     for key in ("accuracy", "attention", "roles", "probes", "subtrees", "deduction"):
         assert key in saved and key in saved["seconds"]
-    assert "scrubbing" in saved and "registers" in saved
+    assert all(key in saved for key in ("scrubbing", "registers", "goal_reads"))
     names = [f["name"] for f in saved["summary"]["findings"]]
     assert "edge merging (layer 0)" in names and "register tokens" in names
     assert saved["meta"]["model"]["n_layers"] == TINY.n_layers
@@ -538,6 +552,7 @@ def test_cli_analyze_writes_results_and_rejects_bad_checkpoints(tmp_path):
         summary.startswith("# Mechanisms of") and "| remaining path edges: separator |" in summary
     )
     assert "## Subtrees held at the edge separators" in summary and "| embed |" in summary
+    assert "## Where the goal is read" in summary and "| goal |" in summary
 
     too_few = runner.invoke(app, [*args, "--n-trees", "2"])
     assert too_few.exit_code == 2 and "n_trees" in too_few.output
@@ -598,3 +613,23 @@ def test_subtree_probe_finds_a_planted_subtree_and_nothing_at_noise(monkeypatch)
     assert result.false_positive_rate[1] == 0.0
     assert max(r for r in result.recall[0] if r is not None) < 0.8
     assert "| L0 |" in result.markdown()
+
+
+# ---- where the goal is read -----------------------------------------------------------------
+
+
+def test_goal_reads_cost_nothing_without_attention_and_the_block_hits_only_the_goal():
+    from mechunlearn.reasoning.analysis.goal_reads import goal_read_analysis, key_block
+
+    silent = goal_read_analysis(zero_attention(tiny_hm()), TASK, SETTINGS)
+    for key in ("goal", "colon"):  # attention adds nothing, so blocking it changes nothing
+        assert silent.blocked_loss[key] == pytest.approx([silent.clean_loss] * TINY.n_layers)
+        assert silent.blocked_all_layers[key] == pytest.approx(silent.clean_loss)
+    result = goal_read_analysis(tiny_hm(), TASK, SETTINGS)
+    assert result.n_queries == len(analysis_trees(TASK, SETTINGS).queries)
+    assert result.blocked_all_layers["goal"] != pytest.approx(result.clean_loss)
+    assert "| colon |" in result.markdown()
+    data = analysis_trees(TASK, SETTINGS)
+    mask = key_block(data, data.layout.goal)
+    assert mask[:, :, data.layout.goal].sum() == len(data) * (data.layout.n_positions - 1)
+    assert mask.sum() == mask[:, :, data.layout.goal].sum()

@@ -24,7 +24,11 @@ models trained here read the remaining path's separators directly. Each edge ``u
 - ``current node's other children``: ``u = p_i``, ``v`` not on the path;
 - ``off the path``: every other edge.
 A read keyed on "the goal is below this edge" takes the walked path with the remaining one; a
-read keyed on the current node takes its other children with the answer edge.
+read keyed on the current node takes its other children with the answer edge. Most current
+nodes have one child, so the decisive number is the *choice*: on the queries whose current
+node has a second child, the weight on the answer edge against the weight on that other
+child. A goal-blind read of the children (one-step lookahead) splits it evenly; a read that
+already knows which child leads to the goal does not.
 """
 
 from __future__ import annotations
@@ -78,6 +82,9 @@ class RoleResult:
     separator_groups: list[str]
     separator_mass: list[list[list[float]]]
     separator_uniform: list[float]
+    # queries whose current node has a second child: mass on [answer edge, other child]
+    choice_queries: int
+    choice_mass: list[list[list[float]]]
 
     def columns(self) -> list[tuple[str, list[float]]]:
         """(label, mass per role) for every (layer, head), then the uniform head."""
@@ -114,6 +121,21 @@ class RoleResult:
         for index, group in enumerate(self.separator_groups):
             cells = " | ".join(f"{100 * mass[index]:.0f}" for _, mass in groups)
             rows.append(f"| {group} | {cells} |")
+        choice = [
+            (f"L{layer}" if len(heads) == 1 else f"L{layer}H{head}", mass)
+            for layer, heads in enumerate(self.choice_mass)
+            for head, mass in enumerate(heads)
+        ]
+        rows += [
+            "",
+            f"The choice, on the {self.choice_queries} of {self.n_queries} queries whose current "
+            "node has a second child: attention on the answer edge's separator / on the other "
+            "child's (%; a goal-blind read of the children splits evenly).",
+            "",
+            "| " + " | ".join(name for name, _ in choice) + " |",
+            "|" + "---|" * len(choice),
+            "| " + " | ".join(f"{100 * a:.0f} / {100 * b:.0f}" for _, (a, b) in choice) + " |",
+        ]
         return "\n".join(rows) + "\n"
 
     def to_json(self) -> dict[str, Any]:
@@ -126,6 +148,8 @@ class RoleResult:
             "separator_groups": self.separator_groups,
             "separator_mass": self.separator_mass,
             "separator_uniform": self.separator_uniform,
+            "choice_queries": self.choice_queries,
+            "choice_mass": self.choice_mass,
         }
 
 
@@ -178,11 +202,20 @@ def separator_groups(data: TreeData) -> torch.Tensor:
     return groups
 
 
-def separator_group_sums(
-    patterns: dict[int, torch.Tensor], data: TreeData
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[L, H, G]`` attention mass on each group's separators and ``[G]`` the uniform
-    head's, both summed over the queries of ``data``."""
+@dataclass
+class SeparatorSums:
+    """``separator_group_sums`` of one batch: totals over its queries."""
+
+    mass: torch.Tensor  # [L, H, G]
+    uniform: torch.Tensor  # [G]
+    choice: torch.Tensor  # [L, H, 2]: answer edge, other child; choice queries only
+    choice_queries: int
+
+
+def separator_group_sums(patterns: dict[int, torch.Tensor], data: TreeData) -> SeparatorSums:
+    """Attention mass on each group's separators (and a uniform head's), summed over the
+    queries of ``data``; and the choice between the answer edge and the current node's other
+    child, summed over the queries that have one (module docstring)."""
     q = data.queries
     groups = separator_groups(data)  # [Q, E]
     one_hot = torch.nn.functional.one_hot(groups, len(SEPARATOR_GROUPS)).float()  # [Q, E, G]
@@ -190,15 +223,19 @@ def separator_group_sums(
     mass = torch.stack(
         [
             torch.einsum(
-                "qhe,qeg->hg",
+                "qhe,qeg->qhg",
                 patterns[layer].cpu().float()[q.rows, :, q.positions][..., separators],
                 one_hot,
             )
             for layer in sorted(patterns)
         ]
-    )
+    )  # [L, Q, H, G]
     uniform = (one_hot.sum(1) / (q.positions + 1).float()[:, None]).sum(0)
-    return mass, uniform
+    other = SEPARATOR_GROUPS.index("current node's other children")
+    has_choice = (groups == other).any(1)
+    answer = SEPARATOR_GROUPS.index("answer edge")
+    choice = mass[:, has_choice][..., [answer, other]].sum(1)
+    return SeparatorSums(mass.sum(1), uniform, choice, int(has_choice.sum()))
 
 
 def role_sums(patterns: dict[int, torch.Tensor], data: TreeData) -> torch.Tensor:
@@ -236,13 +273,17 @@ def role_analysis(
     uniform = torch.zeros(len(ROLES))
     group_total = torch.zeros(hm.dims.n_layers, hm.dims.n_heads, len(SEPARATOR_GROUPS))
     group_uniform = torch.zeros(len(SEPARATOR_GROUPS))
+    choice = torch.zeros(hm.dims.n_layers, hm.dims.n_heads, 2)
+    choice_queries = 0
     for _, part in data.batches(settings.batch_size):
         _, patterns = run_patterns(hm, part.inputs)
         total += role_sums(patterns, part)
         uniform += role_uniform_sums(part)
-        mass, even = separator_group_sums(patterns, part)
-        group_total += mass
-        group_uniform += even
+        sums = separator_group_sums(patterns, part)
+        group_total += sums.mass
+        group_uniform += sums.uniform
+        choice += sums.choice
+        choice_queries += sums.choice_queries
     n_queries = len(data.queries)
     return RoleResult(
         roles=list(ROLES),
@@ -253,4 +294,6 @@ def role_analysis(
         separator_groups=list(SEPARATOR_GROUPS),
         separator_mass=(group_total / n_queries).tolist(),
         separator_uniform=(group_uniform / n_queries).tolist(),
+        choice_queries=choice_queries,
+        choice_mass=(choice / max(choice_queries, 1)).tolist(),
     )

@@ -20,6 +20,7 @@ from mechunlearn.reasoning.analysis.accuracy import AccuracyResult, accuracy_ana
 from mechunlearn.reasoning.analysis.attention import AttentionResult, attention_analysis
 from mechunlearn.reasoning.analysis.common import AnalysisOrder, AnalysisSettings, check_tree_model
 from mechunlearn.reasoning.analysis.deduction import DeductionResult, deduction_analysis
+from mechunlearn.reasoning.analysis.goal_reads import GoalReadResult, goal_read_analysis
 from mechunlearn.reasoning.analysis.probes import DEFAULT_L2, ProbeResult, probe_analysis
 from mechunlearn.reasoning.analysis.registers import (
     RegisterResult,
@@ -50,9 +51,10 @@ STEPS = (
     "deduction",
     "scrubbing",
     "registers",
+    "goal_reads",
 )
 # analyses reported beside the verdicts rather than read by ``summarize``
-DESCRIPTIVE = ("roles", "subtrees")
+DESCRIPTIVE = ("roles", "subtrees", "goal_reads")
 
 
 class TreeAnalysisConfig(BaseModel):
@@ -90,6 +92,7 @@ class TreeAnalysis:
     deduction: DeductionResult
     scrubbing: ScrubbingResult
     registers: RegisterResult
+    goal_reads: GoalReadResult
     summary: MechanismSummary
     config: TreeAnalysisConfig
     seconds: dict[str, float] = field(default_factory=dict)
@@ -138,6 +141,7 @@ def analyze_tree_model(
                 min_effect=config.register_min_effect,
             ),
         ),
+        "goal_reads": lambda: goal_read_analysis(hm, task, settings),
     }
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
@@ -169,7 +173,9 @@ def write_analysis(analysis: TreeAnalysis, out: str | Path) -> Path:
             + "\n## Where the path positions read (attention mass by key role, %)\n\n"
             + analysis.roles.markdown()
             + "\n## Subtrees held at the edge separators\n\n"
-            + analysis.subtrees.markdown(),
+            + analysis.subtrees.markdown()
+            + "\n## Where the goal is read (attention to it blocked, one layer at a time)\n\n"
+            + analysis.goal_reads.markdown(),
         )
         folder = tmp / "figures"
         figures.accuracy_figure(analysis.accuracy, folder / "accuracy.png")
