@@ -94,6 +94,11 @@ def test_comparison_carries_each_analysis_numbers(analyses, tmp_path):
         pairs = zip(expected_recall, subtrees["false_positive_rate"], strict=True)
         cells = [f"{r:.2f} ({f:.2f})" for r, f in pairs] + ["-"] * (3 - layers)
         assert f"| {label} | " + " | ".join(cells) + " |" in table
+        goal = results["goal_reads"]
+        assert model.goal_block == pytest.approx(goal["blocked_loss"]["goal"])
+        cells = [f"{v:.3f}" for v in goal["blocked_loss"]["goal"]] + ["-"] * (3 - layers)
+        cells.append(f"{goal['blocked_all_layers']['goal']:.3f}")
+        assert f"| {label} | " + " | ".join(cells) + " |" in table
     verdict_rows = [line for line in table.splitlines() if line.startswith("| task solved |")]
     assert len(verdict_rows) == 1 and verdict_rows[0].count("|") == 4
 
@@ -137,14 +142,15 @@ def test_chaining_layers_join_both_sites_of_the_deduction_finding(analyses, tmp_
         if finding["name"] == "deduction heads (backward chaining)":
             finding["evidence"]["chaining layers"] = [2]
             finding["evidence"]["separator chaining layers"] = [1, 2]
-    del results["subtrees"]  # an analysis from before the subtree probe
+    del results["subtrees"], results["goal_reads"]  # an analysis from before these tests
     folder = tmp_path / "edited"
     folder.mkdir()
     (folder / "results.json").write_text(json.dumps(results))
     assert load_analysed_model(folder).chaining_layers == [1, 2]
     assert load_analysed_model(folder).subtree_recall is None
+    assert load_analysed_model(folder).goal_block is None
     write_depth_comparison([analyses[0], folder], tmp_path / "cmp", ["a", "b"])
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     first = ", ".join(map(str, load_analysed_model(analyses[0]).chaining_layers)) or "none"
     assert f"| ... layers with a deduction head | {first} | 1, 2 |" in table
-    assert "| b | - | - | - | - |" in table  # no subtree row to show
+    assert table.count("| b | - | - | - | - |") == 2  # no subtree or goal-read row to show

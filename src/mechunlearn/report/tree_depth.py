@@ -7,8 +7,8 @@ module reads the ``results.json`` of several ``tree analyze`` runs and tabulates
 the depth, the longest path, every mechanism's verdict, the per-layer deduction-head weight and
 the per-layer loss recovered by matched resampling, plus two descriptions of what a model does
 instead of chaining: the per-layer weight on the answer's own edge (reading the next edge of the
-path directly) and, where the analysis has it, how much of the subtree below each edge its
-separator holds. It only reads what the analyses wrote; the verdicts and thresholds are theirs.
+path directly) and, where the analysis has them, how much of the subtree below each edge its
+separator holds and where the goal is read. It only reads what the analyses wrote; the verdicts and thresholds are theirs.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class AnalysedModel:
     answer_edge: list[float | None]  # per layer: best head's weight on the answer's edge
     subtree_recall: list[float] | None  # per residual row; None: an analysis without it
     subtree_false_positives: list[float] | None
+    goal_block: list[float] | None  # per layer: path loss with the goal read blocked there
+    goal_block_all: float | None
 
     @property
     def longest_path(self) -> int:
@@ -119,6 +121,11 @@ def _analysed_model(
     if isinstance(subtrees, dict):
         counts, falses = subtrees["counts"], subtrees["false_positive_rate"]
         recall = [_weighted_recall(row, counts) for row in subtrees["recall"]]
+    goal_reads = data.get("goal_reads")
+    goal_block = goal_all = None
+    if isinstance(goal_reads, dict):
+        goal_block = [float(v) for v in goal_reads["blocked_loss"]["goal"]]
+        goal_all = float(goal_reads["blocked_all_layers"]["goal"])
     return AnalysedModel(
         label=label or f"{model['n_layers']} layers, n = {model['n_nodes']}",
         folder=folder,
@@ -135,6 +142,8 @@ def _analysed_model(
         answer_edge=answer_edge,
         subtree_recall=recall,
         subtree_false_positives=falses,
+        goal_block=goal_block,
+        goal_block_all=goal_all,
     )
 
 
@@ -192,6 +201,8 @@ def depth_markdown(models: list[AnalysedModel]) -> str:
     lines += _answer_edge_lines(models, deepest)
     if any(m.subtree_recall is not None for m in models):
         lines += _subtree_lines(models, deepest)
+    if any(m.goal_block is not None for m in models):
+        lines += _goal_read_lines(models, deepest)
     return "\n".join(lines) + "\n"
 
 
@@ -277,6 +288,24 @@ def _subtree_lines(models: list[AnalysedModel], deepest: int) -> list[str]:
     return lines
 
 
+def _goal_read_lines(models: list[AnalysedModel], deepest: int) -> list[str]:
+    lines = _section(
+        "Where the goal is read: path loss with attention to the goal blocked, per layer",
+        "Mean loss (nats) at the path positions when every position's attention to the goal "
+        "token is zeroed in that layer only, or in all layers; - where the analysis predates "
+        "this test.",
+        ["model", *_layers(0, deepest), "all layers"],
+    )
+    for m in models:
+        if m.goal_block is None or m.goal_block_all is None:
+            cells = ["-"] * (deepest + 1)
+        else:
+            cells = [_number(v, 3) for v in m.goal_block] + ["-"] * (deepest - m.n_layers)
+            cells.append(_number(m.goal_block_all, 3))
+        lines.append(_row([m.label, *cells]))
+    return lines
+
+
 def depth_json(models: list[AnalysedModel]) -> dict[str, Any]:
     return {
         "models": [
@@ -297,6 +326,8 @@ def depth_json(models: list[AnalysedModel]) -> dict[str, Any]:
                 "answer_edge": m.answer_edge,
                 "subtree_recall": m.subtree_recall,
                 "subtree_false_positives": m.subtree_false_positives,
+                "goal_block": m.goal_block,
+                "goal_block_all": m.goal_block_all,
             }
             for m in models
         ]
