@@ -176,6 +176,11 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _padded(cells: list[str], width: int) -> list[str]:
+    """``cells`` filled with ``-`` to ``width`` (a shallower model, or a missing analysis)."""
+    return cells + ["-"] * (width - len(cells))
+
+
 def _layers(first: int, deepest: int) -> list[str]:
     return [f"L{layer}" for layer in range(first, deepest)]
 
@@ -278,13 +283,11 @@ def _subtree_lines(models: list[AnalysedModel], deepest: int) -> list[str]:
         ["model", "embed", *_layers(0, deepest)],
     )
     for m in models:
-        if m.subtree_recall is None or m.subtree_false_positives is None:
-            cells = ["-"] * (deepest + 1)
-        else:
+        cells = []
+        if m.subtree_recall is not None and m.subtree_false_positives is not None:
             pairs = zip(m.subtree_recall, m.subtree_false_positives, strict=True)
             cells = [f"{r:.2f} ({f:.2f})" for r, f in pairs]
-            cells += ["-"] * (deepest + 1 - len(cells))
-        lines.append(_row([m.label, *cells]))
+        lines.append(_row([m.label, *_padded(cells, deepest + 1)]))
     return lines
 
 
@@ -298,11 +301,10 @@ def _goal_read_lines(models: list[AnalysedModel], deepest: int) -> list[str]:
     )
     for m in models:
         if m.goal_block is None or m.goal_block_all is None:
-            cells = ["-"] * (deepest + 1)
-        else:
-            cells = [_number(v, 3) for v in m.goal_block] + ["-"] * (deepest - m.n_layers)
-            cells.append(_number(m.goal_block_all, 3))
-        lines.append(_row([m.label, *cells]))
+            lines.append(_row([m.label, *_padded([], deepest + 1)]))
+            continue
+        cells = _padded([_number(v, 3) for v in m.goal_block], deepest)
+        lines.append(_row([m.label, *cells, _number(m.goal_block_all, 3)]))
     return lines
 
 
