@@ -88,11 +88,7 @@ class RoleResult:
 
     def columns(self) -> list[tuple[str, list[float]]]:
         """(label, mass per role) for every (layer, head), then the uniform head."""
-        return [
-            (f"L{layer}" if len(heads) == 1 else f"L{layer}H{head}", mass)
-            for layer, heads in enumerate(self.mass)
-            for head, mass in enumerate(heads)
-        ] + [("uniform", self.uniform)]
+        return _head_columns(self.mass) + [("uniform", self.uniform)]
 
     def markdown(self) -> str:
         """Roles as rows, one column per (layer, head), the uniform head last (percent)."""
@@ -113,19 +109,11 @@ class RoleResult:
             "| separator of | " + " | ".join(name for name, _ in columns) + " |",
             "|---|" + "---|" * len(columns),
         ]
-        groups = [
-            (f"L{layer}" if len(heads) == 1 else f"L{layer}H{head}", mass)
-            for layer, heads in enumerate(self.separator_mass)
-            for head, mass in enumerate(heads)
-        ] + [("uniform", self.separator_uniform)]
+        groups = _head_columns(self.separator_mass) + [("uniform", self.separator_uniform)]
         for index, group in enumerate(self.separator_groups):
             cells = " | ".join(f"{100 * mass[index]:.0f}" for _, mass in groups)
             rows.append(f"| {group} | {cells} |")
-        choice = [
-            (f"L{layer}" if len(heads) == 1 else f"L{layer}H{head}", mass)
-            for layer, heads in enumerate(self.choice_mass)
-            for head, mass in enumerate(heads)
-        ]
+        choice = _head_columns(self.choice_mass)
         rows += [
             "",
             f"The choice, on the {self.choice_queries} of {self.n_queries} queries whose current "
@@ -153,6 +141,15 @@ class RoleResult:
         }
 
 
+def _head_columns(per_layer: list[list[list[float]]]) -> list[tuple[str, list[float]]]:
+    """(``L3`` or ``L3H1``, values) for every (layer, head) of a ``[layer][head][...]`` table."""
+    return [
+        (f"L{layer}" if len(heads) == 1 else f"L{layer}H{head}", values)
+        for layer, heads in enumerate(per_layer)
+        for head, values in enumerate(heads)
+    ]
+
+
 def key_roles(data: TreeData) -> torch.Tensor:
     """``[Q, T]`` role index (into ``ROLES``) of every key position for every query; keys
     after the query get -1 (invisible)."""
@@ -160,14 +157,8 @@ def key_roles(data: TreeData) -> torch.Tensor:
     layout = data.layout
     n, T = data.n, layout.n_positions
     edge_count = n - 1
-    # on_path[Q, v]: v is one of p_{i+1} .. p_L (path padding past the goal is -1: never v)
-    steps = torch.arange(n)
-    later = (steps[None, :] > q.step[:, None]) & (steps[None, :] <= q.length[:, None])
-    nodes = data.trees.path[q.rows]  # [Q, n]
-    on_path = ((nodes[:, :, None] == steps) & later[:, :, None]).any(1)
-    # remaining[Q, e]: edge e leads into a remaining path node
-    targets = data.trees.edges[q.rows, :, 1]  # [Q, E]
-    remaining = on_path.gather(1, targets)  # [Q, E]
+    # remaining[Q, e]: edge e leads into p_{i+1} .. goal (the answer edge or the rest after it)
+    remaining = separator_groups(data) <= SEPARATOR_GROUPS.index("rest of remaining path")
     roles = torch.full((len(q), T), -1, dtype=torch.long)
     for part in range(3):  # source, target, separator
         positions = torch.arange(edge_count) * 3 + part
