@@ -26,6 +26,7 @@ from mechunlearn.reasoning.tokens import (
 )
 from mechunlearn.reasoning.trees import (
     ORDER_CODES,
+    TreeBatch,
     TreeExample,
     TreeTaskConfig,
     check_example,
@@ -228,6 +229,26 @@ def test_heldout_split_is_disjoint_and_stratified():
     # Without the filter about 10% of fresh trees would be held-out ones.
     fresh = generate_trees(8, 5000, 99)
     assert 0.07 < float(fresh.heldout(0.1).float().mean()) < 0.13
+
+
+def test_a_split_without_trees_is_a_data_error_not_an_endless_loop():
+    # n = 4 has 24 tree identities per path length: the 2% held-out split holds one with a
+    # 1-edge path and none with 2 or 3 edges, which used to make the sampler loop for ever.
+    task = TreeTaskConfig(n_nodes=4)
+    assert len(heldout_trees(task, per_length=4, seed=0, path_lengths=[1])) == 4
+    with pytest.raises(DataError, match="no tree of 4 nodes with a path of 2 edges.*held-out"):
+        heldout_trees(task, per_length=4, seed=0)
+    almost_all_heldout = TreeTaskConfig(n_nodes=4, heldout_fraction=0.999)
+    with pytest.raises(DataError, match="paths of up to 1 edges falls in the training split"):
+        training_trees(almost_all_heldout, 8, seed=0, step=0, max_path_length=1)
+
+
+def test_distinct_trees_count_identities_not_rows():
+    batch = generate_trees(8, 50, 1)
+    assert sum(batch.distinct_by_length().values()) == 50  # n = 8: repeats are vanishingly rare
+    assert TreeBatch.cat([batch, batch]).distinct_by_length() == batch.distinct_by_length()
+    # n = 5 has 180 + 240 + 120 + 120 identities (path lengths 1-4), all drawn in 20,000 trees
+    assert generate_trees(5, 20_000, 0).distinct_by_length() == {1: 180, 2: 240, 3: 120, 4: 120}
 
 
 def test_tokenizer_matches_vocabulary():

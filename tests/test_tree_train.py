@@ -299,6 +299,10 @@ def test_cli_train_and_eval(tmp_path):
     accuracy = record["accuracy"]
     assert sum(accuracy["counts"].values()) == 5 * len(accuracy["by_length"])
     assert f"overall {accuracy['overall']:.4f}" in result.output
+    distinct = record["distinct_trees"]  # JSON keys are strings
+    assert set(distinct) == {str(length) for length in accuracy["counts"]}
+    assert all(1 <= count <= 5 for count in distinct.values())
+    assert "distinct trees (structure and goal) by path length: 1: " in result.output
     result = runner.invoke(app, ["tree", "eval", "--checkpoint", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "not a tree model checkpoint" in result.output
     bad = tmp_path / "bad.yaml"
@@ -413,7 +417,14 @@ def test_shipped_recipes_resolve_by_name_and_are_valid_recipes(tmp_path):
     from mechunlearn.reasoning.shipped_recipes import resolve_recipe, shipped_recipes
 
     recipes = shipped_recipes()
-    assert {"depth-n8-4layers", "depth-n8-6layers", "depth-n8-8layers", "paper-n16"} <= set(recipes)
+    assert {
+        "depth-n5-3layers",
+        "depth-n8-4layers",
+        "depth-n8-6layers",
+        "depth-n8-7layers",
+        "depth-n8-8layers",
+        "paper-n16",
+    } <= set(recipes)
     for name, path in recipes.items():
         assert resolve_recipe(name) == path
         recipe = TreeTrainConfig.model_validate(yaml.safe_load(path.read_text()))

@@ -193,6 +193,11 @@ def tree_eval(
         f"overall {accuracy['overall']:.4f}; by edge order: {orders}; "
         f"token accuracy {accuracy['token_accuracy']:.4f}, loss {accuracy['loss']:.4f}"
     )
+    distinct = trees.distinct_by_length()
+    console.print(
+        "distinct trees (structure and goal) by path length: "
+        + ", ".join(f"{length}: {count}" for length, count in distinct.items())
+    )
     if out is not None:
         record = {
             "checkpoint": str(loaded.path),
@@ -200,6 +205,7 @@ def tree_eval(
             "seed": seed,
             "edge_order": edge_order or loaded.task.edge_order,
             "accuracy": accuracy,
+            "distinct_trees": distinct,
         }
         atomic_write_json(out, record)
         console.print(f"written: {out}")

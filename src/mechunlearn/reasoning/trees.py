@@ -165,6 +165,16 @@ class TreeBatch:
         """Boolean mask of the trees that belong to the held-out evaluation split."""
         return heldout_mask(self.tree_hash(), fraction)
 
+    def distinct_by_length(self) -> dict[int, int]:
+        """Path length -> number of distinct tree identities (structure and goal; the edge
+        order aside) among these trees. Small trees repeat: n = 5 has 660 identities in all,
+        so a large sample can stand on a handful of held-out trees."""
+        hashes = self.tree_hash()
+        return {
+            int(length): len(torch.unique(hashes[self.path_length == length]))
+            for length in torch.unique(self.path_length)
+        }
+
 
 _TENSOR_FIELDS = ("edges", "parent", "root", "goal", "path", "path_length", "order")
 
@@ -335,6 +345,24 @@ def heldout_mask(hashes: torch.Tensor, fraction: float) -> torch.Tensor:
     return bucket < int(round(fraction * _HASH_BUCKETS))
 
 
+# Draws that may come back empty before a split is declared empty. A draw holds at least 64
+# trees of which a share ``heldout_fraction`` (or 1 - that) is expected to be kept, so a split
+# that has trees at all fills within a few draws; small trees (n <= 5) have so few distinct
+# identities that a path length's held-out split can hold none, and the loop would never end.
+MAX_EMPTY_DRAWS = 30
+
+
+def _check_split_not_empty(have: int, draws: int, trees: str, fraction: float, split: str) -> None:
+    """DataError once ``draws`` draws have kept nothing (``trees`` says which were drawn)."""
+    if have == 0 and draws >= MAX_EMPTY_DRAWS:
+        raise DataError(
+            f"no {trees} falls in the {split} split "
+            f"(heldout_fraction {fraction}) after {draws} draws: trees this small have too "
+            "few distinct identities (structure and goal) to split; use more nodes or another "
+            "heldout_fraction"
+        )
+
+
 def training_trees(
     task: TreeTaskConfig,
     batch_size: int,
@@ -363,6 +391,9 @@ def training_trees(
         parts.append(kept)
         have += len(kept)
         draw += 1
+        paths = f"paths of up to {max_path_length} edges" if max_path_length else "any path"
+        trees = f"tree of {task.n_nodes} nodes with {paths}"
+        _check_split_not_empty(have, draw, trees, task.heldout_fraction, "training")
     batch = parts[0] if len(parts) == 1 else TreeBatch.cat(parts)
     return batch.select(torch.arange(batch_size))
 
@@ -402,6 +433,8 @@ def heldout_trees(
             parts.append(kept)
             have += len(kept)
             draw += 1
+            trees = f"tree of {n} nodes with a path of {length} edges"
+            _check_split_not_empty(have, draw, trees, task.heldout_fraction, "held-out")
         merged = TreeBatch.cat(parts)
         out.append(merged.select(torch.arange(per_length)))
     return TreeBatch.cat(out)
