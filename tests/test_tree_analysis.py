@@ -532,7 +532,7 @@ def test_cli_analyze_writes_results_and_rejects_bad_checkpoints(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     for key in ("accuracy", "attention", "roles", "probes", "subtrees", "deduction"):
         assert key in saved and key in saved["seconds"]
-    assert all(key in saved for key in ("scrubbing", "registers", "goal_reads"))
+    assert all(key in saved for key in ("scrubbing", "registers", "goal_reads", "sample"))
     names = [f["name"] for f in saved["summary"]["findings"]]
     assert "edge merging (layer 0)" in names and "register tokens" in names
     assert saved["meta"]["model"]["n_layers"] == TINY.n_layers
@@ -553,6 +553,7 @@ def test_cli_analyze_writes_results_and_rejects_bad_checkpoints(tmp_path):
     )
     assert "## Subtrees held at the edge separators" in summary and "| embed |" in summary
     assert "## Where the goal is read" in summary and "| goal |" in summary
+    assert "Analysed sample: 20 held-out trees, " in summary  # 16 rounded up to 4 per length
 
     too_few = runner.invoke(app, [*args, "--n-trees", "2"])
     assert too_few.exit_code == 2 and "n_trees" in too_few.output
@@ -633,3 +634,22 @@ def test_goal_reads_cost_nothing_without_attention_and_the_block_hits_only_the_g
     mask = key_block(data, data.layout.goal)
     assert mask[:, :, data.layout.goal].sum() == len(data) * (data.layout.n_positions - 1)
     assert mask.sum() == mask[:, :, data.layout.goal].sum()
+
+
+# ---- the analysed sample ----------------------------------------------------------------------
+
+
+def test_sample_flags_probes_tested_on_their_own_training_trees():
+    from mechunlearn.reasoning.analysis.sample import sample_analysis
+
+    settings = AnalysisSettings(n_trees=128, seed=0, edge_order="backward", batch_size=64)
+    # n = 5: 9 held-out identities, so every probe test tree is also a training tree
+    small = sample_analysis(None, TreeTaskConfig(n_nodes=5), settings)  # type: ignore[arg-type]
+    assert (small.trees, small.distinct, small.probe_test_trees) == (128, 9, 64)
+    assert small.probe_test_repeats == 1.0 and not small.probes_trustworthy
+    assert "probe results below are not evidence" in small.markdown()
+    # n = 8: plenty of identities, few repeats, no warning
+    large = sample_analysis(None, TreeTaskConfig(n_nodes=8), settings)  # type: ignore[arg-type]
+    assert large.distinct >= 120 and large.probe_test_repeats <= 0.1 and large.probes_trustworthy
+    assert "not evidence" not in large.markdown()
+    assert large.to_json()["probes_trustworthy"] is True

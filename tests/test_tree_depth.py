@@ -52,7 +52,10 @@ def test_comparison_carries_each_analysis_numbers(analyses, tmp_path):
         results = json.loads((folder / "results.json").read_text())
         layers = results["meta"]["model"]["n_layers"]
         assert f"| {label} | {layers} | 32 | {N} | {N - 1} | {layers / (N - 1):.2f} |" in table
-        model = load_analysed_model(folder, label)
+        sample = results["sample"]
+        assert (model := load_analysed_model(folder, label)).distinct_trees == sample["distinct"]
+        cell = f"| {sample['distinct']} ({100 * sample['probe_test_repeats']:.0f}%) |"
+        assert cell in table
         assert model.verdicts == {f["name"]: f["found"] for f in results["summary"]["findings"]}
         short = [f"{v:.2f}" for v in results["scrubbing"]["short_recovered"]]
         row = f"| {label} | short | " + " | ".join(short + ["-"] * (3 - layers)) + " |"
@@ -142,15 +145,17 @@ def test_chaining_layers_join_both_sites_of_the_deduction_finding(analyses, tmp_
         if finding["name"] == "deduction heads (backward chaining)":
             finding["evidence"]["chaining layers"] = [2]
             finding["evidence"]["separator chaining layers"] = [1, 2]
-    del results["subtrees"], results["goal_reads"]  # an analysis from before these tests
+    del results["subtrees"], results["goal_reads"], results["sample"]  # from before these tests
     folder = tmp_path / "edited"
     folder.mkdir()
     (folder / "results.json").write_text(json.dumps(results))
     assert load_analysed_model(folder).chaining_layers == [1, 2]
     assert load_analysed_model(folder).subtree_recall is None
     assert load_analysed_model(folder).goal_block is None
+    assert load_analysed_model(folder).distinct_trees is None
     write_depth_comparison([analyses[0], folder], tmp_path / "cmp", ["a", "b"])
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     first = ", ".join(map(str, load_analysed_model(analyses[0]).chaining_layers)) or "none"
     assert f"| ... layers with a deduction head | {first} | 1, 2 |" in table
     assert table.count("| b | - | - | - | - |") == 2  # no subtree or goal-read row to show
+    assert "% | - | `" in table  # nor a sample

@@ -263,6 +263,7 @@ def tree_analyze(
     console.print(table)
     for line in analysis.summary.lines():
         console.print(line, markup=False, highlight=False)
+    console.print(analysis.sample.markdown().replace("**", "").strip(), markup=False)
     console.print(
         f"results: {out}/results.json, {out}/summary.md, figures in {out}/figures", markup=False
     )

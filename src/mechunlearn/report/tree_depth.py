@@ -48,6 +48,8 @@ class AnalysedModel:
     subtree_false_positives: list[float] | None
     goal_block: list[float] | None  # per layer: path loss with the goal read blocked there
     goal_block_all: float | None
+    distinct_trees: int | None = None  # of the analysed sample; None: an analysis without it
+    probe_repeats: float | None = None  # share of the probes' test trees also trained on
 
     @property
     def longest_path(self) -> int:
@@ -126,6 +128,10 @@ def _analysed_model(
     if isinstance(goal_reads, dict):
         goal_block = [float(v) for v in goal_reads["blocked_loss"]["goal"]]
         goal_all = float(goal_reads["blocked_all_layers"]["goal"])
+    sample = data.get("sample")
+    distinct = repeats = None
+    if isinstance(sample, dict):
+        distinct, repeats = int(sample["distinct"]), float(sample["probe_test_repeats"])
     return AnalysedModel(
         label=label or f"{model['n_layers']} layers, n = {model['n_nodes']}",
         folder=folder,
@@ -144,6 +150,8 @@ def _analysed_model(
         subtree_false_positives=falses,
         goal_block=goal_block,
         goal_block_all=goal_all,
+        distinct_trees=distinct,
+        probe_repeats=repeats,
     )
 
 
@@ -191,13 +199,18 @@ def depth_markdown(models: list[AnalysedModel]) -> str:
         "# Mechanisms against depth (Brinkmann et al. 2024)",
         "",
         "| model | layers | d_model | nodes | longest path (edges) | layers / longest path | "
-        "whole-path accuracy | analysis |",
-        "|---|---|---|---|---|---|---|---|",
+        "whole-path accuracy | distinct analysed trees (probe test trees also trained on) | "
+        "analysis |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in models:
+        sample = "-"
+        if m.distinct_trees is not None and m.probe_repeats is not None:
+            sample = f"{m.distinct_trees} ({100 * m.probe_repeats:.0f}%)"
         lines.append(
             f"| {m.label} | {m.n_layers} | {m.d_model} | {m.n_nodes} | {m.longest_path} | "
-            f"{m.n_layers / m.longest_path:.2f} | {100 * m.accuracy:.2f}% | `{m.folder}` |"
+            f"{m.n_layers / m.longest_path:.2f} | {100 * m.accuracy:.2f}% | {sample} | "
+            f"`{m.folder}` |"
         )
     deepest = max(m.n_layers for m in models)
     lines += _verdict_lines(models)
@@ -330,6 +343,8 @@ def depth_json(models: list[AnalysedModel]) -> dict[str, Any]:
                 "subtree_false_positives": m.subtree_false_positives,
                 "goal_block": m.goal_block,
                 "goal_block_all": m.goal_block_all,
+                "distinct_trees": m.distinct_trees,
+                "probe_repeats": m.probe_repeats,
             }
             for m in models
         ]

@@ -28,6 +28,7 @@ from mechunlearn.reasoning.analysis.registers import (
     register_analysis,
 )
 from mechunlearn.reasoning.analysis.roles import RoleResult, role_analysis
+from mechunlearn.reasoning.analysis.sample import SampleResult, sample_analysis
 from mechunlearn.reasoning.analysis.scrubbing import (
     ScrubbingResult,
     ScrubbingSettings,
@@ -43,6 +44,7 @@ from mechunlearn.reasoning.trees import TreeTaskConfig
 from mechunlearn.schema import STRICT_CONFIG
 
 STEPS = (
+    "sample",
     "accuracy",
     "attention",
     "roles",
@@ -54,7 +56,7 @@ STEPS = (
     "goal_reads",
 )
 # analyses reported beside the verdicts rather than read by ``summarize``
-DESCRIPTIVE = ("roles", "subtrees", "goal_reads")
+DESCRIPTIVE = ("sample", "roles", "subtrees", "goal_reads")
 
 
 class TreeAnalysisConfig(BaseModel):
@@ -93,6 +95,7 @@ class TreeAnalysis:
     scrubbing: ScrubbingResult
     registers: RegisterResult
     goal_reads: GoalReadResult
+    sample: SampleResult
     summary: MechanismSummary
     config: TreeAnalysisConfig
     seconds: dict[str, float] = field(default_factory=dict)
@@ -121,6 +124,7 @@ def analyze_tree_model(
     settings = config.settings()
     base = settings.model_dump()
     runs: dict[str, Callable[[], Any]] = {
+        "sample": lambda: sample_analysis(hm, task, settings),
         "accuracy": lambda: accuracy_analysis(
             hm, task, config.per_length, config.seed, max(config.batch_size, 256)
         ),
@@ -169,6 +173,8 @@ def write_analysis(analysis: TreeAnalysis, out: str | Path) -> Path:
         atomic_write_text(
             tmp / "summary.md",
             f"# Mechanisms of {title}\n\n"
+            + analysis.sample.markdown()
+            + "\n"
             + analysis.summary.markdown()
             + "\n## Where the path positions read (attention mass by key role, %)\n\n"
             + analysis.roles.markdown()
