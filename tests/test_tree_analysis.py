@@ -644,12 +644,12 @@ def test_sample_flags_probes_tested_on_their_own_training_trees():
 
     settings = AnalysisSettings(n_trees=128, seed=0, edge_order="backward", batch_size=64)
     # n = 5: 9 held-out identities, so every probe test tree is also a training tree
-    small = sample_analysis(None, TreeTaskConfig(n_nodes=5), settings)  # type: ignore[arg-type]
+    small = sample_analysis(TreeTaskConfig(n_nodes=5), settings)
     assert (small.trees, small.distinct, small.probe_test_trees) == (128, 9, 64)
     assert small.probe_test_repeats == 1.0 and not small.probes_trustworthy
     assert "probe results below are not evidence" in small.markdown()
     # n = 8: plenty of identities, few repeats, no warning
-    large = sample_analysis(None, TreeTaskConfig(n_nodes=8), settings)  # type: ignore[arg-type]
+    large = sample_analysis(TreeTaskConfig(n_nodes=8), settings)
     assert large.distinct >= 120 and large.probe_test_repeats <= 0.1 and large.probes_trustworthy
     assert "not evidence" not in large.markdown()
     assert large.to_json()["probes_trustworthy"] is True

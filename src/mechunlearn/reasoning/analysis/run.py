@@ -124,7 +124,7 @@ def analyze_tree_model(
     settings = config.settings()
     base = settings.model_dump()
     runs: dict[str, Callable[[], Any]] = {
-        "sample": lambda: sample_analysis(hm, task, settings),
+        "sample": lambda: sample_analysis(task, settings),
         "accuracy": lambda: accuracy_analysis(
             hm, task, config.per_length, config.seed, max(config.batch_size, 256)
         ),

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mechunlearn.models.handle import HookedModel
 from mechunlearn.reasoning.analysis.common import AnalysisSettings, analysis_trees
 from mechunlearn.reasoning.analysis.probes import split_trees
 from mechunlearn.reasoning.trees import TreeTaskConfig
@@ -59,12 +58,9 @@ class SampleResult:
         return text
 
 
-def sample_analysis(
-    hm: HookedModel, task: TreeTaskConfig, settings: AnalysisSettings
-) -> SampleResult:
-    """Count the distinct trees of the shared analysis sample and the probes' repeats (the
-    model is not run; ``hm`` keeps the signature of the other analyses)."""
-    del hm
+def sample_analysis(task: TreeTaskConfig, settings: AnalysisSettings) -> SampleResult:
+    """Count the distinct trees of the analyses' shared sample and the probes' repeats; the
+    model is not needed, only the trees every analysis draws."""
     trees = analysis_trees(task, settings).trees
     hashes = trees.tree_hash()
     train = split_trees(len(trees), settings.seed)
