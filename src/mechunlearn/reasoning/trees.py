@@ -352,15 +352,15 @@ def heldout_mask(hashes: torch.Tensor, fraction: float) -> torch.Tensor:
 MAX_EMPTY_DRAWS = 30
 
 
-def _check_split_not_empty(have: int, draws: int, trees: str, fraction: float, split: str) -> None:
-    """DataError once ``draws`` draws have kept nothing (``trees`` says which were drawn)."""
-    if have == 0 and draws >= MAX_EMPTY_DRAWS:
-        raise DataError(
-            f"no {trees} falls in the {split} split "
-            f"(heldout_fraction {fraction}) after {draws} draws: trees this small have too "
-            "few distinct identities (structure and goal) to split; use more nodes or another "
-            "heldout_fraction"
-        )
+def _empty_split(trees: str, draws: int, fraction: float, split: str) -> DataError:
+    """The error for a split that kept nothing in ``draws`` draws (``trees``: which were drawn);
+    built only when raised, so that the training loop formats nothing."""
+    return DataError(
+        f"no {trees} falls in the {split} split "
+        f"(heldout_fraction {fraction}) after {draws} draws: trees this small have too "
+        "few distinct identities (structure and goal) to split; use more nodes or another "
+        "heldout_fraction"
+    )
 
 
 def training_trees(
@@ -391,9 +391,10 @@ def training_trees(
         parts.append(kept)
         have += len(kept)
         draw += 1
-        paths = f"paths of up to {max_path_length} edges" if max_path_length else "any path"
-        trees = f"tree of {task.n_nodes} nodes with {paths}"
-        _check_split_not_empty(have, draw, trees, task.heldout_fraction, "training")
+        if have == 0 and draw >= MAX_EMPTY_DRAWS:
+            paths = f"paths of up to {max_path_length} edges" if max_path_length else "any path"
+            trees = f"tree of {task.n_nodes} nodes with {paths}"
+            raise _empty_split(trees, draw, task.heldout_fraction, "training")
     batch = parts[0] if len(parts) == 1 else TreeBatch.cat(parts)
     return batch.select(torch.arange(batch_size))
 
@@ -433,8 +434,9 @@ def heldout_trees(
             parts.append(kept)
             have += len(kept)
             draw += 1
-            trees = f"tree of {n} nodes with a path of {length} edges"
-            _check_split_not_empty(have, draw, trees, task.heldout_fraction, "held-out")
+            if have == 0 and draw >= MAX_EMPTY_DRAWS:
+                trees = f"tree of {n} nodes with a path of {length} edges"
+                raise _empty_split(trees, draw, task.heldout_fraction, "held-out")
         merged = TreeBatch.cat(parts)
         out.append(merged.select(torch.arange(per_length)))
     return TreeBatch.cat(out)
